@@ -1,0 +1,40 @@
+"""memfit: train PyTorch models inside a memory budget.
+
+Imports are lazy so that `import memfit` stays cheap (no Triton, no transformers).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "plan": "memfit.api:plan",
+    "measure": "memfit.measure:measure",
+    "Measurement": "memfit.measure:Measurement",
+    "Budget": "memfit.budget:Budget",
+    "MemoryPlan": "memfit.plan:MemoryPlan",
+    "capture": "memfit.capture:capture",
+    "Captured": "memfit.capture:Captured",
+    "MemfitError": "memfit.errors:MemfitError",
+    "CaptureError": "memfit.errors:CaptureError",
+    "BudgetError": "memfit.errors:BudgetError",
+    "PassError": "memfit.errors:PassError",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str):
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'memfit' has no attribute {name!r}")
+    module, attr = target.split(":")
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))

@@ -1,0 +1,89 @@
+"""Budgets: how many bytes one training step may hold.
+
+A budget is given as bytes (int), a size string ("6GiB", "800MB", "1.5 GB") or a
+percentage of the unoptimized step's peak ("50%"). Binary (KiB, MiB, GiB) and decimal
+(KB, MB, GB) units are kept apart, as the IEC standard defines them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from memfit.errors import BudgetError
+
+_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+    "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+}
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
+_PCT_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A byte budget for one training step: absolute (`nbytes`) or relative (`fraction`).
+
+    `fraction` is of the unoptimized training step's predicted peak; `resolve` turns it
+    into bytes once that peak is known.
+    """
+
+    nbytes: int | None = None
+    fraction: float | None = None
+    text: str = ""
+
+    def __post_init__(self):
+        if (self.nbytes is None) == (self.fraction is None):
+            raise BudgetError("a Budget needs exactly one of nbytes or fraction")
+        if self.nbytes is not None and self.nbytes <= 0:
+            raise BudgetError(f"budget must be positive, got {self.nbytes} bytes")
+        if self.fraction is not None and not (0.0 < self.fraction <= 10.0):
+            raise BudgetError(f"budget percentage must be in (0%, 1000%], got {self.fraction:.0%}")
+
+    @classmethod
+    def parse(cls, value: "Budget | int | float | str") -> "Budget":
+        if isinstance(value, Budget):
+            return value
+        if isinstance(value, bool):
+            raise BudgetError(f"malformed budget {value!r}: give bytes, e.g. 6GiB, 800MB or 50%")
+        if isinstance(value, int):
+            return cls(nbytes=value, text=format_bytes(value))
+        if isinstance(value, float):
+            if value != int(value):
+                raise BudgetError(f"budget in bytes must be whole, got {value}; for a ratio write '{value:.0%}'")
+            return cls(nbytes=int(value), text=format_bytes(int(value)))
+        if not isinstance(value, str):
+            raise BudgetError(f"malformed budget {value!r}: expected bytes (int) or a string such as '6GiB' or '50%'")
+        m = _PCT_RE.match(value)
+        if m:
+            return cls(fraction=float(m.group(1)) / 100.0, text=value.strip())
+        m = _SIZE_RE.match(value)
+        if not m or m.group(2).lower() not in _UNITS:
+            raise BudgetError(
+                f"malformed budget {value!r}: expected a number with an optional unit "
+                "(B, KB, MB, GB, KiB, MiB, GiB) or a percentage, e.g. '6GiB', '800MB', '50%'")
+        n = float(m.group(1)) * _UNITS[m.group(2).lower()]
+        return cls(nbytes=int(round(n)), text=value.strip())
+
+    def resolve(self, baseline_peak: int) -> int:
+        """Bytes of this budget, given the unoptimized step's peak in bytes."""
+        if self.nbytes is not None:
+            return self.nbytes
+        return int(self.fraction * baseline_peak)
+
+    def __str__(self) -> str:
+        return self.text or (format_bytes(self.nbytes) if self.nbytes is not None else f"{self.fraction:.0%}")
+
+
+def format_bytes(n: float) -> str:
+    """Human form with binary units: 1536 -> '1.50 KiB'."""
+    n = float(n)
+    sign = "-" if n < 0 else ""
+    n = abs(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.2f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,217 @@
+"""Capture: an nn.Module plus example inputs becomes a torch.fx GraphModule.
+
+Two roads (see docs/architecture.md):
+- `symbolic_trace`, the fast path for plain modules whose forward has no data-dependent
+  Python control flow. Leaf modules (nn.Linear, nn.Conv2d, ...) stay `call_module` nodes.
+- `torch.export.export(strict=False)`, the main road: training-IR aten ops, parameters as
+  `get_attr` nodes with their original names, `nn_module_stack` in node.meta. Every input
+  dimension is exported as `Dim.AUTO`, so batch (and sequence) stay symbolic where the
+  model allows it. Transformers 5 models go this way.
+
+In both, every tensor-valued node gets `node.meta["val"]`, a FakeTensor: shapes and dtypes
+without compute or memory. The captured module shares parameters and buffers with the
+user's model (same tensor objects), so its state_dict equals the original's; nothing of
+the user's model is modified.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+
+from memfit.errors import CaptureError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("auto", "symbolic_trace", "export")
+
+
+@dataclass
+class Captured:
+    """A captured model.
+
+    `gm`'s placeholders are the flattened user inputs (in `pytree` order of
+    `(example_inputs, example_kwargs)`); `out_spec` rebuilds the model's output structure
+    (ModelOutput, tuple, ...) from the flat list the graph returns.
+    """
+
+    gm: torch.fx.GraphModule
+    method: str
+    example_inputs: tuple
+    example_kwargs: dict
+    in_spec: Any
+    out_spec: Any | None
+    training: bool
+    model_name: str
+    notes: list[str] = field(default_factory=list)
+
+    def flat_inputs(self, args: tuple | None = None, kwargs: dict | None = None) -> list:
+        args = self.example_inputs if args is None else args
+        kwargs = self.example_kwargs if kwargs is None else kwargs
+        flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs)))
+        if spec != self.in_spec:
+            raise CaptureError(f"inputs have a different structure than at capture: {spec} vs {self.in_spec}")
+        return flat
+
+    def unflatten_output(self, flat_out):
+        if self.out_spec is None:
+            return flat_out
+        return pytree.tree_unflatten(list(flat_out), self.out_spec)
+
+
+def capture(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,
+            *, method: str = "auto") -> Captured:
+    """Capture `model` as a GraphModule with FakeTensor metadata on every node.
+
+    Raises CaptureError naming the module and the reason, with what to try.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"expected an nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise CaptureError(f"unknown capture method {method!r}; choose one of {', '.join(METHODS)}")
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
+    example_kwargs = dict(example_kwargs or {})
+    name = type(model).__name__
+    errors: list[str] = []
+    if method in ("auto", "symbolic_trace") and not _looks_like_transformers(model):
+        try:
+            return _capture_symbolic_trace(model, example_inputs, example_kwargs)
+        except Exception as e:  # noqa: BLE001 - any tracing failure sends us down the export road
+            errors.append(f"symbolic_trace: {_one_line(e)}")
+            if method == "symbolic_trace":
+                raise CaptureError(
+                    f"cannot capture {name} with torch.fx.symbolic_trace: {_one_line(e)}. "
+                    "Try method='export' (torch.export handles control flow on shapes).") from e
+            log.info("symbolic_trace failed on %s (%s); using torch.export", name, _one_line(e))
+    try:
+        return _capture_export(model, example_inputs, example_kwargs)
+    except CaptureError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        errors.append(f"torch.export: {_one_line(e)}")
+        raise CaptureError(
+            f"cannot capture {name}: " + "; ".join(errors) + ". What to try: make data-dependent "
+            "control flow static (torch.cond, or branch on shapes rather than values), build "
+            "Hugging Face models with use_cache=False, or check the example inputs match forward()'s "
+            "signature.") from e
+
+
+def _looks_like_transformers(model) -> bool:
+    # transformers' forward methods use **kwargs unpacking and output dataclasses that
+    # symbolic_trace cannot handle (measured on BERT, GPT-2, ViT, ResNet, ConvNeXt, Swin).
+    return type(model).__module__.startswith("transformers.")
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    first = text[0] if text else type(e).__name__
+    return f"{type(e).__name__}: {first}"[:300]
+
+
+def _capture_symbolic_trace(model, args, kwargs) -> Captured:
+    if kwargs:
+        raise CaptureError("symbolic_trace path takes positional inputs only")
+    if any(not isinstance(a, torch.Tensor) for a in pytree.tree_leaves(args)):
+        raise CaptureError("symbolic_trace path takes tensor inputs only")
+    if len(pytree.tree_leaves(args)) != len(args):
+        raise CaptureError("symbolic_trace path takes flat tensor inputs only")
+    # Tracing reads module attributes; it never writes them, so the user's model is safe.
+    gm = torch.fx.symbolic_trace(model)
+    _propagate_fake(gm, args)
+    out_node = next(n for n in gm.graph.nodes if n.op == "output")
+    # Normalize the output to a flat tuple so analysis code sees one shape of graph.
+    flat, out_spec = pytree.tree_flatten(out_node.args[0])
+    out_node.args = (tuple(flat),)
+    gm.recompile()
+    in_spec = pytree.tree_flatten((tuple(args), {}))[1]
+    return Captured(gm=gm, method="symbolic_trace", example_inputs=args, example_kwargs={},
+                    in_spec=in_spec, out_spec=out_spec, training=model.training,
+                    model_name=type(model).__name__)
+
+
+def _capture_export(model, args, kwargs) -> Captured:
+    leaves, in_spec = pytree.tree_flatten((args, kwargs))
+    dyn_args = pytree.tree_map(lambda x: _auto_dims(x), args)
+    dyn_kwargs = {k: pytree.tree_map(lambda x: _auto_dims(x), v) for k, v in kwargs.items()}
+    try:
+        ep = torch.export.export(model, args, kwargs, strict=False,
+                                 dynamic_shapes=(dyn_args, dyn_kwargs) if kwargs else dyn_args)
+    except Exception as e:
+        raise CaptureError(
+            f"cannot capture {type(model).__name__} with torch.export: {_one_line(e)}. "
+            "What to try: make data-dependent control flow static (torch.cond, or branch on "
+            "shapes rather than values); build Hugging Face models with use_cache=False; check "
+            "the example inputs match forward()'s signature.") from e
+    gm = ep.module()
+    # Flatten the export module's pytree calling convention: placeholders become the flat
+    # leaves, the output a flat tuple; we keep the specs to rebuild structures.
+    out_spec = gm._out_spec  # noqa: SLF001 - the unlifted module keeps its output spec here
+    _strip_pytree_codegen(gm)
+    notes = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and "val" not in n.meta:
+            notes.append(f"placeholder {n.name} has no shape metadata")
+    return Captured(gm=gm, method="export", example_inputs=args, example_kwargs=kwargs,
+                    in_spec=in_spec, out_spec=out_spec, training=model.training,
+                    model_name=type(model).__name__, notes=notes)
+
+
+def _auto_dims(x):
+    if isinstance(x, torch.Tensor):
+        return {i: torch.export.Dim.AUTO for i in range(x.dim())}
+    return None
+
+
+def _strip_pytree_codegen(gm: torch.fx.GraphModule) -> None:
+    """Make `gm(*flat_inputs)` return a flat tuple; drop export's runtime guard call."""
+    graph = gm.graph
+    graph._codegen = torch.fx.graph.CodeGen()  # noqa: SLF001
+    for n in list(graph.nodes):
+        if n.op == "call_module" and str(n.target) == "_guards_fn":
+            graph.erase_node(n)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    out = next(n for n in graph.nodes if n.op == "output")
+    if not isinstance(out.args[0], (tuple, list)):
+        out.args = ((out.args[0],),)
+    gm.recompile()
+
+
+def _propagate_fake(gm: torch.fx.GraphModule, args) -> None:
+    """Fill node.meta['val'] with FakeTensors (no real compute)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    FakeTensorProp(gm, mode).propagate(*fake_args)
+
+
+def node_module_path(node: torch.fx.Node) -> str:
+    """Dotted path of the innermost module that produced `node` ('' for the top level)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return _clean_path(path)
+    stack_trace = node.meta.get("nn_module_path")
+    return stack_trace or ""
+
+
+def _clean_path(path: str) -> str:
+    # export writes paths like "L['self'].transformer.h[0].attn" or "transformer.h.0.attn"
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    out = []
+    for part in path.replace("]", "").replace("[", ".").split("."):
+        part = part.strip("'\"")
+        if part:
+            out.append(part)
+    return ".".join(out)

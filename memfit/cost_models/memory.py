@@ -1,0 +1,598 @@
+"""Memory cost model: every byte one training step holds, predicted without real compute.
+
+The step (forward, loss, backward, optimizer step) is executed on FakeTensors: shapes,
+dtypes, strides and storage aliasing are exact, no data is computed and no memory is
+taken. A dispatch mode on top of fake mode sees each operator's outputs; a weak reference
+on each new storage tells when the allocation would be freed; `saved_tensors_hooks` tell
+which storages autograd keeps for backward. So the timeline follows eager PyTorch's
+reference counting, operator by operator, and each saved storage is attributed to the
+graph node that allocated it.
+
+What the simulation cannot see: scratch buffers allocated and freed inside one kernel
+(CPU convolution workspaces, cuBLAS workspaces) and allocator rounding/fragmentation; the
+tests bound the resulting error against `memfit.measure` (DESIGN.md, "Truth").
+
+Batch size (dim 0 of the inputs) and sequence length (dim 1 of integer 2-D inputs) are
+symbolic (sympy) during the run, so every byte count is also an expression in B and T.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.fx
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from memfit.capture import Captured, node_module_path
+
+log = logging.getLogger(__name__)
+
+CATEGORIES = ("parameters", "buffers", "inputs", "gradients", "optimizer_state",
+              "saved_activations", "transient")
+PHASES = ("start", "forward", "loss", "backward", "optimizer")
+
+
+# ----------------------------------------------------------------------------- records
+
+@dataclass
+class NodeCost:
+    """Per-node record written to node.meta['memfit'] (bytes, FLOPs, seconds)."""
+
+    name: str
+    module: str
+    output_bytes: int = 0          # new storages the node allocates that it returns
+    saved_bytes: int = 0           # of those and its internal ones, what autograd keeps
+    flops: int = 0                 # forward FLOPs (multiply-add = 2)
+    est_time_s: float = 0.0        # forward time estimate (roofline on DeviceSpec)
+    saved_expr: Any = 0            # saved_bytes as a sympy expression in B (and T)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "module": self.module, "output_bytes": self.output_bytes,
+                "saved_bytes": self.saved_bytes, "flops": self.flops, "est_time_s": self.est_time_s}
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """Nominal rates for time estimates; a roofline, not a measurement."""
+
+    name: str
+    flops_per_s: float
+    bytes_per_s: float
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> "DeviceSpec":
+        if device.type == "cuda":
+            # H100 SXM datasheet: 989 TFLOP/s dense bf16 (we assume half of it is reached),
+            # 3.35 TB/s HBM3.
+            return cls("cuda", 0.5 * 989e12, 3.35e12)
+        # A 2-core x86 CPU with AVX2: about 50 GFLOP/s fp32 and 10 GB/s are reachable.
+        return cls("cpu", 50e9, 10e9)
+
+
+@dataclass
+class _Store:
+    """One storage (allocation) seen during the simulated step."""
+
+    nbytes: int
+    expr: Any
+    phase: str
+    node: str | None
+    category: str | None = None     # fixed at the start for pre-existing storages
+    saved: bool = False
+    freed_at: int | None = None
+
+
+@dataclass
+class StepAnalysis:
+    """Result of one simulated training step."""
+
+    nodes: dict[str, NodeCost]
+    totals: dict[str, int]                     # bytes per category (see `totals` doc below)
+    peak_bytes: int
+    peak_breakdown: dict[str, int]             # live bytes per category at the peak
+    peak_phase: str
+    peak_node: str | None
+    timeline: list[tuple[int, str, dict[str, int]]]   # (event index, phase, live per category)
+    symbols: dict[str, int]                    # symbol name -> example value ("B": 8)
+    peak_expr: Any                             # sympy expression of the peak in the symbols
+    saved_expr: Any                            # total saved activations, sympy
+    batch_line: list[tuple[int, int]] = field(default_factory=list)  # (intercept, slope) per event
+    batch_nonlinear: bool = False
+    flops: int = 0
+    notes: list[str] = field(default_factory=list)
+
+    def max_batch(self, budget_bytes: int) -> int | None:
+        """Largest batch size whose predicted peak fits `budget_bytes`, None if none does.
+
+        Each event's live bytes are exactly intercept + slope * B (checked at three points
+        when the line was built), so the answer is exact for this graph.
+        """
+        if "B" not in self.symbols or self.batch_nonlinear or not self.batch_line:
+            return None
+        best = None
+        for a, s in self.batch_line:
+            if s <= 0:
+                if a > budget_bytes:
+                    return None
+                continue
+            cap = (budget_bytes - a) // s
+            best = cap if best is None else min(best, cap)
+        if best is None:
+            return None  # peak does not grow with batch size
+        return int(best) if best >= 1 else None
+
+
+# ----------------------------------------------------------------------------- the mode
+
+class _Tracker(TorchDispatchMode):
+    """Records each operator's new output storages and (via weakref) their release."""
+
+    def __init__(self, shape_env):
+        super().__init__()
+        self.shape_env = shape_env
+        self.stores: list[_Store] = []
+        self.events: list[tuple[int, _Store, str]] = []   # (+1 alloc / -1 free, store, phase)
+        self.by_storage: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+        self._refs: list[weakref.ref] = []
+        self.phase = "start"
+        self.node: str | None = None
+        self.flops_expr: Any = 0
+        self.node_flops: dict[str, int] = {}
+        from torch.utils.flop_counter import flop_registry
+        self._flop_registry = flop_registry
+
+    def register(self, t: torch.Tensor, category: str | None = None) -> _Store | None:
+        st = t.untyped_storage()
+        s = self.by_storage.get(st)
+        if s is not None:
+            return s
+        nb = st.nbytes()
+        expr, hint = _expr_and_hint(nb)
+        s = _Store(nbytes=hint, expr=expr, phase=self.phase, node=self.node, category=category)
+        self.by_storage[st] = s
+        self.stores.append(s)
+        self.events.append((1, s, self.phase))
+        self._refs.append(weakref.ref(st, self._make_free(s)))
+        return s
+
+    def _make_free(self, s: _Store):
+        def _free(_ref):
+            s.freed_at = len(self.events)
+            self.events.append((-1, s, self.phase))
+        return _free
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        packet = getattr(func, "_overloadpacket", None)
+        if packet in self._flop_registry and self.phase == "forward" and self.node is not None:
+            try:
+                f = self._flop_registry[packet](*args, **kwargs, out_val=out)
+                _, fh = _expr_and_hint(f)
+                self.node_flops[self.node] = self.node_flops.get(self.node, 0) + fh
+            except Exception:  # noqa: BLE001 - FLOPs are an estimate; never fail the step
+                pass
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.register(t)
+        return out
+
+
+def _expr_and_hint(v) -> tuple[Any, int]:
+    if isinstance(v, torch.SymInt):
+        node = v.node
+        hint = node.hint if node.hint is not None else node.shape_env.size_hint(node.expr)
+        return node.expr, int(hint)
+    return sympy.Integer(int(v)), int(v)
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+OPTIMIZERS = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-3),
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9),
+    "momentum": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9),
+    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+}
+
+
+def make_optimizer(spec, params: list[torch.Tensor], original_params: list[torch.Tensor] | None = None):
+    """An optimizer over `params` matching `spec` (None, a name, or an instance).
+
+    An instance is mirrored: same class, hyperparameters and parameter groups, with each of
+    its parameters replaced by the tensor at the same position in `params` (which lines up
+    with `original_params`). Parameters the instance does not hold get no state.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, str):
+        key = spec.lower().replace("_", "-")
+        if key not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {spec!r}; choose one of {', '.join(sorted(OPTIMIZERS))} "
+                             "or pass a torch.optim.Optimizer instance")
+        return OPTIMIZERS[key](params)
+    if isinstance(spec, torch.optim.Optimizer):
+        if original_params is None:
+            raise ValueError("mirroring an optimizer instance needs the original parameters")
+        index = {id(p): i for i, p in enumerate(original_params)}
+        groups = []
+        for g in spec.param_groups:
+            mapped = [params[index[id(p)]] for p in g["params"] if id(p) in index]
+            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": mapped})
+        return type(spec)(groups, **spec.defaults)
+    raise TypeError(f"optimizer must be None, a name or a torch.optim.Optimizer, got {type(spec).__name__}")
+
+
+def default_loss(output) -> torch.Tensor:
+    """Scalar loss for models whose output is not one: the mean of every float output."""
+    leaves = [t for t in pytree.tree_leaves(output)
+              if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not leaves:
+        raise ValueError("the model returned no floating-point tensor; pass loss_fn=")
+    if len(leaves) == 1 and leaves[0].dim() == 0:
+        return leaves[0]
+    # For ModelOutput-like results only the first field (logits / last_hidden_state) is
+    # used, which is what a task loss would read.
+    return leaves[0].float().mean()
+
+
+# ----------------------------------------------------------------------------- simulation
+
+def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = None,
+                 symbolic: bool = True, device_spec: DeviceSpec | None = None,
+                 model_params: list[torch.Tensor] | None = None) -> StepAnalysis:
+    """Simulate one training step of `cap` on FakeTensors and return its memory profile.
+
+    Writes a NodeCost into node.meta['memfit'] of every call node of `cap.gm`.
+    `optimizer`: None (forward+backward only), a name, or an instance built on the model's
+    parameters (`model_params` lists them in the model's named_parameters order).
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
+                                                       StatelessSymbolicContext)
+
+    gm = cap.gm
+    loss_fn = loss_fn or default_loss
+    fm = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=False)
+    tracker = _Tracker(fm.shape_env)
+
+    # Parameters and buffers: static shapes, ties kept (tied embeddings count once).
+    fakes: dict[str, torch.Tensor] = {}
+    by_id: dict[int, torch.Tensor] = {}
+    param_fakes: list[torch.Tensor] = []
+    param_real: list[torch.Tensor] = []
+    named = [(n, t, "parameters") for n, t in gm.named_parameters(remove_duplicate=False)]
+    named += [(n, t, "buffers") for n, t in gm.named_buffers(remove_duplicate=False)]
+    for name, t, cat in named:
+        if id(t) not in by_id:
+            f = fm.from_tensor(t.detach(), static_shapes=True)
+            if cat == "parameters" and t.requires_grad:
+                f.requires_grad_(True)
+                param_fakes.append(f)
+                param_real.append(t)
+            by_id[id(t)] = f
+            tracker.register(f, cat)
+        fakes[name] = by_id[id(t)]
+    # Constant tensors held as plain attributes (export lifts them to get_attr too).
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.target not in fakes:
+            obj = _fetch(gm, n.target)
+            if isinstance(obj, torch.Tensor):
+                f = fm.from_tensor(obj, static_shapes=True)
+                tracker.register(f, "buffers")
+                fakes[n.target] = f
+
+    flat = cap.flat_inputs()
+    fake_inputs, symbols, sym_exprs = _fake_inputs(fm, flat, symbolic, DimDynamic, StatelessSymbolicContext)
+    for f in fake_inputs:
+        if isinstance(f, torch.Tensor):
+            tracker.register(f, "inputs")
+
+    # Optimizer state exists before a steady-state step: build it with one step on zero grads.
+    opt = None
+    if optimizer is not None:
+        opt = make_optimizer(optimizer, param_fakes, _order_real(model_params, param_real))
+        with fm:
+            for p in param_fakes:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+            for p in param_fakes:
+                p.grad = None
+        for state in opt.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    tracker.register(v, "optimizer_state")
+    start_events = len(tracker.events)
+
+    saved_storages: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+    def pack(t):
+        s = tracker.register(t)
+        if s is not None and s.category is None:
+            s.saved = True
+        return t
+
+    node_out_bytes: dict[str, int] = {}
+
+    class _Runner(torch.fx.Interpreter):
+        def fetch_attr(self, target):
+            return fakes[target] if target in fakes else _fetch(gm, target)
+
+        def run_node(self, n):
+            tracker.node = n.name if n.op not in ("placeholder", "output") else None
+            out = super().run_node(n)
+            if tracker.node is not None:
+                total = 0
+                seen = set()
+                for t in pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        s = tracker.by_storage.get(t.untyped_storage())
+                        if s is not None and s.node == n.name and id(s) not in seen:
+                            seen.add(id(s))
+                            total += s.nbytes
+                node_out_bytes[n.name] = total
+            return out
+
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    # Leaf modules of symbolic_trace graphs read their own attributes: swap fakes in.
+    module_fakes = {k: v for k, v in fakes.items() if _is_module_attr(gm, k)}
+    with fm, tracker, _reparametrize_module(gm, module_fakes, strict=False):
+        tracker.phase = "forward"
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            flat_out = _Runner(gm).run(*fake_inputs)
+            tracker.node = None
+            tracker.phase = "loss"
+            loss = loss_fn(cap.unflatten_output(flat_out))
+        del flat_out
+        if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+            raise ValueError("loss_fn must return a scalar tensor")
+        tracker.phase = "backward"
+        if loss.requires_grad:
+            loss.backward()
+        else:
+            tracker.notes = ["the loss does not require grad: no backward simulated"]
+        del loss
+        if opt is not None:
+            tracker.phase = "optimizer"
+            opt.step()
+
+    grads = set()
+    for p in param_fakes:
+        if p.grad is not None:
+            s = tracker.by_storage.get(p.grad.untyped_storage())
+            if s is not None:
+                grads.add(id(s))
+    opt_state = set()
+    if opt is not None:
+        for state in opt.state.values():
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    s = tracker.by_storage.get(v.untyped_storage())
+                    if s is not None:
+                        opt_state.add(id(s))
+    for s in tracker.stores:
+        if s.category is not None:
+            continue
+        if id(s) in grads:
+            s.category = "gradients"
+        elif id(s) in opt_state:
+            s.category = "optimizer_state"
+        elif s.saved:
+            s.category = "saved_activations"
+        else:
+            s.category = "transient"
+
+    analysis = _build_analysis(gm, tracker, start_events, node_out_bytes, symbols, sym_exprs,
+                               fm.shape_env, device_spec or DeviceSpec.for_device(_device_of(flat, gm)))
+    # Keep the fake objects alive until here so no free events are appended late.
+    del fakes, by_id, param_fakes, opt
+    return analysis
+
+
+def _order_real(model_params, param_real):
+    # The gm shares parameter objects with the model, so both lists hold the same tensors;
+    # mirroring needs them in the fake list's order.
+    return param_real
+
+
+def _is_module_attr(gm, target: str) -> bool:
+    try:
+        obj = _fetch(gm, target)
+    except AttributeError:
+        return False
+    return isinstance(obj, torch.Tensor)
+
+
+def _fetch(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _device_of(flat, gm) -> torch.device:
+    for t in list(flat) + list(gm.parameters()):
+        if isinstance(t, torch.Tensor):
+            return t.device
+    return torch.device("cpu")
+
+
+def _fake_inputs(fm, flat, symbolic, DimDynamic, Ctx):
+    """Fake inputs with symbolic batch (dim 0) and sequence (dim 1 of integer 2-D) sizes."""
+    symbols: dict[str, int] = {}
+    sym_exprs: dict[str, Any] = {}
+    out = []
+    for t in flat:
+        if not isinstance(t, torch.Tensor):
+            out.append(t)
+            continue
+        dyn = [DimDynamic.STATIC] * t.dim()
+        if symbolic and t.dim() >= 1 and t.shape[0] >= 2:
+            dyn[0] = DimDynamic.DYNAMIC
+        if symbolic and t.dim() == 2 and not t.is_floating_point() and t.shape[1] >= 2:
+            dyn[1] = DimDynamic.DYNAMIC
+        if any(d == DimDynamic.DYNAMIC for d in dyn):
+            ctx = Ctx(dynamic_sizes=dyn, constraint_sizes=[None] * t.dim())
+            f = fm.from_tensor(t, symbolic_context=ctx)
+        else:
+            f = fm.from_tensor(t, static_shapes=True)
+        if dyn and dyn[0] == DimDynamic.DYNAMIC and "B" not in sym_exprs:
+            sym_exprs["B"], symbols["B"] = f.shape[0].node.expr, int(t.shape[0])
+        if len(dyn) == 2 and dyn[1] == DimDynamic.DYNAMIC and "T" not in sym_exprs:
+            sym_exprs["T"], symbols["T"] = f.shape[1].node.expr, int(t.shape[1])
+        out.append(f)
+    return out, symbols, sym_exprs
+
+
+def _build_analysis(gm, tracker: _Tracker, start_events: int, node_out_bytes, symbols, sym_exprs,
+                    shape_env, spec: DeviceSpec) -> StepAnalysis:
+    live = {c: 0 for c in CATEGORIES}
+    simplify_cache: dict[Any, Any] = {}
+
+    def simp(e):
+        r = simplify_cache.get(e)
+        if r is None:
+            r = shape_env.simplify(e) if not isinstance(e, sympy.Integer) else e
+            r = _rename(r, sym_exprs, shape_env)
+            simplify_cache[e] = r
+        return r
+
+    # Per-store line in B (T fixed at its example value) for "largest batch that fits".
+    bsym = sympy.Symbol("B")
+    line_cache: dict[Any, tuple[int, int] | None] = {}
+    nonlinear = False
+
+    def line(s: _Store) -> tuple[int, int]:
+        nonlocal nonlinear
+        e = simp(s.expr)
+        r = line_cache.get(e)
+        if r is None:
+            fixed = e.subs({sympy.Symbol(k): v for k, v in symbols.items() if k != "B"})
+            a = fixed.subs(bsym, 0)
+            b = fixed.subs(bsym, 1) - a
+            if fixed.subs(bsym, 7) != a + 7 * b or fixed.subs(bsym, 64) != a + 64 * b:
+                nonlinear = True
+            r = (int(a), int(b))
+            line_cache[e] = r
+        return r
+
+    has_b = "B" in symbols
+    A = S = 0
+    peak = -1
+    peak_idx = 0
+    peak_breakdown: dict[str, int] = {}
+    peak_phase = "start"
+    peak_node = None
+    timeline = []
+    batch_line = []
+    for i, (sign, s, ev_phase) in enumerate(tracker.events):
+        live[s.category] += sign * s.nbytes
+        if has_b:
+            a, b = line(s)
+            A += sign * a
+            S += sign * b
+        if i + 1 < start_events:
+            continue
+        total = sum(live.values())
+        phase = ev_phase
+        timeline.append((i, phase, dict(live)))
+        if has_b:
+            batch_line.append((A, S))
+        if total > peak:
+            peak, peak_idx = total, i
+            peak_breakdown = dict(live)
+            peak_phase = phase
+            peak_node = s.node
+
+    # Expression of the peak: sum of the storages live at the peak event.
+    alive = set()
+    for sign, s, _ in tracker.events[:peak_idx + 1]:
+        if sign > 0:
+            alive.add(id(s))
+        else:
+            alive.discard(id(s))
+    peak_expr = sympy.Integer(0)
+    saved_expr = sympy.Integer(0)
+    by_id = {id(s): s for s in tracker.stores}
+    exprs_by_id = {}
+    for sid in alive:
+        exprs_by_id[sid] = simp(by_id[sid].expr)
+    peak_expr = sympy.Add(*exprs_by_id.values()) if exprs_by_id else sympy.Integer(0)
+
+    # Totals: the step's bytes per category (saved: all saved during the forward; others:
+    # the largest live value over the step).
+    totals = {c: 0 for c in CATEGORIES}
+    for _, _, lv in timeline:
+        for c, v in lv.items():
+            totals[c] = max(totals[c], v)
+    saved_total = 0
+    nodes: dict[str, NodeCost] = {}
+    saved_by_node: dict[str, int] = {}
+    saved_expr_by_node: dict[str, Any] = {}
+    for s in tracker.stores:
+        if s.category == "saved_activations":
+            saved_total += s.nbytes
+            key = s.node or "<loss>"
+            saved_by_node[key] = saved_by_node.get(key, 0) + s.nbytes
+            e = simp(s.expr)
+            saved_expr_by_node[key] = saved_expr_by_node.get(key, 0) + e
+    saved_expr = sympy.Add(*saved_expr_by_node.values()) if saved_expr_by_node else sympy.Integer(0)
+    totals["saved_activations"] = saved_total
+
+    total_flops = 0
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "output", "get_attr"):
+            continue
+        fl = tracker.node_flops.get(n.name, 0)
+        total_flops += fl
+        ob = node_out_bytes.get(n.name, 0)
+        in_bytes = sum(_val_bytes(a.meta.get("val")) for a in n.all_input_nodes)
+        t = max(fl / spec.flops_per_s, (ob + in_bytes) / spec.bytes_per_s)
+        rec = NodeCost(name=n.name, module=node_module_path(n), output_bytes=ob,
+                       saved_bytes=saved_by_node.get(n.name, 0), flops=fl, est_time_s=t,
+                       saved_expr=sympy.simplify(saved_expr_by_node.get(n.name, 0)))
+        n.meta["memfit"] = rec
+        nodes[n.name] = rec
+
+    notes = list(getattr(tracker, "notes", []))
+    if has_b and nonlinear:
+        notes.append("some allocation grows faster than linearly in the batch size; "
+                     "the largest-batch answer is not given")
+    if symbols and any(sympy.Symbol(k) not in peak_expr.free_symbols for k in symbols):
+        fixed = [k for k in symbols if sympy.Symbol(k) not in peak_expr.free_symbols]
+        notes.append("peak does not depend on " + ", ".join(fixed) +
+                     " (the model fixes it, or it does not affect the peak)")
+    return StepAnalysis(nodes=nodes, totals=totals, peak_bytes=peak, peak_breakdown=peak_breakdown,
+                        peak_phase=peak_phase, peak_node=peak_node, timeline=timeline,
+                        symbols=symbols, peak_expr=sympy.expand(peak_expr),
+                        saved_expr=sympy.expand(saved_expr), batch_line=batch_line,
+                        batch_nonlinear=nonlinear, flops=total_flops, notes=notes)
+
+
+def _rename(expr, sym_exprs: dict[str, Any], shape_env):
+    """Replace shape-env symbols (s0, s1, ...) with B and T."""
+    mapping = {}
+    for name, e in sym_exprs.items():
+        e2 = shape_env.simplify(e)
+        if isinstance(e2, sympy.Symbol):
+            mapping[e2] = sympy.Symbol(name)
+    return expr.xreplace(mapping) if mapping else expr
+
+
+def _val_bytes(v) -> int:
+    if isinstance(v, torch.Tensor):
+        try:
+            _, h = _expr_and_hint(v.numel())
+            return h * v.element_size()
+        except Exception:  # noqa: BLE001
+            return 0
+    return 0

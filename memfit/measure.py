@@ -1,0 +1,195 @@
+"""Truth: run one real training step and report the bytes it held, by category.
+
+- Saved activations: exact, from `torch.autograd.graph.saved_tensors_hooks` (unique
+  storages; storages of parameters, buffers and inputs excluded). Under non-reentrant
+  checkpointing the hooks see only region inputs, which is why the peak comes from the
+  allocator and not from the hooks.
+- Step peak: on CUDA `torch.cuda.max_memory_allocated`; on CPU the allocator's own
+  allocation events, read from `torch.profiler` with `profile_memory=True`, which also see
+  scratch memory inside kernels and compiled code.
+
+The step measured is a steady-state one: the optimizer's state is created first (one step
+on zero gradients), gradients are set to None as `zero_grad()` does, then forward, loss,
+backward and optimizer step run. Parameters, buffers, gradients, optimizer state and the
+RNG state are restored afterwards, so the user's model is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+import torch.utils._pytree as pytree
+
+from memfit.cost_models.memory import default_loss, make_optimizer
+
+
+@dataclass
+class Measurement:
+    """Measured bytes of one training step."""
+
+    device: str
+    parameters: int
+    buffers: int
+    inputs: int
+    optimizer_state: int
+    gradients: int
+    saved_activations: int
+    peak_bytes: int
+    baseline_bytes: int          # live at the start of the step
+    method: str                  # how the peak was read
+    step_time_s: float
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        from memfit.budget import format_bytes as fb
+        return (f"measured on {self.device} ({self.method}): peak {fb(self.peak_bytes)}; "
+                f"parameters {fb(self.parameters)}, gradients {fb(self.gradients)}, "
+                f"optimizer state {fb(self.optimizer_state)}, saved activations "
+                f"{fb(self.saved_activations)}, step {self.step_time_s * 1e3:.1f} ms")
+
+
+def _storages_bytes(tensors) -> tuple[int, set]:
+    seen = set()
+    total = 0
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            continue
+        st = t.untyped_storage()
+        key = (st.device.type, st.data_ptr())
+        if key in seen or st.nbytes() == 0:
+            continue
+        seen.add(key)
+        total += st.nbytes()
+    return total, seen
+
+
+def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, optimizer=None,
+            loss_fn: Callable | None = None) -> Measurement:
+    """Run one real training step of `model` and measure its memory (see module doc)."""
+    import time
+
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    example_kwargs = dict(example_kwargs or {})
+    loss_fn = loss_fn or default_loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    device = next((t.device for t in pytree.tree_leaves((example_inputs, example_kwargs))
+                   if isinstance(t, torch.Tensor)), params[0].device if params else torch.device("cpu"))
+
+    with _restored(model, optimizer):
+        opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(optimizer, params)
+        if opt is not None and not any(opt.state.values()):
+            for p in params:
+                p.grad = torch.zeros_like(p)
+            opt.step()
+        for p in model.parameters():
+            p.grad = None
+        opt_tensors = [v for st in (opt.state.values() if opt else []) for v in st.values()
+                       if isinstance(v, torch.Tensor)]
+        p_bytes, p_keys = _storages_bytes(model.parameters())
+        b_bytes, b_keys = _storages_bytes(model.buffers())
+        in_bytes, in_keys = _storages_bytes(pytree.tree_leaves((example_inputs, example_kwargs)))
+        o_bytes, o_keys = _storages_bytes(opt_tensors)
+        excluded = p_keys | b_keys | in_keys | o_keys
+        baseline = _storages_bytes(list(model.parameters()) + list(model.buffers())
+                                   + pytree.tree_leaves((example_inputs, example_kwargs)) + opt_tensors)[0]
+        saved: dict = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            key = (st.device.type, st.data_ptr())
+            if key not in excluded and st.nbytes() > 0:
+                saved[key] = st.nbytes()
+            return t
+
+        def step():
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = loss_fn(model(*example_inputs, **example_kwargs))
+            loss.backward()
+            del loss
+            if opt is not None:
+                opt.step()
+
+        notes = []
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.memory_allocated(device)
+            t0 = time.perf_counter()
+            step()
+            torch.cuda.synchronize(device)
+            dt = time.perf_counter() - t0
+            peak = torch.cuda.max_memory_allocated(device) - start + baseline
+            method = "torch.cuda.max_memory_allocated"
+            if start != baseline:
+                notes.append(f"{start - baseline} bytes were allocated on the device before the "
+                             "step besides the model, inputs and optimizer state; not counted")
+        else:
+            from torch.profiler import ProfilerActivity, profile
+            t0 = time.perf_counter()
+            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                step()
+            dt = time.perf_counter() - t0
+            peak = baseline + _profiler_peak(prof)
+            method = "torch.profiler allocator events"
+            notes.append("step time includes profiler overhead")
+        grad_bytes = _storages_bytes([p.grad for p in params if p.grad is not None])[0]
+        return Measurement(device=str(device), parameters=p_bytes, buffers=b_bytes, inputs=in_bytes,
+                           optimizer_state=o_bytes, gradients=grad_bytes,
+                           saved_activations=sum(saved.values()), peak_bytes=int(peak),
+                           baseline_bytes=baseline, method=method, step_time_s=dt, notes=notes)
+
+
+def _profiler_peak(prof) -> int:
+    """Largest net bytes allocated (above the start) among the profiler's allocation events."""
+    allocs = []
+
+    def walk(ev):
+        if ev.tag == torch._C._profiler._EventType.Allocation:  # noqa: SLF001
+            f = ev.extra_fields
+            if f.device.type == "cpu":
+                allocs.append((ev.start_time_ns, f.alloc_size))
+        for c in ev.children:
+            walk(c)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    allocs.sort(key=lambda a: a[0])
+    cur = peak = 0
+    for _, size in allocs:
+        cur += size
+        peak = max(peak, cur)
+    return peak
+
+
+@contextlib.contextmanager
+def _restored(model: torch.nn.Module, optimizer):
+    """Put parameters, buffers, gradients, optimizer state and RNG back as they were."""
+    with torch.no_grad():
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict(keep_vars=True).items()
+                 if isinstance(v, torch.Tensor)}
+    grads = {id(p): (p.grad.detach().clone() if p.grad is not None else None) for p in model.parameters()}
+    opt_state = copy.deepcopy(optimizer.state_dict()) if isinstance(optimizer, torch.optim.Optimizer) else None
+    rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            live = model.state_dict(keep_vars=True)
+            for k, v in state.items():
+                live[k].copy_(v)
+        for p in model.parameters():
+            p.grad = grads.get(id(p))
+        if opt_state is not None:
+            optimizer.load_state_dict(opt_state)
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
