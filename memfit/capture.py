@@ -185,13 +185,26 @@ def _strip_pytree_codegen(gm: torch.fx.GraphModule) -> None:
 
 
 def _propagate_fake(gm: torch.fx.GraphModule, args) -> None:
-    """Fill node.meta['val'] with FakeTensors (no real compute)."""
+    """Fill node.meta['val'] with FakeTensors (no real compute).
+
+    Parameters and buffers are swapped for fakes while propagating: run on the real ones,
+    in-place updates such as BatchNorm's `num_batches_tracked += 1` would reach the
+    user's model.
+    """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    from torch.nn.utils.stateless import _reparametrize_module
 
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    mode = FakeTensorMode()
+    memo: dict[int, torch.Tensor] = {}
+    swapped = {}
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if id(t) not in memo:
+            memo[id(t)] = mode.from_tensor(t)
+        swapped[name] = memo[id(t)]
     fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-    FakeTensorProp(gm, mode).propagate(*fake_args)
+    with _reparametrize_module(gm, swapped, strict=False):
+        FakeTensorProp(gm, mode).propagate(*fake_args)
 
 
 def node_module_path(node: torch.fx.Node) -> str:

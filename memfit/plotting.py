@@ -26,7 +26,7 @@ def plot_timeline(plan: MemoryPlan, path: str) -> None:
     ax.set_xlabel("allocation events (down-sampled) through forward, backward, optimizer step")
     ax.set_ylabel("live MiB")
     ax.set_title(f"{plan.model}: predicted peak {plan.peak_bytes / 2**20:.1f} MiB ({plan.peak_phase})")
-    ax.legend(loc="upper left", fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

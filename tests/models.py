@@ -1,0 +1,55 @@
+"""Small hand-written models for unit tests (the examples/ folder holds the bigger ones)."""
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in=64, hidden=256, d_out=10):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.fc3 = nn.Linear(hidden, d_out)
+
+    def forward(self, x):  # (B, d_in) -> (B, d_out)
+        return self.fc3(torch.nn.functional.gelu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class ConvBN(nn.Module):
+    """A small CNN with BatchNorm and a residual add."""
+
+    def __init__(self, c=16, classes=10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                                  nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.head = nn.Linear(c, classes)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, classes)
+        h = self.stem(x)
+        h = torch.relu(h + self.body(h))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class Block(nn.Module):
+    """One pre-LN transformer block with explicit attention; (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, d=64, heads=4, dropout=0.0):
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.ln2 = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(D, dim=-1)
+        q, k, v = (t.view(B, T, self.heads, D // self.heads).transpose(1, 2) for t in (q, k, v))
+        att = (q @ k.transpose(-2, -1)) * (D // self.heads) ** -0.5
+        att = self.drop(att.softmax(dim=-1))
+        y = (att @ v).transpose(1, 2).reshape(B, T, D)
+        x = x + self.proj(y)
+        return x + self.mlp(self.ln2(x))
