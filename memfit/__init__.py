@@ -14,7 +14,7 @@ _LAZY = {
     "measure": "memfit.measure:measure",
     "Measurement": "memfit.measure:Measurement",
     "Budget": "memfit.budget:Budget",
-    "MemoryPlan": "memfit.plan:MemoryPlan",
+    "MemoryPlan": "memfit.memory_plan:MemoryPlan",
     "capture": "memfit.capture:capture",
     "Captured": "memfit.capture:Captured",
     "MemfitError": "memfit.errors:MemfitError",

@@ -11,7 +11,7 @@ from memfit.budget import Budget
 from memfit.capture import capture
 from memfit.cost_models.memory import analyze_step
 from memfit.errors import BudgetError
-from memfit.plan import MemoryPlan, downsample_timeline, module_rows
+from memfit.memory_plan import MemoryPlan, downsample_timeline, module_rows
 
 log = logging.getLogger(__name__)
 

@@ -88,9 +88,9 @@ def load_factory(spec: str, inputs: list[str] | None = None, factory_kwargs: dic
         raise UsageError(f"{path} has no callable {name!r}")
     try:
         result = factory(**(factory_kwargs or {}))
-    except TypeError as e:
-        raise UsageError(f"calling {name}({', '.join(f'{k}={v!r}' for k, v in (factory_kwargs or {}).items())}) "
-                         f"failed: {e}") from e
+    except Exception as e:  # noqa: BLE001 - any failure of user code is reported in one line
+        call = f"{name}({', '.join(f'{k}={v!r}' for k, v in (factory_kwargs or {}).items())})"
+        raise UsageError(f"calling {call} failed: {type(e).__name__}: {e}") from e
     if isinstance(result, torch.nn.Module):
         model, args, kwargs = result, (), {}
     elif isinstance(result, tuple) and len(result) in (2, 3) and isinstance(result[0], torch.nn.Module):

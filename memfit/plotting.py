@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from memfit.plan import CATEGORY_ORDER, MemoryPlan
+from memfit.memory_plan import CATEGORY_ORDER, MemoryPlan
 
 
 def plot_timeline(plan: MemoryPlan, path: str) -> None:

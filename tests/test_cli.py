@@ -1,0 +1,88 @@
+"""The memfit command, run as a user would (subprocess) where exit codes and stderr matter."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, cwd=ROOT):
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "memfit", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def factory(tmp_path_factory):
+    d = tmp_path_factory.mktemp("models")
+    f = d / "tiny.py"
+    f.write_text(textwrap.dedent("""
+        import torch
+        def make(batch_size=16):
+            m = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+            return m, (torch.randn(batch_size, 32),)
+        def bare():
+            return torch.nn.Sequential(torch.nn.Linear(32, 8))
+        def broken():
+            raise RuntimeError("boom")
+    """))
+    return str(f)
+
+
+def test_plan_prints_table(factory):
+    r = run("plan", f"{factory}:make", "--budget", "1MiB", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "peak" in r.stdout and "budget" in r.stdout and "largest batch within budget" in r.stdout
+
+
+def test_plan_json_and_factory_args(factory):
+    r = run("plan", f"{factory}:make", "--json", "-D", "batch_size=8", "--optimizer", "sgd", "--quiet")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["symbols"]["B"] == 8 and d["optimizer"] == "sgd" and d["peak_bytes"] > 0
+
+
+def test_plan_with_input_spec(factory):
+    r = run("plan", f"{factory}:bare", "--input", "float32[5,32]", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "B=5" in r.stdout
+
+
+def test_plot_writes_png(factory, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "t.png"
+    r = run("plan", f"{factory}:make", "--plot", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_lines_on_stderr(factory):
+    r = run("plan", f"{factory}:make")
+    assert "memfit: capturing" in r.stderr and r.returncode == 0
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["plan", "{f}:make", "--budget", "6 parsecs"], "malformed budget"),
+    (["plan", "/nonexistent/model.py:make"], "no such file"),
+    (["plan", "{f}:nosuch"], "no callable 'nosuch'"),
+    (["plan", "{f}"], "expected FILE.py:FACTORY"),
+    (["plan", "{f}:bare"], "--input"),
+    (["plan", "{f}:broken"], "boom"),
+    (["plan", "{f}:bare", "--input", "float32[a,b]"], "malformed --input"),
+])
+def test_bad_input_is_one_line_exit_2(factory, args, needle):
+    r = run(*[a.replace("{f}", factory) for a in args], "--quiet")
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("memfit: error:") and needle in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_debug_shows_traceback(factory):
+    r = run("plan", f"{factory}:make", "--budget", "6 parsecs", "--debug", "--quiet")
+    assert r.returncode != 0 and "Traceback" in r.stderr
