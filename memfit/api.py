@@ -24,9 +24,13 @@ def plan(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwar
     Nothing is computed for real: the step runs on FakeTensors. `budget` (bytes, "6GiB",
     "50%") is compared with the predicted peak, and the plan gives the largest batch size
     that fits it. See MemoryPlan for what the plan holds.
+
+    `symbolic`: keep batch size B and sequence length T symbolic, so the plan gives bytes as
+    expressions in them and the largest batch that fits. False is faster (GPT-2-small:
+    about 2 s instead of 7 s on a 2-core CPU) and gives the same bytes at the example size.
     """
     budget_obj = Budget.parse(budget) if budget is not None else None
-    cap = capture(model, example_inputs, example_kwargs, method=capture_method)
+    cap = capture(model, example_inputs, example_kwargs, method=capture_method, dynamic=symbolic)
     return plan_captured(cap, budget_obj, optimizer=optimizer, loss_fn=loss_fn, symbolic=symbolic)
 
 

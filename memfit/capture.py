@@ -65,8 +65,12 @@ class Captured:
 
 
 def capture(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: dict | None = None,
-            *, method: str = "auto") -> Captured:
+            *, method: str = "auto", dynamic: bool = True) -> Captured:
     """Capture `model` as a GraphModule with FakeTensor metadata on every node.
+
+    `dynamic`: export every input dimension as `Dim.AUTO`, so the graph stays valid for other
+    batch sizes and sequence lengths (needed for symbolic planning; about twice the export
+    time of a static capture on GPT-2-small).
 
     Raises CaptureError naming the module and the reason, with what to try.
     """
@@ -91,7 +95,7 @@ def capture(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: 
                     "Try method='export' (torch.export handles control flow on shapes).") from e
             log.info("symbolic_trace failed on %s (%s); using torch.export", name, _one_line(e))
     try:
-        return _capture_export(model, example_inputs, example_kwargs)
+        return _capture_export(model, example_inputs, example_kwargs, dynamic)
     except CaptureError:
         raise
     except Exception as e:  # noqa: BLE001
@@ -136,13 +140,13 @@ def _capture_symbolic_trace(model, args, kwargs) -> Captured:
                     model_name=type(model).__name__)
 
 
-def _capture_export(model, args, kwargs) -> Captured:
+def _capture_export(model, args, kwargs, dynamic: bool = True) -> Captured:
     leaves, in_spec = pytree.tree_flatten((args, kwargs))
     dyn_args = pytree.tree_map(lambda x: _auto_dims(x), args)
     dyn_kwargs = {k: pytree.tree_map(lambda x: _auto_dims(x), v) for k, v in kwargs.items()}
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False,
-                                 dynamic_shapes=(dyn_args, dyn_kwargs) if kwargs else dyn_args)
+        dyn = ((dyn_args, dyn_kwargs) if kwargs else dyn_args) if dynamic else None
+        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
     except Exception as e:
         raise CaptureError(
             f"cannot capture {type(model).__name__} with torch.export: {_one_line(e)}. "

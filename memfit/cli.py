@@ -42,9 +42,9 @@ def cmd_plan(args) -> int:
     with progress.stage(f"loading {args.model}"):
         model, inputs, kwargs = load_factory(args.model, args.input, parse_kv(args.factory_args))
     with progress.stage(f"capturing {type(model).__name__}"):
-        cap = capture(model, inputs, kwargs)
+        cap = capture(model, inputs, kwargs, dynamic=not args.static)
     with progress.stage("simulating one training step on fake tensors"):
-        p = plan_captured(cap, budget, optimizer=_optimizer(args.optimizer))
+        p = plan_captured(cap, budget, optimizer=_optimizer(args.optimizer), symbolic=not args.static)
     if args.json:
         print(p.to_json(indent=2))
     else:
@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--plot", metavar="PNG", help="write the memory timeline, stacked by category")
     p.add_argument("--depth", type=int, default=2, help="module depth of the table (default 2)")
+    p.add_argument("--static", action="store_true",
+                   help="static shapes: faster, but no batch-size expression or largest batch")
     p.set_defaults(func=cmd_plan)
 
     d = sub.add_parser("demo", help="plan a real model and compare with a measured step")
