@@ -1,0 +1,1 @@
+"""Autograd Functions and hooks that passes insert into rewritten graphs."""
