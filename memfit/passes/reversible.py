@@ -58,17 +58,22 @@ def node_path(node: torch.fx.Node) -> str:
 
 
 def _auto_pattern(paths) -> str | None:
-    """`parent.*` for the parent with the most numbered children among `paths`."""
+    """`parent.*` for the module list whose numbered children make the most graph nodes
+    (`paths`: one module path per compute node), so a stack of blocks wins over the
+    nn.Sequential inside each block."""
     kids: dict[str, set] = {}
+    cover: dict[str, int] = {}
     for p in paths:
         parts = p.split(".")
         for i in range(1, len(parts)):
             if parts[i].isdigit():
-                kids.setdefault(".".join(parts[:i]), set()).add(parts[i])
-    kids = {k: v for k, v in kids.items() if len(v) >= 2}
-    if not kids:
+                parent = ".".join(parts[:i])
+                kids.setdefault(parent, set()).add(parts[i])
+                cover[parent] = cover.get(parent, 0) + 1
+    cands = [k for k, v in kids.items() if len(v) >= 2]
+    if not cands:
         return None
-    best = max(kids, key=lambda k: (len(kids[k]), -k.count(".")))
+    best = max(cands, key=lambda k: (cover[k], -k.count(".")))
     return best + ".*"
 
 
@@ -84,7 +89,7 @@ def find_blocks(gm: torch.fx.GraphModule, pattern: str = "") -> "OrderedDict[str
     (auto-detected when empty); a node belongs to the shortest matching prefix of its path."""
     nodes = [n for n in gm.graph.nodes if n.op in _COMPUTE]
     if not pattern:
-        pattern = _auto_pattern({node_path(n) for n in nodes} - {""}) or ""
+        pattern = _auto_pattern([q for q in map(node_path, nodes) if q]) or ""
         if not pattern:
             return OrderedDict()
     match = _matcher(pattern)
