@@ -314,6 +314,18 @@ class ReversibleStack(torch.nn.Module):
                                     lam=self.lam, beta=self.beta, params=params(fi), ext=tuple(u)))
         return out
 
+    def set_scaling(self, lam: float | None = None, beta: float | None = None) -> None:
+        """Change lam and/or beta of every coupling (e.g. a MEFT schedule, or an ablation)."""
+        for k, v in (("lam", lam), ("beta", beta)):
+            if v is not None and v == 0:
+                raise ValueError(f"{k} must be nonzero (the inverse divides by it)")
+        self.lam = self.lam if lam is None else lam
+        self.beta = self.beta if beta is None else beta
+        for c in self._couplings:
+            c.lam, c.beta = self.lam, self.beta
+            if isinstance(c.G, _NegScaled):
+                c.G.beta = self.beta
+
     def extra_repr(self) -> str:
         return (f"mode={self.mode}, blocks={len(self.names)}, couplings={len(self._couplings)}, "
                 f"lam={self.lam:g}, beta={self.beta:g}, anchor_every={self.anchor_every}"
@@ -527,14 +539,15 @@ class ReversibleModel(torch.nn.Module):
 
 
 def make_reversible(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *, blocks: str = "",
-                    mode: str = "pairs", **options) -> ReversibleModel:
+                    mode: str = "pairs", capture_method: str = "auto", dynamic: bool = True,
+                    **options) -> ReversibleModel:
     """Capture `model` and run the reversible pass on it; returns a new module sharing the
     model's parameters (the model itself is not modified). `options`: fields of Reversible.
     The result's `.result` holds the pass's stats and diagnostics."""
     from memfit.capture import capture
 
     pass_ = Reversible(blocks=blocks, mode=mode, **options)
-    cap = capture(model, example_inputs, example_kwargs)
+    cap = capture(model, example_inputs, example_kwargs, method=capture_method, dynamic=dynamic)
     res = pass_.run(cap.gm, PassContext(captured=cap))
     res.gm.graph.lint()
     res.gm.recompile()
