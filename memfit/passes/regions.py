@@ -30,7 +30,7 @@ from collections import OrderedDict
 import torch
 import torch.fx
 
-from memfit.capture import node_module_path
+from memfit.capture import _clean_path, node_module_path
 from memfit.errors import PassError
 
 __all__ = ["module_regions", "outline_region", "region_inputs_outputs", "module_path",
@@ -47,7 +47,17 @@ _COMPUTE_OPS = ("call_function", "call_method", "call_module")
 
 def module_path(node: torch.fx.Node) -> str:
     """Dotted path of the innermost module that produced `node` ('' for the top level)."""
-    path = node_module_path(node)
+    if node.op == "call_module" and REGION_META in node.meta:
+        # an outlined region: attribute it to the modules its nodes shared, not to the
+        # child's attribute name
+        stack = node.meta.get("nn_module_stack")
+        return _clean_path(list(stack.values())[-1][0]) if stack else ""
+    stack = node.meta.get("nn_module_stack")
+    if node.op == "call_module" and stack:
+        # inside an outlined child the target is the borrowed module's local name
+        path = _clean_path(list(stack.values())[-1][0])
+    else:
+        path = node_module_path(node)
     if path.startswith(_EXPORT_EMPTY_STACK):
         return ""
     return path
