@@ -149,6 +149,8 @@ def _safe_name(gm: torch.nn.Module, name: str) -> str:
     if base[0].isdigit():
         base = "_" + base
     cand, k = base, 1
+    if hasattr(gm, cand):
+        base = cand = base + "_region"
     while hasattr(gm, cand):
         cand = f"{base}_{k}"
         k += 1
