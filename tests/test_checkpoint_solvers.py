@@ -19,6 +19,9 @@ def test_chain_peak_hand_computed():
     assert chain_peak(saved, boundary, (), fixed=50, floor=1000) == 1000
     with pytest.raises(ValueError):
         chain_peak(saved, boundary, ((0, 2), (1, 3)))
+    # a span's last unit keeps its output's saved bytes (used after the span)
+    out = [5, 6, 7, 8]
+    assert chain_peak(saved, boundary, ((0, 2),), fixed=50, output=out) == 460 + 6
 
 
 def test_chain_hand_computed_choice():
@@ -68,12 +71,13 @@ def test_chain_matches_brute_force(seed):
     saved = [rng.randint(0, 100) for _ in range(K)]
     boundary = [rng.randint(0, 30) for _ in range(K)]
     time = [rng.choice([0.5, 1.0, 2.0, 3.0]) for _ in range(K)]
+    output = [rng.randint(0, s) for s in saved]
     fixed = rng.randint(0, 50)
     choices = _all_span_choices(K)
-    front = chain_frontier(saved, boundary, time, fixed=fixed, buckets=4096, max_caps=10**6)
+    front = chain_frontier(saved, boundary, time, fixed=fixed, output=output, buckets=4096, max_caps=10**6)
     for budget in range(fixed, fixed + sum(saved) + 2, 7):
         best = min((sum(time[u] for i, j in c for u in range(i, j)) for c in choices
-                    if chain_peak(saved, boundary, c, fixed) <= budget), default=None)
+                    if chain_peak(saved, boundary, c, fixed, output=output) <= budget), default=None)
         p = pick(front, budget)
         if best is None:
             assert p is None

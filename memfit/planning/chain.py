@@ -6,14 +6,16 @@ backward and keeps only the span's input instead; in backward the span runs agai
 saved activations exist once more while its backward runs. The peak model (bytes):
 
     peak = max(floor, fixed + sum(saved[u] for kept units u)
-                            + sum(boundary[i] for recomputed spans [i, j))
+                            + sum(boundary[i] + output[j - 1] for recomputed spans [i, j))
                             + max(sum(saved[i:j]) for recomputed spans))
 
 `fixed`: bytes live at the end of the forward besides saved activations (parameters,
 optimizer state, inputs, the loss). `floor`: the part of the step's peak that recompute
 cannot lower (for example the end of backward, when gradients are all live).
 `boundary[i]`: bytes a recomputed span starting at unit i keeps that would otherwise be
-freed (its input, where no other operator saves it). The model is conservative: it keeps
+freed (its input, where no other operator saves it). `output[u]`: the part of `saved[u]`
+that stays saved when a span ends at unit u (the unit's output, saved by the operators
+after it); inside a span the outputs of its inner units are dropped too. The model is conservative: it keeps
 every other unit's activations live while the largest span is recomputed, whereas the
 later units' activations are in fact freed by then. Extra time is the sum of the
 recomputed units' forward times (`time[u]`, seconds).
@@ -51,17 +53,19 @@ class ChainPlan:
         return [u for i, j in self.spans for u in range(i, j)]
 
 
-def _check(saved, boundary, time):
-    if not (len(saved) == len(boundary) == len(time)):
-        raise ValueError(f"saved, boundary and time must have one entry per unit "
-                         f"(got {len(saved)}, {len(boundary)}, {len(time)})")
-    for name, xs in (("saved", saved), ("boundary", boundary), ("time", time)):
+def _check(saved, boundary, time, output):
+    if not (len(saved) == len(boundary) == len(time) == len(output)):
+        raise ValueError(f"saved, boundary, time and output must have one entry per unit "
+                         f"(got {len(saved)}, {len(boundary)}, {len(time)}, {len(output)})")
+    for name, xs in (("saved", saved), ("boundary", boundary), ("time", time), ("output", output)):
         if any(x < 0 for x in xs):
             raise ValueError(f"{name} entries must be non-negative")
 
 
-def chain_peak(saved: Sequence[int], boundary: Sequence[int], spans, fixed: int = 0, floor: int = 0) -> int:
+def chain_peak(saved: Sequence[int], boundary: Sequence[int], spans, fixed: int = 0, floor: int = 0,
+               output: Sequence[int] | None = None) -> int:
     """Predicted peak (bytes) of recomputing `spans` under the model in the module doc."""
+    output = output if output is not None else [0] * len(saved)
     rec = set()
     extra = 0
     biggest = 0
@@ -71,31 +75,34 @@ def chain_peak(saved: Sequence[int], boundary: Sequence[int], spans, fixed: int 
             raise ValueError(f"spans must be disjoint, ordered and inside the chain: {spans}")
         prev_end = j
         rec.update(range(i, j))
-        extra += boundary[i]
+        extra += boundary[i] + output[j - 1]
         biggest = max(biggest, sum(saved[i:j]))
     kept = sum(s for u, s in enumerate(saved) if u not in rec)
     return max(floor, fixed + kept + extra + biggest)
 
 
 def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence[float], *,
-                   fixed: int = 0, floor: int = 0, buckets: int = 256, max_caps: int = 24,
-                   max_span: int | None = None) -> list[ChainPlan]:
+                   fixed: int = 0, floor: int = 0, output: Sequence[int] | None = None,
+                   buckets: int = 256, max_caps: int = 24, max_span: int | None = None) -> list[ChainPlan]:
     """Pareto frontier (extra time ascending, peak descending) of span choices.
 
+    `output`: per unit, bytes still kept when a span ends there (default 0).
     `max_span`: most units one span may hold (None: any).
     """
-    _check(saved, boundary, time)
+    output = list(output) if output is not None else [0] * len(saved)
+    _check(saved, boundary, time, output)
     K = len(saved)
-    none = ChainPlan((), chain_peak(saved, boundary, (), fixed, floor), 0.0)
+    none = ChainPlan((), chain_peak(saved, boundary, (), fixed, floor, output), 0.0)
     if K == 0:
         return [none]
-    total = sum(saved) + sum(boundary)
+    total = sum(saved) + sum(boundary) + sum(output)
     if total == 0:
         return [none]
     delta = max(1.0, total / buckets)
     Q = int(math.ceil(total / delta)) + K + 1
     qs = [int(math.ceil(s / delta)) for s in saved]
     qb = [int(math.ceil(b / delta)) for b in boundary]
+    qo = [int(math.ceil(o / delta)) for o in output]
     csum = [0]
     for s in saved:
         csum.append(csum[-1] + s)
@@ -131,7 +138,7 @@ def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence
             for i in range(max(0, k - span_limit), k):
                 if csum[k] - csum[i] > cap:
                     continue
-                sh = qb[i]
+                sh = qb[i] + qo[k - 1]
                 cand = np.full(Q, INF)
                 cand[sh:] = g[i][:Q - sh] + (tsum[k] - tsum[i])
                 better = cand < best
@@ -149,10 +156,10 @@ def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence
                     k -= 1
                 else:
                     spans.append((c, k))
-                    mm -= qb[c]
+                    mm -= qb[c] + qo[k - 1]
                     k = c
             spans = tuple(sorted(spans))
-            plans.append(ChainPlan(spans, chain_peak(saved, boundary, spans, fixed, floor),
+            plans.append(ChainPlan(spans, chain_peak(saved, boundary, spans, fixed, floor, output),
                                    sum(tsum[j] - tsum[i] for i, j in spans)))
     return pareto(plans)
 
