@@ -1,0 +1,1 @@
+"""Runtime pieces the passes call into: autograd-friendly functions and Functions."""
