@@ -19,6 +19,8 @@ ENTRY_POINT_GROUP = "memfit.passes"
 
 # name -> "module:attr"; each module registers its pass on import as well.
 _BUILTIN: dict[str, str] = {}
+_BUILTIN["fuse-conv-bn"] = "memfit.passes.fuse_conv_bn:FuseConvBN"
+_BUILTIN["sdpa-attention"] = "memfit.passes.sdpa_attention:SDPAAttention"
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _entry_points_loaded = False
