@@ -1,1 +1,1 @@
-"""Autograd Functions and hooks that passes insert into rewritten graphs."""
+"""Runtime pieces the rewritten graphs call: autograd Functions, checkpointed regions, fused ops."""
