@@ -205,6 +205,7 @@ class _ReversibleStack(torch.autograd.Function):
         return y1, y2
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # gradients of gradients would need create_graph
     def backward(ctx, dy1, dy2):
         meta = ctx.meta
         couplings, opts, n_ext = meta["couplings"], meta["opts"], meta["n_ext"]
