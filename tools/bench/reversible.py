@@ -114,10 +114,12 @@ def meft_table():
     return rows
 
 
-def render(depth, meft, wall):
+def render(depth, meft, wall, load):
     out = ["## Reversible coupling", "",
            f"`python tools/bench/reversible.py --write` (CPU {platform.machine()}, 2 cores shared with "
-           f"other jobs, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; run took {wall:.0f} s).", "",
+           f"other jobs, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; run took {wall:.0f} s; "
+           f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end: step-time "
+           "ratios are noisy at such loads).", "",
            "examples/gpt2_like.py, B=2, T=32, d=64, 2 heads, dropout 0.1; memfit.measure (saved: "
            "saved_tensors_hooks, peak: CPU allocator events, no optimizer); step time = forward + "
            "backward without profiler, median of 5 alternating runs (the unmodified model and the pairs/meft copies have separate parameters of the same size), relative to unmodified.", "",
@@ -162,9 +164,10 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
+    load0 = os.getloadavg()[0]
     depth = depth_table()
     meft = meft_table()
-    text = render(depth, meft, time.perf_counter() - t0)
+    text = render(depth, meft, time.perf_counter() - t0, (load0, os.getloadavg()[0]))
     print(text)
     if args.write:
         write_section(text)
