@@ -208,6 +208,7 @@ def function_pass(fn, name: str, promise: Promise = EXACT) -> type[Pass]:
                         "return a PassResult, a GraphModule or None")
 
     cls = type(fn.__name__, (Pass,), {"__annotations__": {}, "run": run, "__doc__": fn.__doc__,
+                                     "_memfit_fn": staticmethod(fn),
                                      "__module__": fn.__module__})
     cls.name = name
     cls.promise = promise
