@@ -86,3 +86,11 @@ def test_memfit_opt_runs_the_example(capsys):
     before, after = line.split(":")[1].split(" before, ")
     assert float(after.split()[0]) < float(before.split()[0]) / 4  # both in KiB here
     assert "// verified: 1 pass(es)" in out
+
+
+def test_docs_show_the_example_code():
+    doc = open(os.path.join(ROOT, "docs", "custom-passes.md")).read()
+    code = open(EXAMPLE).read()
+    start, end = "@register_pass\n@dataclass(frozen=True)\nclass CheckpointBlocks", "diagnostics=diags)\n"
+    block = code[code.index(start):code.index(end) + len(end)]
+    assert block in doc
