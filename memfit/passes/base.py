@@ -187,7 +187,8 @@ class Pass:
         out = []
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
-            tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            plain = isinstance(tp, type) and not typing.get_args(tp)
+            tname = tp.__name__ if plain else str(tp).replace("typing.", "")
             default = f.default if f.default is not dataclasses.MISSING else "(required)"
             out.append((f.name, tname, _format(default)))
         return out
