@@ -82,10 +82,12 @@ def check_exact(model, gm, inputs, tol=1e-5):
         for p in params:
             p.grad = None
         out = fn(*inputs)
+        out = out.to_tuple() if hasattr(out, "to_tuple") else out  # transformers ModelOutput
         out = out[0] if isinstance(out, (tuple, list)) else out
         w = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
         (out * w).sum().backward()
-        results.append((out.detach(), torch.cat([p.grad.flatten() for p in params])))
+        results.append((out.detach(), torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten()
+                                                 for p in params])))
         for p in params:
             p.grad = None
     (ref_out, ref_g), (out, g) = results
