@@ -10,7 +10,15 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
+    "optimize": "memfit.api:optimize",
+    "optimize_": "memfit.api:optimize_",
     "plan": "memfit.api:plan",
+    "OptimizedModule": "memfit.module:OptimizedModule",
+    "Pass": "memfit.passes.base:Pass",
+    "PassResult": "memfit.passes.base:PassResult",
+    "PassContext": "memfit.passes.base:PassContext",
+    "PassManager": "memfit.passes.manager:PassManager",
+    "register_pass": "memfit.passes.registry:register_pass",
     "measure": "memfit.measure:measure",
     "Measurement": "memfit.measure:Measurement",
     "Budget": "memfit.budget:Budget",

@@ -19,8 +19,15 @@ ENTRY_POINT_GROUP = "memfit.passes"
 
 # name -> "module:attr"; each module registers its pass on import as well.
 _BUILTIN: dict[str, str] = {}
-_BUILTIN["fuse-conv-bn"] = "memfit.passes.fuse_conv_bn:FuseConvBN"
-_BUILTIN["sdpa-attention"] = "memfit.passes.sdpa_attention:SDPAAttention"
+_BUILTIN.update({
+    "outline": "memfit.passes.outline:Outline",
+    "checkpoint": "memfit.passes.checkpoint:Checkpoint",
+    "fuse-conv-bn": "memfit.passes.fuse_conv_bn:FuseConvBN",
+    "sdpa-attention": "memfit.passes.sdpa_attention:SDPAAttention",
+    "quantize-activations": "memfit.passes.quantize:QuantizeActivations",
+    "reversible": "memfit.passes.reversible:Reversible",
+    "token-merge": "memfit.passes.token_merge:TokenMerge",
+})
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _entry_points_loaded = False

@@ -1,1 +1,1 @@
-"""Runtime pieces the passes call into: autograd-friendly functions and Functions."""
+"""Runtime pieces the rewritten graphs call: autograd Functions, checkpointed regions, fused ops."""
