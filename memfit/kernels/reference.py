@@ -150,8 +150,11 @@ def quantize(x: torch.Tensor, bits: int = 8, group_size: int = 256, *, scale: to
     q = torch.where(xf == -math.inf, float(qmax), q)
     q = torch.where(valid, q, 0.0).to(torch.int32)
     P = 8 // bits
-    shifts = torch.arange(P, device=x.device, dtype=torch.int32) * bits
-    packed = (q.view(M, G // P, P) << shifts).sum(dim=2).to(torch.uint8)
+    q3 = q.view(M, G // P, P)
+    packed = q3[:, :, 0]
+    for k in range(1, P):  # scalar shifts: symbolic (FakeTensor) shapes broadcast cleanly
+        packed = packed | (q3[:, :, k] << (k * bits))
+    packed = packed.to(torch.uint8)
     return packed, flags.to(torch.uint8), scale, zero
 
 
@@ -165,8 +168,8 @@ def dequantize(codes: torch.Tensor, flags: torch.Tensor, scale: torch.Tensor, ze
     P = 8 // bits
     N = math.prod(shape)
     M = codes.shape[0]
-    shifts = torch.arange(P, device=codes.device, dtype=torch.int32) * bits
-    q = ((codes.to(torch.int32)[:, :, None] >> shifts) & qmax).view(M, G)
+    c = codes.to(torch.int32)
+    q = torch.stack([(c >> (k * bits)) & qmax for k in range(P)], dim=2).view(M, G)
     if per_row:
         s_el, z_el = scale.float()[:, None], zero.float()[:, None]
     else:
