@@ -217,8 +217,10 @@ def node_module_path(node: torch.fx.Node) -> str:
         return str(node.target)
     stack = node.meta.get("nn_module_stack")
     if stack:
-        path = list(stack.values())[-1][0]
-        return _clean_path(path)
+        # export marks nodes it created outside any module (e.g. mask helpers of transformers)
+        # with a placeholder key; they belong to the top level.
+        entries = [v for k, v in stack.items() if not str(k).startswith("_empty_nn_module_stack")]
+        return _clean_path(entries[-1][0]) if entries else ""
     stack_trace = node.meta.get("nn_module_path")
     return stack_trace or ""
 

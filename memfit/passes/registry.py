@@ -18,9 +18,9 @@ from memfit.passes.base import EXACT, Pass, Promise, function_pass
 ENTRY_POINT_GROUP = "memfit.passes"
 
 # name -> "module:attr"; each module registers its pass on import as well.
-_BUILTIN: dict[str, str] = {
-    "quantize-activations": "memfit.passes.quantize:QuantizeActivations",
-}
+_BUILTIN: dict[str, str] = {}
+_BUILTIN["outline"] = "memfit.passes.outline:Outline"
+_BUILTIN["quantize-activations"] = "memfit.passes.quantize:QuantizeActivations"
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _entry_points_loaded = False
