@@ -19,6 +19,7 @@ ENTRY_POINT_GROUP = "memfit.passes"
 
 # name -> "module:attr"; each module registers its pass on import as well.
 _BUILTIN: dict[str, str] = {}
+_BUILTIN["token-merge"] = "memfit.passes.token_merge:TokenMerge"
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _entry_points_loaded = False
