@@ -42,7 +42,7 @@ class SmallViT(nn.Module):
     """Images (B, C, H, W) -> logits (B, classes); `distill` adds DeiT's distillation token
     (its head is averaged with the class token's); `dense` returns per-token features."""
 
-    def __init__(self, image_size=32, patch=4, channels=3, classes=10, layers=4, d=64, heads=4,
+    def __init__(self, image_size=32, patch=4, channels=3, classes=10, layers=4, d=32, heads=4,
                  distill=False, dense=False, dropout=0.0):
         super().__init__()
         self.patch_embed = nn.Conv2d(channels, d, patch, stride=patch)
