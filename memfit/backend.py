@@ -23,9 +23,10 @@ saved bytes of each graph directly. With no budget the default partition is used
 
 How the budget is met. Upstream's `activation_memory_budget` is a ratio of a normalized
 range, not bytes, and the saved bytes it gives are not monotonic in it. memfit searches
-that ratio (bisection plus the end points), partitions a copy of the joint graph for each
-trial, measures the saved bytes of the result itself and keeps the feasible partition that
-saves the most (so recomputes the least). RNG ops (dropout) are marked
+that ratio (a linear first guess, then bisection, stopping within `tolerance` of the
+target), partitions a copy of the joint graph for each trial, measures the saved bytes of
+the result itself and keeps the feasible partition that saves the most (so recomputes the
+least). RNG ops (dropout) are marked
 `CheckpointPolicy.MUST_SAVE` first: upstream's budgeted knapsack may otherwise recompute
 `native_dropout` in backward with a fresh mask on CPU (no philox functionalization there),
 which gives wrong gradients; and budget 0 bypasses all marks, so the search never goes
@@ -83,7 +84,8 @@ class BackendOptions:
     passes: structural passes run on Dynamo's graph, by registry name or text form.
     codegen: "inductor" (default) or "eager" (plain fx code, fast to compile).
     pin_rng: mark RNG ops MUST_SAVE so recompute never redraws a dropout mask.
-    search_steps: bisection steps over upstream's activation_memory_budget ratio.
+    search_steps: most partitions tried per graph beyond the default one.
+    tolerance: stop searching once a feasible partition saves (1 - tolerance) of the target.
     on_infeasible: "warn" (log, keep the smallest partition found) or "error" (BudgetError).
     inductor_config: extra Inductor config patches, as (key, value) pairs.
     """
@@ -92,7 +94,8 @@ class BackendOptions:
     passes: tuple[str, ...] = DEFAULT_PASSES
     codegen: str = "inductor"
     pin_rng: bool = True
-    search_steps: int = 7
+    search_steps: int = 6
+    tolerance: float = 0.1
     on_infeasible: str = "warn"
     inductor_config: tuple[tuple[str, Any], ...] = ()
 
@@ -109,6 +112,8 @@ class BackendOptions:
             raise BackendError(f"on_infeasible must be one of {_ON_INFEASIBLE}, got {self.on_infeasible!r}")
         if not isinstance(self.search_steps, int) or self.search_steps < 0:
             raise BackendError(f"search_steps must be a non-negative int, got {self.search_steps!r}")
+        if not (0.0 <= self.tolerance < 1.0):
+            raise BackendError(f"tolerance must be in [0, 1), got {self.tolerance!r}")
         if isinstance(self.inductor_config, dict):
             object.__setattr__(self, "inductor_config", tuple(sorted(self.inductor_config.items())))
 
@@ -124,6 +129,7 @@ class BackendOptions:
     def to_dict(self) -> dict:
         return {"budget": None if self.budget is None else str(self.budget), "passes": list(self.passes),
                 "codegen": self.codegen, "pin_rng": self.pin_rng, "search_steps": self.search_steps,
+                "tolerance": self.tolerance,
                 "on_infeasible": self.on_infeasible, "inductor_config": dict(self.inductor_config)}
 
 
@@ -349,7 +355,7 @@ class MemfitPartitioner:
         best = (1.0, fw, bw, base)
         trials = [(1.0, base["saved_bytes"])]
         if target is not None and base["saved_bytes"] > target:
-            best = self._search(joint, joint_inputs, target, trials, kw)
+            best = self._search(joint, joint_inputs, target, base["saved_bytes"], trials, kw)
         ratio, fw, bw, m = best
         fits = target is None or m["saved_bytes"] <= target
         rep = PartitionReport(
@@ -370,8 +376,12 @@ class MemfitPartitioner:
             log.warning("%s", msg)
         return fw, bw
 
-    def _search(self, joint, joint_inputs, target: int, trials: list, kw) -> tuple:
-        """Largest-saving feasible partition over trial ratios in (0, 1]."""
+    def _search(self, joint, joint_inputs, target: int, base: int, trials: list, kw) -> tuple:
+        """The feasible partition saving the most, over trial ratios in (0, 1].
+
+        Starts from the linear guess target/base, then bisects; stops once a feasible
+        partition saves at least (1 - tolerance) of the target. Ratio 1 is known infeasible.
+        """
         # Budget 0 returns "save the inputs only" and ignores MUST_SAVE marks (it would
         # recompute dropout), so the lowest trial is a small positive ratio.
         lo_ratio = 1e-4
@@ -384,19 +394,27 @@ class MemfitPartitioner:
                 trials.append((r, m["saved_bytes"]))
             return results[r]
 
-        low = trial(lo_ratio)
         lo, hi = lo_ratio, 1.0
-        if low[3]["saved_bytes"] <= target:
-            for _ in range(self.options.search_steps):
-                mid = (lo + hi) / 2
-                if trial(mid)[3]["saved_bytes"] <= target:
-                    lo = mid
-                else:
-                    hi = mid
-        feasible = [r for r in results.values() if r[3]["saved_bytes"] <= target]
+        r = min(max(target / base, lo_ratio), 1.0)
+        last_feasible = None
+        for _ in range(max(1, self.options.search_steps)):
+            saved = trial(r)[3]["saved_bytes"]
+            if saved <= target:
+                lo = r
+                # Close enough, or raising the ratio bought nothing (the curve has steps).
+                if saved >= (1.0 - self.options.tolerance) * target or saved == last_feasible:
+                    break
+                last_feasible = saved
+            else:
+                hi = r
+            r = (lo + hi) / 2
+        feasible = [x for x in results.values() if x[3]["saved_bytes"] <= target]
+        if not feasible:
+            trial(lo_ratio)
+            feasible = [x for x in results.values() if x[3]["saved_bytes"] <= target]
         if feasible:
-            return max(feasible, key=lambda r: (r[3]["saved_bytes"], -r[3]["recomputed_nodes"]))
-        return min(results.values(), key=lambda r: r[3]["saved_bytes"])
+            return max(feasible, key=lambda x: (x[3]["saved_bytes"], -x[3]["recomputed_nodes"]))
+        return min(results.values(), key=lambda x: x[3]["saved_bytes"])
 
 
 def _inductor_partitioner(options: BackendOptions, report: BackendReport):
@@ -496,8 +514,11 @@ def _compile(gm: fx.GraphModule, example_inputs, options: BackendOptions, mode: 
         if options.codegen == "eager":
             from torch._dynamo.backends.common import aot_autograd
             from torch._dynamo.backends.debugging import boxed_nop
+            from torch._inductor.decomposition import select_decomp_table
 
+            # Inductor's decompositions, so the partitioner sees the ops it sees under Inductor.
             return aot_autograd(fw_compiler=boxed_nop, bw_compiler=boxed_nop,
+                                decompositions=select_decomp_table(),
                                 partition_fn=MemfitPartitioner(options, report),
                                 keep_inference_input_mutations=True)(gm, example_inputs)
         from torch._inductor import list_mode_options
