@@ -110,7 +110,7 @@ def test_budget_is_met_when_measured_and_gradients_are_exact(name, kw):
     torch.manual_seed(0)
     model, inputs = mod.make(**kw)
     base = memfit.measure(model, example_inputs=inputs, optimizer="sgd", loss_fn=mod.loss_fn)
-    om = memfit.optimize(model, "85%", example_inputs=inputs, optimizer="sgd", loss_fn=mod.loss_fn,
+    om = memfit.optimize(model, "60%", example_inputs=inputs, optimizer="sgd", loss_fn=mod.loss_fn,
                          techniques=["checkpoint"])
     p = om.memfit_plan
     assert p.fits and p.budget_bytes < base.peak_bytes
