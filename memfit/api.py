@@ -10,7 +10,7 @@ import torch
 from memfit.budget import Budget
 from memfit.capture import capture
 from memfit.cost_models.memory import analyze_step
-from memfit.errors import BudgetError
+from memfit.errors import BudgetError, PassError
 from memfit.memory_plan import MemoryPlan, downsample_timeline, module_rows
 
 log = logging.getLogger(__name__)
@@ -191,8 +191,13 @@ def _fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, verify):
             return checkpoint(gm)
         except BudgetError as e:
             first_error = e
+    q = None
     if "quantize" in allowed:
-        q = get_pass(TECHNIQUES["quantize"])()
+        try:
+            q = get_pass(TECHNIQUES["quantize"])()
+        except PassError as e:
+            log.info("technique quantize skipped: %s", e)
+    if q is not None:
         res = PassManager([q], verify=verify).run(gm, dataclasses.replace(ctx, captured=dataclasses.replace(cap, gm=gm)))
         qgm = res.gm
         a = analyze_step(dataclasses.replace(cap, gm=qgm), optimizer=ctx.optimizer, loss_fn=ctx.loss_fn, symbolic=False)
