@@ -137,3 +137,25 @@ def test_cost_model_predicts_reversible_saved_bytes():
     # two final streams (the head reads one of them) + anchors: at coupling 0 the zero aux
     # stream (its other stream is the model's input x, not counted), at coupling 3 both
     assert measured == predicted == 2 * one + 1 * one + 2 * one
+
+
+def test_resnet_like_auto_detects_blocks_inside_stages():
+    # Stages (nn.Sequential of residual blocks) change shape; auto-detection falls back to the
+    # blocks inside the stages: stage 0's two same-shape blocks become one coupling, the
+    # downsampling first block of each later stage is skipped with a diagnostic.
+    from examples.resnet_like import make
+
+    torch.manual_seed(0)
+    model, inputs = make(batch_size=2, image_size=32, width=8, freeze_bn=True)
+    rev = make_reversible(model, inputs)
+    assert rev.result.stats == {"stacks": 1, "blocks_converted": 2, "blocks_skipped": 6, "couplings": 1}
+    assert rev.stacks[0].names == ["stages.0.0", "stages.0.1"]
+    msgs = [d.message for d in rev.result.diagnostics]
+    assert sum("changes the shape" in m for m in msgs) == 3
+    out = []
+    for rc in (False, True):
+        rev.set_recompute(rc)
+        model.zero_grad(set_to_none=True)
+        rev(*inputs).square().mean().backward()
+        out.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert max(rel(a, b) for a, b in zip(out[1], out[0])) < 1e-4
