@@ -441,7 +441,10 @@ def _number(v):
 
 
 def _const_fill(gm, n):
-    """The value of a scalar constant node (full([], -inf), scalar_tensor, a 0-d buffer), else None."""
+    """The value of a scalar constant node (full([], -inf), scalar_tensor, a 0-d buffer or lifted
+    constant, through copies and detaches), else None."""
+    while n.op == "call_function" and n.target in _CONST_PASSTHROUGH:
+        n = n.args[0]
     if n.op == "call_function" and n.target in (aten.full.default, torch.full):
         return _number(n.args[1]) if len(n.args) > 1 else None
     if n.op == "call_function" and n.target in (aten.scalar_tensor.default, torch.scalar_tensor):
@@ -451,6 +454,10 @@ def _const_fill(gm, n):
         if isinstance(t, torch.Tensor) and t.numel() == 1:
             return float(t.reshape(()).item())
     return None
+
+
+_CONST_PASSTHROUGH = {aten.lift_fresh_copy.default, aten.detach_.default, aten.detach.default,
+                      aten.alias.default, aten.clone.default}
 
 
 def _fetch(gm, target):
