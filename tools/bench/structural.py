@@ -1,6 +1,6 @@
 """Measured memory of the exact structural passes: fuse-conv-bn and sdpa-attention.
 
-    PYTHONPATH=. python tools/bench/structural.py            # about 2 minutes on 2 CPU cores
+    PYTHONPATH=. python tools/bench/structural.py            # 3-5 minutes on 2 shared CPU cores
     PYTHONPATH=. python tools/bench/structural.py --quick    # smaller sizes, for a smoke run
 
 For each model: one real training step (forward, loss, backward; no optimizer) of
@@ -93,6 +93,7 @@ def predicted_only(name, model, inputs, loss_fn, pipeline):
 
 
 def main():
+    t0 = time.perf_counter()
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     args = ap.parse_args()
@@ -100,23 +101,28 @@ def main():
     torch.set_num_threads(min(2, torch.get_num_threads()))
     q = args.quick
 
-    b, px = (4, 32) if q else (8, 64)
+    b, px = (4, 32) if q else (4, 64)
     model, inputs = resnet_like.make(batch_size=b, image_size=px, freeze_bn=True)
     bench(f"ResNet-18-like, frozen BN (B={b}, {px} px)", model, inputs, resnet_like.loss_fn, "fuse-conv-bn")
 
-    b, px = (2, 64) if q else (4, 112)
+    b, px = (2, 64) if q else (2, 96)
     model, inputs = resnet_like.resnet50_like(batch_size=b, image_size=px, freeze_bn=True)
     bench(f"ResNet-50-like, frozen BN (B={b}, {px} px)", model, inputs, resnet_like.loss_fn, "fuse-conv-bn")
 
     for T in ((64, 128) if q else (128, 256)):
-        model, inputs = gpt2_like.make(batch_size=2, seq_len=T, dropout=0.0)
-        bench(f"GPT-2-like, explicit attention (4 layers, d=256, B=2, T={T})", model, inputs,
+        model, inputs = gpt2_like.make(batch_size=1, seq_len=T, dropout=0.0)
+        bench(f"GPT-2-like, explicit attention (4 layers, d=256, B=1, T={T})", model, inputs,
               gpt2_like.loss_fn, "sdpa-attention")
 
     if not q:
         model, inputs = resnet_like.resnet50_like(batch_size=32, image_size=224, freeze_bn=True)
         predicted_only("ResNet-50-like, frozen BN (B=32, 224 px)", model, inputs, resnet_like.loss_fn,
                        "fuse-conv-bn")
+        model, inputs = gpt2_like.make(batch_size=8, seq_len=1024, dropout=0.0)
+        predicted_only("GPT-2-like, explicit attention (4 layers, d=256, B=8, T=1024)", model, inputs,
+                       gpt2_like.loss_fn, "sdpa-attention")
+
+    print(f"total {time.perf_counter() - t0:.0f} s")
 
 
 if __name__ == "__main__":
