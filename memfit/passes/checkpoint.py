@@ -111,20 +111,40 @@ def dominator_runs(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> list
     return runs
 
 
-def discover_runs(gm: torch.fx.GraphModule, nodes, *, min_units: int = 6, max_units: int = 96):
-    """Pick the module depth giving a useful number of units; dominators without modules."""
+def discover_runs(gm: torch.fx.GraphModule, nodes, *, share: float = 0.25, max_units: int = 64):
+    """Units for the chain: module runs, refined where a run holds too much.
+
+    Start from the runs of depth-1 modules; a run holding more than `share` of all saved
+    bytes is split into the runs of the next module depth (GPT: `h` -> `h.0`, `h.1`, ...
+    -> `h.0.ln_1`, `h.0.attn`, ...), recursively, while the count stays under `max_units`.
+    Graphs without module structure are cut at the output's dominators instead.
+    """
     if not any(node_module_path(n) for n in nodes):
         return dominator_runs(gm, nodes)
-    best = module_runs(nodes, 1)
-    for depth in range(2, 8):
-        if len(best) >= min_units:
-            break
-        runs = module_runs(nodes, depth)
-        if len(runs) > max_units:
-            break
-        if len(runs) > len(best):
-            best = runs
-    return best
+
+    def saved(s, e):
+        return sum(getattr(n.meta.get("memfit"), "saved_bytes", 0) for n in nodes[s:e])
+
+    total = max(1, saved(0, len(nodes)))
+    runs = [(s, e, lab, 1) for s, e, lab in module_runs(nodes, 1)]
+    changed = True
+    while changed and len(runs) < max_units:
+        changed = False
+        out = []
+        for s, e, lab, d in runs:
+            if saved(s, e) > share * total and d < 8 and e - s > 1:
+                sub = [(s + a, s + b, l2) for a, b, l2 in module_runs(nodes[s:e], d + 1)]
+                deeper = d + 1
+                while len(sub) == 1 and deeper < 8:
+                    deeper += 1
+                    sub = [(s + a, s + b, l2) for a, b, l2 in module_runs(nodes[s:e], deeper)]
+                if len(sub) > 1 and len(runs) + len(out) + len(sub) <= max_units + 1:
+                    out.extend((a, b, l2, deeper) for a, b, l2 in sub)
+                    changed = True
+                    continue
+            out.append((s, e, lab, d))
+        runs = out
+    return [(s, e, lab) for s, e, lab, _ in runs]
 
 
 def price_units(gm: torch.fx.GraphModule, runs) -> list[Unit]:
@@ -285,26 +305,29 @@ class CheckpointPlan:
     peak_bytes: int                     # predicted (simulated) peak after
     budget_bytes: int
     diagnostics: list
+    verified: int = 0                   # plans simulated to find this one
 
 
 def _phase_figures(analysis) -> tuple[int, int]:
-    """(fixed, floor): non-activation bytes at the end of forward, and the largest
-    non-activation live bytes over the step (what recompute cannot lower)."""
-    fixed = 0
+    """(fixed, floor) for the chain model.
+
+    fixed = peak - saved activations: with every activation live at the baseline's peak,
+    removing R bytes of saved activations lowers that event by R, so the model reproduces
+    the baseline peak exactly when nothing is recomputed. floor = the largest
+    non-activation live bytes over the step (gradients at the end of backward, optimizer
+    temporaries): what recomputation cannot lower.
+    """
     floor = 0
-    last_fwd = None
-    for _, phase, live in analysis.timeline:
-        non_act = sum(v for k, v in live.items() if k != "saved_activations")
-        floor = max(floor, non_act)
-        if phase in ("forward", "loss"):
-            last_fwd = live
-    if last_fwd is not None:
-        fixed = sum(v for k, v in last_fwd.items() if k != "saved_activations")
-    return fixed, floor
+    saved_max = 0
+    for _, _phase, live in analysis.timeline:
+        floor = max(floor, sum(v for k, v in live.items() if k != "saved_activations"))
+        saved_max = max(saved_max, live.get("saved_activations", 0))
+    return max(0, analysis.peak_bytes - saved_max), floor
 
 
 def plan_checkpoint(cap: Captured, budget, *, optimizer=None, loss_fn=None, solver: str = "auto",
-                    regions: str = "", max_verify: int = 64, margin: float = 0.0) -> CheckpointPlan:
+                    regions: str = "", max_verify: int = 24, margin: float = 0.0,
+                    slack: float = 0.15) -> CheckpointPlan:
     """Choose regions to recompute so the step's predicted peak fits `budget`.
 
     `budget`: bytes, a string ("6GiB", "50%" of the unoptimized predicted peak) or a Budget.
@@ -381,8 +404,9 @@ def plan_checkpoint(cap: Captured, budget, *, optimizer=None, loss_fn=None, solv
 
     def lower_bound(p):
         rec = set(p.recomputed_units())
-        return max(floor, fixed + sum(s for k, s in enumerate(saved) if k not in rec)
-                   + sum(outs[j - 1] for _, j in p.spans))
+        lb = max(floor, fixed + sum(s for k, s in enumerate(saved) if k not in rec)
+                 + sum(outs[j - 1] for _, j in p.spans))
+        return max(lb, int(p.peak_bytes * (1.0 - slack)))
 
     tried = 0
     best_seen = None
@@ -404,7 +428,7 @@ def plan_checkpoint(cap: Captured, budget, *, optimizer=None, loss_fn=None, solv
         if figure <= target:
             dec = decisions_for(p.spans)
             return CheckpointPlan(new, p.spans, units, dec, p.extra_time_s, a0.peak_bytes, figure,
-                                  budget_bytes, diags)
+                                  budget_bytes, diags, tried)
     # Nothing fits: report the floor (every unit recomputed, or the best plan simulated).
     last = frontier[-1]
     if best_seen is None or best_seen[1] is not last:
@@ -469,3 +493,17 @@ class Checkpoint(Pass):
 
 def units_nodes(units, i, j) -> int:
     return units[j - 1].end - units[i].start
+
+
+class GraphModel(torch.nn.Module):
+    """The rewritten graph behind the model's calling convention (args, kwargs -> output
+    structure). Parameters are the user's (shared), registered under `gm.`; used by tests,
+    benchmarks and measure() until memfit.optimize wraps results itself."""
+
+    def __init__(self, cap: Captured, gm: torch.fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+        self._cap = cap
+
+    def forward(self, *args, **kwargs):
+        return self._cap.unflatten_output(self.gm(*self._cap.flat_inputs(args, kwargs)))
