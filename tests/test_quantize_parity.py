@@ -12,12 +12,13 @@ from quantize_parity import corpus, train  # noqa: E402
 
 def test_8bit_final_loss_within_2_percent():
     text = corpus()
-    kw = dict(steps=60, seed=0, batch=8, block=32, d=32, layers=2, eval_every=20, text=text, min_bytes=1024)
+    kw = dict(steps=50, seed=0, batch=8, block=32, d=32, layers=2, eval_every=10, lr=1e-2, text=text,
+              min_bytes=1024)
     base = train(None, **kw)
     q8 = train(8, **kw)
     b, q = base["eval"][-1][1], q8["eval"][-1][1]
-    # it learned something (the test can fail): from ~log(vocab) down
-    assert base["eval"][-1][1] < base["eval"][0][1] - 0.3
     assert abs(q - b) <= 0.02 * b, (b, q)
+    # it learned something (the comparison is not between two untrained models)
+    assert b < base["eval"][0][1] - 0.2, base["eval"]
     # and the runs did differ: quantization changed the numerics
     assert base["train"] != q8["train"]

@@ -2,7 +2,7 @@
 the repository's own text (README, docs, memfit sources), unquantized against
 quantize-activations at 8 bits (and 4 bits for reference), same seed, same batches.
 
-    python tools/bench/quantize_parity.py [--steps 150] [--png docs/quantization_parity.png]
+    python tools/bench/quantize_parity.py [--steps 120] [--png docs/quantization_parity.png]
 
 Prints the final held-out loss of each run and their ratio; writes the curves as a PNG.
 tests/test_quantize_parity.py runs a shorter version and asserts the 2% margin.
@@ -160,15 +160,20 @@ def plot(runs: list[dict], path: str) -> None:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--block", type=int, default=32)
+    ap.add_argument("--d", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--png", default=os.path.join(ROOT, "docs", "quantization_parity.png"))
     ap.add_argument("--bits", default="8,4")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    runs = [train(None, args.steps, args.seed)]
+    kw = dict(batch=args.batch, block=args.block, d=args.d, lr=args.lr, min_bytes=1024)
+    runs = [train(None, args.steps, args.seed, **kw)]
     for b in [int(s) for s in args.bits.split(",") if s]:
-        runs.append(train(b, args.steps, args.seed))
+        runs.append(train(b, args.steps, args.seed, **kw))
     base = runs[0]["eval"][-1][1]
     print(f"steps {args.steps}, seed {args.seed}, chars {len(corpus())}")
     for r in runs:
