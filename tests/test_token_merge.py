@@ -322,10 +322,23 @@ def test_token_merge_pass_on_captured_vit():
     cap0 = capture(m, (x,), method="symbolic_trace")
     res0 = TokenMerge(r=0).run(cap0.gm, PassContext(captured=cap0, config={"model": m}))
     assert res0.gm is cap0.gm and not res0.modified
-    with pytest.raises(PassError, match="first in the pipeline"):
-        TokenMerge().run(cap.gm, PassContext(captured=cap, config={"model": m}, history=["x"]))
     with pytest.raises(PassError, match="source module"):
         TokenMerge().run(cap.gm, PassContext(captured=cap))
+
+
+def test_passes_run_before_are_replayed_on_the_merged_graph():
+    from memfit.capture import capture
+
+    m = SmallViT(layers=2)
+    x = torch.randn(2, 3, 32, 32)
+    cap = capture(m, (x,), method="symbolic_trace")
+    res = PassManager("sdpa-attention,token-merge{r=8}").run(cap.gm, PassContext(captured=cap, config={"model": m}))
+    targets = [n.target for n in res.gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(F.scaled_dot_product_attention) == 2       # replayed on the new graph
+    assert sum(getattr(t, "__name__", "") == "token_merge_step" for t in targets) == 2
+    assert res.stats["token-merge.blocks_patched"] == 2
+    assert any("replayed" in d.message for d in res.diagnostics)
+    torch.testing.assert_close(res.gm(x)[0], apply_token_merging(m, 8)(x), rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_block_layout_is_a_diagnostic():
