@@ -111,20 +111,45 @@ def dominator_runs(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> list
     return runs
 
 
-def discover_runs(gm: torch.fx.GraphModule, nodes, *, min_units: int = 6, max_units: int = 96):
-    """Pick the module depth giving a useful number of units; dominators without modules."""
+def discover_runs(gm: torch.fx.GraphModule, nodes, *, min_units: int = 6, max_units: int = 96,
+                  max_share: float = 0.125):
+    """Cut the forward into units along the module tree; dominators without modules.
+
+    Start from the top-level modules and split, one level deeper, every unit holding more
+    than `max_share` of the saved bytes (per NodeCost in node.meta["memfit"]), as long as it
+    has inner structure and the total stays under `max_units`. Recompute cannot lower the
+    peak below the saved bytes of the largest recomputed unit, so a stack held as one unit
+    (`transformer.h`) must become blocks, and a block holding most of the model its
+    attention and MLP.
+    """
     if not any(node_module_path(n) for n in nodes):
         return dominator_runs(gm, nodes)
-    best = module_runs(nodes, 1)
-    for depth in range(2, 8):
-        if len(best) >= min_units:
-            break
-        runs = module_runs(nodes, depth)
-        if len(runs) > max_units:
-            break
-        if len(runs) > len(best):
-            best = runs
-    return best
+
+    def saved(a, b):
+        return sum(getattr(n.meta.get("memfit"), "saved_bytes", 0) for n in nodes[a:b])
+
+    total = saved(0, len(nodes)) or 1
+    runs = [(s, e, label, 1) for s, e, label in module_runs(nodes, 1)]
+    changed = True
+    while changed:
+        changed = False
+        out = []
+        for s, e, label, depth in runs:
+            too_big = saved(s, e) > max_share * total or len(runs) < min_units
+            if too_big and depth < 8 and e - s > 1:
+                sub = [(s + a, s + b, lab, depth + 1) for a, b, lab in module_runs(nodes[s:e], depth + 1)]
+                if len(sub) > 1 and len(runs) - 1 + len(sub) + len(out) - len(out) <= max_units:
+                    out.extend(sub)
+                    changed = True
+                    continue
+                if len(sub) == 1 and depth + 1 < 8:
+                    # One child spans the whole unit (a wrapper module): look deeper next round.
+                    out.append((s, e, label, depth + 1))
+                    changed = changed or sub[0][2] != label
+                    continue
+            out.append((s, e, label, depth))
+        runs = out
+    return [(s, e, label) for s, e, label, _ in runs]
 
 
 def price_units(gm: torch.fx.GraphModule, runs) -> list[Unit]:
