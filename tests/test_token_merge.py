@@ -369,7 +369,11 @@ def test_unsupported_block_layout_is_a_diagnostic():
     cap = capture(m, (x,), method="symbolic_trace")
     res = TokenMerge(r=4).run(cap.gm, PassContext(captured=cap, config={"model": m}))
     assert res.stats["blocks_patched"] == 1
-    assert any(d.node == "blocks.1" for d in res.diagnostics)
+    assert any(d.node == "blocks.1" and "unsupported" in d.message for d in res.diagnostics)
+    res = TokenMerge(rs=(24, 24)).run(cap.gm, PassContext(captured=cap, config={"model": SmallViT(layers=2)}))
+    clamped = [d for d in res.diagnostics if "asked" in d.message]
+    assert [d.node for d in clamped] == ["blocks.1"]  # 65 -> 41, then at most 20 of 40
+    assert token_merge_pass_info(res.gm)["tokens_per_layer"] == [65, 41, 21]
 
 
 def test_pass_text_form_round_trips():

@@ -406,6 +406,11 @@ class TokenMerge(Pass):
                                       "protected": info.protected, "tokens_per_layer": tokens}
         ctx.captured = new_cap
         diags.append(Diagnostic(self.name, f"tokens per layer: {tokens}"))
+        for i, (blk, r) in enumerate(zip(info.blocks, info.r)):
+            done = tokens[i] - tokens[i + 1]
+            if done < r:
+                diags.append(Diagnostic(self.name, f"r={r} asked, {done} merged: at most half of the "
+                                                   f"{tokens[i] - info.protected} unprotected tokens", node=blk))
         merged = sum(a - b for a, b in zip(tokens[:-1], tokens[1:]))
         return PassResult(new_gm, modified=True,
                           stats={"blocks_patched": len(info.blocks), "tokens_merged": merged},
