@@ -22,3 +22,16 @@ def test_optimize_with_token_merge_pipeline_trains_the_users_parameters():
     torch.testing.assert_close(out, apply_token_merging(m, 16)(x), rtol=1e-6, atol=1e-6)
     out.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_optimize_token_merge_on_exported_transformers_vit():
+    pytest = __import__("pytest")
+    pytest.importorskip("transformers")
+    from examples.hf_models import vit
+
+    torch.manual_seed(0)
+    m, (x,) = vit(batch_size=2, image_size=32, layers=2, d=32, heads=4)
+    opt = memfit.optimize(m, passes="token-merge{r=8}", example_inputs=(x,))
+    assert opt.graph_module.meta["token_merge"]["tokens_per_layer"] == [17, 9, 5]
+    # transformers' traced all-attend mask for 17 tokens must not reach the merged blocks
+    torch.testing.assert_close(opt(x).logits, apply_token_merging(m, 8)(x).logits, rtol=1e-6, atol=1e-6)

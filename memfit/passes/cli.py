@@ -107,7 +107,7 @@ def cmd_opt(args) -> int:
             print(f"// -----// IR after {p.to_text()} //----- //")
             print(format_graph(res.gm, name=name))
 
-    ctx = PassContext(captured=cap, optimizer=opt)
+    ctx = PassContext(captured=cap, optimizer=opt, config={"model": model})  # token-merge rewrites the module
     with progress.stage(f"running {format_pipeline(pipeline) or 'no passes'}"
                         + (" with verification" if args.verify else "")):
         res = PassManager(pipeline, verify=args.verify, after_pass=after_pass).run(cap.gm, ctx)

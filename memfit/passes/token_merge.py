@@ -167,6 +167,10 @@ def _hf_forward(self, hidden_states, attention_mask=None, **kwargs):
     k = attn.k_proj(h).view(hidden_shape).transpose(1, 2)
     v = attn.v_proj(h).view(hidden_shape).transpose(1, 2)
     bias = attention_bias(size, q.dtype) if (cfg.prop_attn and size is not None) else None
+    if attention_mask is not None and attention_mask.shape[-1] != k.shape[-2]:
+        # transformers builds an all-attend mask for the unmerged tokens when traced (ViT and
+        # DeiT take no attention mask, images have no padding): it masks nothing, drop it
+        attention_mask = None
     if attention_mask is not None and bias is not None:
         bias = attention_mask + bias
     elif bias is None:
@@ -406,6 +410,11 @@ class TokenMerge(Pass):
                                       "protected": info.protected, "tokens_per_layer": tokens}
         ctx.captured = new_cap
         diags.append(Diagnostic(self.name, f"tokens per layer: {tokens}"))
+        for i, (blk, r) in enumerate(zip(info.blocks, info.r)):
+            done = tokens[i] - tokens[i + 1]
+            if done < r:
+                diags.append(Diagnostic(self.name, f"r={r} asked, {done} merged: at most half of the "
+                                                   f"{tokens[i] - info.protected} unprotected tokens", node=blk))
         merged = sum(a - b for a, b in zip(tokens[:-1], tokens[1:]))
         return PassResult(new_gm, modified=True,
                           stats={"blocks_patched": len(info.blocks), "tokens_merged": merged},
