@@ -72,21 +72,52 @@ def test_tune_matches_conv_then_eval_bn(dim, cin, cout, k, groups, bias, kw, spa
     assert rel(out2, ref) < 1e-5
 
 
-def test_tune_mode_does_not_save_conv_output():
+def test_tune_mode_does_not_save_conv_output_or_folded_weight():
     conv, bn = make_pair(2, 8, 16, 3, 1, False, padding=1)
     x = torch.randn(4, 8, 32, 32, requires_grad=True)
     conv_out_bytes = 4 * 16 * 32 * 32 * 4
-    weight_bytes = conv.weight.numel() * 4
     _, plain = saved_bytes(lambda: bn(conv(x)))
     _, tune = saved_bytes(lambda: conv_bn_module_call(x, conv, bn))
     x_key = x.untyped_storage().data_ptr()
     # plain keeps x and the conv output (for BN's backward)
     assert x_key in plain and conv_out_bytes in plain.values()
-    # tune keeps x, the folded weight and per-channel vectors only
+    # tune keeps x (the parameter W itself, not counted) and (C_out,) vectors only: the folded
+    # weight W * s is rebuilt in backward
     assert x_key in tune
-    others = sorted(v for k, v in tune.items() if k != x_key)
-    assert others[-1] == weight_bytes and sum(others[:-1]) <= 16 * 4 * 4
-    assert sum(plain.values()) - sum(tune.values()) >= conv_out_bytes - weight_bytes - 16 * 4 * 4
+    assert all(v <= 16 * 4 for k, v in tune.items() if k != x_key)
+    assert sum(plain.values()) - sum(tune.values()) >= conv_out_bytes - 4 * 16 * 4
+
+
+@pytest.mark.parametrize("frozen", ["conv", "bn", "input", "none"])
+def test_partly_frozen_parameters(frozen):
+    conv, bn = make_pair(2, 4, 6, 3, 2, True, padding=1)
+    x = torch.randn(2, 4, 7, 5, requires_grad=frozen != "input")
+    for p in {"conv": conv.parameters(), "bn": bn.parameters()}.get(frozen, []):
+        p.requires_grad_(False)
+    leaves = [t for t in [x, *conv.parameters(), *bn.parameters()] if t.requires_grad]
+    ref = bn(conv(x))
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, leaves, g)
+    out = conv_bn_module_call(x, conv, bn)
+    for a, b in zip(torch.autograd.grad(out, leaves, g), ref_grads):
+        assert rel(a, b) < 1e-5
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("kw", [dict(padding="same", kernel_size=4), dict(padding=1, kernel_size=3, padding_mode="reflect"),
+                                dict(padding="valid", kernel_size=3)])
+def test_padding_forms(kw):
+    conv = nn.Conv2d(3, 5, **kw)
+    bn = make_pair(2, 3, 5, 1, 1, False)[1]
+    x = torch.randn(2, 3, 8, 9, requires_grad=True)
+    params = [x, *conv.parameters(), *bn.parameters()]
+    ref = bn(conv(x))
+    g = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, params, g)
+    out = conv_bn_module_call(x, conv, bn)
+    assert rel(out, ref) < 1e-5
+    for a, b in zip(torch.autograd.grad(out, params, g), ref_grads):
+        assert rel(a, b) < 1e-5
 
 
 def test_no_stale_fold_after_updates_and_mode_switch():

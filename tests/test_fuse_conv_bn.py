@@ -147,8 +147,8 @@ def test_saved_activations_fall_by_the_conv_outputs():
     res = run_pass(cap)
     after = analyze_step(dataclasses.replace(cap, gm=res.gm), symbolic=False).totals["saved_activations"]
     conv_out = B * 16 * H * W * 4
-    # three conv outputs no longer saved; the fold keeps parameter-sized tensors instead
-    assert before - after >= 3 * conv_out - 3 * (16 * 16 * 9 * 4 + 4 * 16 * 4)
+    # three conv outputs no longer saved; the fold keeps (C_out,) vectors only (not W * s)
+    assert before - after >= 3 * conv_out - 3 * 4 * 16 * 4
     assert after < before
 
 
@@ -215,3 +215,15 @@ def test_hf_resnet_eval_bn():
     # + stage 2 (3 convs + projection shortcut)
     assert res.stats["fuse-conv-bn.tune"] == 8 == n_bn
     check_exact(model, cap, res.gm, (x,))
+
+
+@pytest.mark.parametrize("method", ["export", "symbolic_trace"])
+def test_examples_resnet_like_frozen_bn(method):
+    from examples import resnet_like
+    model, (x,) = resnet_like.make(batch_size=2, image_size=32, width=8, freeze_bn=True)
+    freeze_bn(model)
+    res = run_pass(capture(model, (x,), method=method, dynamic=False))
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    # stem 1 + 8 basic blocks x 2 + 3 downsampling shortcuts
+    assert res.stats["fuse-conv-bn.tune"] == 20 == n_bn
+    check_exact(model, None, res.gm, (x,))

@@ -62,6 +62,16 @@ def test_gradients_through_reconstruction_match_stored(swap, lam, beta, dropout,
         assert rel(a, b) < 1e-4
 
 
+def test_without_rng_replay_dropout_gradients_are_wrong():
+    # The control for the dropout cases above: recomputing with fresh masks gives other gradients.
+    mods = [mlp(16, 0.3) for _ in range(4)]
+    x = torch.randn(3, 5, 16)
+    cs = couplings(mods)
+    ref = grads(mods, x, lambda t: reversible_stack(t, t, cs, recompute=False))
+    bad = grads(mods, x, lambda t: reversible_stack(t, t, cs, preserve_rng=False))
+    assert max(rel(a, b) for a, b in zip(bad, ref)) > 1e-2
+
+
 def test_gradients_with_shared_ext_tensor():
     # An extra input every coupling reads (a mask, a position embedding) gets the sum of grads.
     d = 8

@@ -219,3 +219,12 @@ def test_saved_bytes_quadratic_to_linear_in_T():
     # SDPA: exactly linear in T (doubling T doubles the saved bytes), and below the explicit form
     assert a2 == 2 * a1
     assert a1 < b1 and a2 < b2
+
+
+def test_examples_gpt2_like_causal():
+    from examples import gpt2_like
+    model, (idx,) = gpt2_like.make(batch_size=2, seq_len=16, layers=2, d=32, heads=2, vocab=64, dropout=0.0)
+    res = run_pass(cap_(model, (idx,)))
+    assert res.stats["sdpa-attention.rewritten"] == 2 and res.stats["sdpa-attention.causal"] == 2
+    assert "masked_fill" not in res.gm.code and "softmax" not in res.gm.code
+    check_exact(model, res.gm, (idx,))

@@ -131,13 +131,20 @@ def _assert_same_step(m, m2, x, exact=True):
             torch.testing.assert_close(g2[n], g1[n], rtol=1e-5, atol=1e-6)
 
 
+def _examples_vit():
+    from examples.vit_like import ViT
+
+    return ViT(image_size=32, patch=4, classes=10, layers=2, d=32, heads=4)
+
+
 @pytest.mark.parametrize("make", [
     lambda: SmallViT(),
+    _examples_vit,
     lambda: SmallViT(distill=True),
     lambda: _hf("vit", "eager"),
     lambda: _hf("vit", "sdpa"),
     lambda: _hf("deit", "eager"),
-], ids=["vit_like", "deit_like", "hf_vit_eager", "hf_vit_sdpa", "hf_deit"])
+], ids=["small_vit", "examples_vit_like", "deit_like", "hf_vit_eager", "hf_vit_sdpa", "hf_deit"])
 def test_r0_is_the_original_model(make):
     m = make()
     x = torch.randn(2, 3, 32, 32)
@@ -145,7 +152,7 @@ def test_r0_is_the_original_model(make):
     assert m2.state_dict().keys() == m.state_dict().keys()
     assert all(a is b for a, b in zip(m.parameters(), m2.parameters()))
     assert not any(type(b).__name__.startswith("TokenMerging") for b in m.modules())  # user's model untouched
-    assert len(m2.memfit_token_merge.blocks) == 2 if "hf" in type(m).__module__ else 4
+    assert len(m2.memfit_token_merge.blocks) == (4 if isinstance(m, SmallViT) else 2)
     _assert_same_step(m, m2, x, exact=True)
 
 
@@ -322,10 +329,23 @@ def test_token_merge_pass_on_captured_vit():
     cap0 = capture(m, (x,), method="symbolic_trace")
     res0 = TokenMerge(r=0).run(cap0.gm, PassContext(captured=cap0, config={"model": m}))
     assert res0.gm is cap0.gm and not res0.modified
-    with pytest.raises(PassError, match="first in the pipeline"):
-        TokenMerge().run(cap.gm, PassContext(captured=cap, config={"model": m}, history=["x"]))
     with pytest.raises(PassError, match="source module"):
         TokenMerge().run(cap.gm, PassContext(captured=cap))
+
+
+def test_passes_run_before_are_replayed_on_the_merged_graph():
+    from memfit.capture import capture
+
+    m = SmallViT(layers=2)
+    x = torch.randn(2, 3, 32, 32)
+    cap = capture(m, (x,), method="symbolic_trace")
+    res = PassManager("sdpa-attention,token-merge{r=8}").run(cap.gm, PassContext(captured=cap, config={"model": m}))
+    targets = [n.target for n in res.gm.graph.nodes if n.op == "call_function"]
+    assert targets.count(F.scaled_dot_product_attention) == 2       # replayed on the new graph
+    assert sum(getattr(t, "__name__", "") == "token_merge_step" for t in targets) == 2
+    assert res.stats["token-merge.blocks_patched"] == 2
+    assert any("replayed" in d.message for d in res.diagnostics)
+    torch.testing.assert_close(res.gm(x)[0], apply_token_merging(m, 8)(x), rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_block_layout_is_a_diagnostic():

@@ -145,7 +145,7 @@ def format_pass_list() -> str:
         promise = cls.promise.kind
         lines.append(f"{cls.name}  [{promise}]" + (f"  {first}" if first else ""))
         for opt, tp, default in cls.option_docs():
-            lines.append(f"    {opt}: {tp} = {default}")
+            lines.append(f"    {opt}: {tp} = {default if default != '' else chr(34) * 2}")
     return "\n".join(lines) if lines else "(no passes registered)"
 
 

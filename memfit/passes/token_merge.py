@@ -24,12 +24,14 @@ forward (true of ViT, DeiT and their encoders).
 
 The pass (`token-merge{r=8}`) works on the source module: PassContext.config["model"] must
 hold it. It applies the rewrite and captures the result again with the capture method and
-inputs of ctx.captured, so it must come first in a pipeline.
+inputs of ctx.captured (which it replaces); passes that ran before it are replayed on the new
+graph from their text forms.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -339,7 +341,8 @@ class TokenMerge(Pass):
 
     Options: r (per block), rs (per-block list, overrides r; text form `rs=8:8:4:0`),
     schedule (constant | decreasing), protected (-1: count class/distillation tokens),
-    prop_attn, sdpa, unmerge. Needs the source module in ctx.config["model"].
+    prop_attn, sdpa, unmerge. Needs the source module in ctx.config["model"] (memfit.optimize
+    puts it there); re-captures it and replays the passes already run (ctx.history).
     """
 
     name: ClassVar[str] = "token-merge"
@@ -372,9 +375,6 @@ class TokenMerge(Pass):
         if model is None:
             raise PassError("token-merge rewrites the source module: put it in PassContext(config={'model': m}) "
                             "or call memfit.passes.token_merge.apply_token_merging(m, r=...) before capture")
-        if ctx.history:
-            raise PassError(f"token-merge re-captures the source module and would drop the passes run before "
-                            f"it ({', '.join(ctx.history)}); put it first in the pipeline")
         new = self.apply(model)
         info: TokenMergeInfo = new.memfit_token_merge
         diags = [Diagnostic(self.name, "unsupported block layout, not merged", node=p) for p in info.skipped]
@@ -388,12 +388,26 @@ class TokenMerge(Pass):
         new_cap = capture(new, cap.example_inputs, cap.example_kwargs, method=cap.method,
                           dynamic=_was_dynamic(cap))
         tokens = model_tokens_per_layer(new, cap.example_inputs, cap.example_kwargs)
-        new_cap.gm.meta["token_merge"] = {"blocks": list(info.blocks), "r": list(info.r),
-                                          "protected": info.protected, "tokens_per_layer": tokens}
+        new_gm = new_cap.gm
+        if ctx.history:
+            # The passes that already ran saw the graph without merging: replay them (their
+            # text forms round-trip) on the re-captured graph so none of their work is lost.
+            from memfit.passes.manager import PassManager
+            from memfit.passes.registry import parse_pipeline
+
+            sub = dataclasses.replace(ctx, captured=new_cap, history=[])
+            replayed = PassManager(parse_pipeline(",".join(ctx.history))).run(new_gm, sub)
+            new_gm = replayed.gm
+            new_cap = dataclasses.replace(new_cap, gm=new_gm)
+            diags.append(Diagnostic(self.name, f"replayed on the merged graph: {', '.join(ctx.history)} "
+                                               f"({dict(replayed.stats)})"))
+            diags.extend(replayed.diagnostics)
+        new_gm.meta["token_merge"] = {"blocks": list(info.blocks), "r": list(info.r),
+                                      "protected": info.protected, "tokens_per_layer": tokens}
         ctx.captured = new_cap
         diags.append(Diagnostic(self.name, f"tokens per layer: {tokens}"))
         merged = sum(a - b for a, b in zip(tokens[:-1], tokens[1:]))
-        return PassResult(new_cap.gm, modified=True,
+        return PassResult(new_gm, modified=True,
                           stats={"blocks_patched": len(info.blocks), "tokens_merged": merged},
                           diagnostics=diags)
 

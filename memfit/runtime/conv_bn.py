@@ -5,11 +5,13 @@ Learning and Beyond", ICLR 2024): with frozen BatchNorm statistics, BN(conv(x, W
 
     conv(x, W * s) + (b - mean) * s + beta,      s = gamma / sqrt(running_var + eps)   (C_out,)
 
-Autograd then keeps only `x` and the folded weight (parameter-sized) for backward. The plain
-pair keeps `x` for the convolution *and* the convolution's output for BatchNorm's backward (it
-needs x_hat for the gradient of gamma), so one activation of the size of the conv output is no
-longer saved per block. Gradients reach W, b, gamma and beta through the fold (the same function,
-different float rounding).
+The plain pair keeps `x` for the convolution *and* the convolution's output for BatchNorm's
+backward (it needs x_hat for the gradient of gamma). Here an autograd Function keeps `x`, the
+parameter W itself and the (C_out,) scale s, and rebuilds the folded weight W * s in backward
+(parameter-sized elementwise work), so no activation of the conv output's size and no copy of
+the weights is kept per block. Gradients reach W, b, gamma and beta through the fold (the same
+function, different float rounding): dW = dW_hat * s, ds = sum(dW_hat * W) over the
+non-output dims, and s, the folded bias and their gradients follow autograd.
 
 Everything here is read at call time (BatchNorm's weight, bias, running statistics, eps, its
 training flag in the module form), so there are no stale folded weights after optimizer steps
@@ -63,8 +65,61 @@ def conv_bn_tune(x: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Te
     conv = _CONV.get(conv_weight.dim())
     if conv is None:
         raise ValueError(f"conv_bn_tune: expected a 3-D, 4-D or 5-D conv weight, got {conv_weight.dim()}-D")
-    w, b = fold_conv_bn_weights(conv_weight, conv_bias, bn_weight, bn_bias, running_mean, running_var, eps)
-    return conv(x, w, b, stride, padding, dilation, groups)
+    s = fold_scale(bn_weight, running_var, eps)
+    shift = -running_mean if conv_bias is None else conv_bias - running_mean
+    b = shift * s if bn_bias is None else shift * s + bn_bias
+    pad = _explicit_padding(padding, conv_weight, dilation)
+    if pad is None:  # "same" with an even effective kernel: asymmetric padding, plain autograd
+        return conv(x, conv_weight * s.reshape((-1,) + (1,) * (conv_weight.dim() - 1)), b, stride, padding,
+                    dilation, groups)
+    return _ConvScaledWeight.apply(x, conv_weight, s, b, stride, pad, dilation, groups)
+
+
+def _ntuple(v, n) -> list[int]:
+    return [int(v)] * n if isinstance(v, int) else [int(i) for i in v]
+
+
+def _explicit_padding(padding, weight, dilation):
+    """Padding as a list of ints, or None for "same" that would need asymmetric padding."""
+    n = weight.dim() - 2
+    if isinstance(padding, str):
+        if padding == "valid":
+            return [0] * n
+        if padding != "same":
+            raise ValueError(f"conv_bn_tune: unknown padding {padding!r}")
+        total = [d * (k - 1) for d, k in zip(_ntuple(dilation, n), weight.shape[2:])]
+        if any(t % 2 for t in total):
+            return None
+        return [t // 2 for t in total]
+    return _ntuple(padding, n)
+
+
+class _ConvScaledWeight(torch.autograd.Function):
+    """conv(x, W * s[:, None, ...], b) keeping x, W and s for backward (not W * s).
+
+    x: (N, C_in, *spatial); W: (C_out, C_in / groups, *kernel); s, b: (C_out,).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, scale, bias, stride, padding, dilation, groups):
+        w_hat = weight * scale.reshape((-1,) + (1,) * (weight.dim() - 1))
+        ctx.save_for_backward(x, weight, scale)
+        ctx.conf = (_ntuple(stride, weight.dim() - 2), padding, _ntuple(dilation, weight.dim() - 2), groups)
+        return _CONV[weight.dim()](x, w_hat, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, scale = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        w_hat = weight * scale.reshape(shape)
+        need_x, need_w, need_s, need_b = ctx.needs_input_grad[:4]
+        gx, gw_hat, gb = torch.ops.aten.convolution_backward(
+            grad_out, x, w_hat, [weight.shape[0]], stride, padding, dilation, False,
+            [0] * (weight.dim() - 2), groups, [need_x, need_w or need_s, need_b])
+        gw = gw_hat * scale.reshape(shape) if need_w else None
+        gs = (gw_hat * weight).sum(dim=tuple(range(1, weight.dim()))) if need_s else None
+        return gx, gw, gs, gb, None, None, None, None
 
 
 def conv_bn_module_call(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torch.Tensor:
@@ -76,9 +131,12 @@ def conv_bn_module_call(x: torch.Tensor, conv: nn.Module, bn: nn.Module) -> torc
     """
     if bn.training or bn.running_mean is None or bn.running_var is None:
         return bn(conv(x))
-    w, b = fold_conv_bn_weights(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
-                                bn.running_var, bn.eps)
-    return conv._conv_forward(x, w, b)  # noqa: SLF001 - the module's own padding-mode logic
+    if conv.padding_mode != "zeros":
+        w, b = fold_conv_bn_weights(conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean,
+                                    bn.running_var, bn.eps)
+        return conv._conv_forward(x, w, b)  # noqa: SLF001 - the module's own padding-mode logic
+    return conv_bn_tune(x, conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                        bn.eps, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
 def fold_conv_bn(conv: nn.Module, bn: nn.Module) -> nn.Module:
