@@ -93,13 +93,8 @@ def test_explicit_pipeline_bypasses_the_planner():
 
 
 def _load_example(name):
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(f"ex_{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    import importlib
+    return importlib.import_module(f"examples.{name}")
 
 
 @pytest.mark.parametrize("name,kw,budget", [
