@@ -227,3 +227,17 @@ def test_examples_resnet_like_frozen_bn(method):
     # stem 1 + 8 basic blocks x 2 + 3 downsampling shortcuts
     assert res.stats["fuse-conv-bn.tune"] == 20 == n_bn
     check_exact(model, None, res.gm, (x,))
+
+
+def test_decomposed_export_graph():
+    """Core-aten graphs: aten.convolution + _native_batch_norm_legit_no_training (+ getitem)."""
+    model = freeze_bn(ConvBN())
+    x = torch.randn(2, 3, 8, 8)
+    gm = torch.export.export(model, (x,)).run_decompositions().module()
+    targets = {n.target for n in gm.graph.nodes}
+    assert torch.ops.aten._native_batch_norm_legit_no_training.default in targets
+    assert torch.ops.aten.convolution.default in targets
+    res = PassManager("fuse-conv-bn").run(gm, PassContext())
+    assert res.stats["fuse-conv-bn.tune"] == 3
+    assert "batch_norm" not in res.gm.code
+    check_exact(model, None, res.gm, (x,))
