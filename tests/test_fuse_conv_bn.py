@@ -241,3 +241,12 @@ def test_decomposed_export_graph():
     assert res.stats["fuse-conv-bn.tune"] == 3
     assert "batch_norm" not in res.gm.code
     check_exact(model, None, res.gm, (x,))
+
+
+@pytest.mark.parametrize("method", ["export", "symbolic_trace"])
+def test_passes_the_pass_managers_verify_mode(method):
+    """verify=True: new nodes carry meta['val'], outputs and gradients keep the promise."""
+    model = freeze_bn(ConvBN())
+    cap = capture(model, (torch.randn(2, 3, 8, 8),), method=method, dynamic=False)
+    res = PassManager("fuse-conv-bn", verify=True).run(cap.gm, PassContext(captured=cap))
+    assert res.stats["fuse-conv-bn.tune"] == 3
