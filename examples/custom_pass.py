@@ -1,7 +1,7 @@
 """A custom memfit pass in under 40 lines: checkpoint every module whose path matches a pattern.
 
     memfit opt examples/custom_pass.py:make --passes "checkpoint-blocks{pattern=blocks.*}" --verify
-    python examples/custom_pass.py
+    python examples/custom_pass.py          # memfit.optimize(model, ..., passes=[...])
 
 See docs/custom-passes.md for a walk through it.
 """
@@ -80,14 +80,12 @@ def make(batch_size: int = 4, seq: int = 16, d: int = 32, depth: int = 4):
 
 
 if __name__ == "__main__":
-    from memfit.capture import capture
-    from memfit.measure import measure
-    from memfit.passes import PassContext, PassManager
+    import memfit
 
     model, inputs = make()
-    cap = capture(model, inputs)
-    result = PassManager("checkpoint-blocks{pattern=blocks.*}", verify=True).run(cap.gm, PassContext(captured=cap))
-    print(result.stats)                                   # {'checkpoint-blocks.checkpointed': 4}
-    before = measure(model, example_inputs=inputs).saved_activations
-    after = measure(result.gm, example_inputs=inputs).saved_activations
-    print(f"saved activations: {before} bytes -> {after} bytes")
+    opt_model = memfit.optimize(model, example_inputs=inputs, passes=["checkpoint-blocks{pattern=blocks.*}"],
+                                verify=True)
+    print(opt_model.memfit_plan.decisions)
+    before = memfit.measure(model, example_inputs=inputs).saved_activations
+    after = memfit.measure(opt_model, example_inputs=inputs).saved_activations
+    print(f"saved activations, measured: {before} bytes -> {after} bytes")

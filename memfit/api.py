@@ -130,7 +130,8 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
     cap = capture(model, tuple(example_inputs), example_kwargs, dynamic=False)
     base = analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=False)
     budget_bytes = budget_obj.resolve(base.peak_bytes) if budget_obj is not None else None
-    ctx = PassContext(captured=cap, budget=budget_bytes, optimizer=optimizer, loss_fn=loss_fn)
+    ctx = PassContext(captured=cap, budget=budget_bytes, optimizer=optimizer, loss_fn=loss_fn,
+                      config={"model": model})  # passes that rewrite the source module (token-merge)
     decisions: list = []
     gm = cap.gm
 

@@ -44,6 +44,7 @@ What each compiled graph's partitioner decided is in `last_report()` / `reports(
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -171,6 +172,7 @@ class BackendReport:
     passes_run: list[str] = field(default_factory=list)
     passes_skipped: list[tuple[str, str]] = field(default_factory=list)   # (name, reason)
     pass_stats: dict[str, int] = field(default_factory=dict)
+    diagnostics: list = field(default_factory=list)      # memfit.passes.base.Diagnostic
     partitions: list[PartitionReport] = field(default_factory=list)
 
     @property
@@ -194,6 +196,8 @@ class BackendReport:
                  f"  passes run: {', '.join(self.passes_run) or 'none'}"]
         for name, why in self.passes_skipped:
             lines.append(f"  pass skipped: {name}: {why}")
+        for d in self.diagnostics:
+            lines.append(f"  {d}")
         for i, p in enumerate(self.partitions):
             lines.append(f"  graph {i}: {p}")
         return "\n".join(lines)
@@ -457,10 +461,48 @@ _InductorPartitioner = None
 # structural passes on Dynamo's graph
 
 
+def _inputs_fake_mode(example_inputs):
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return next((t.fake_mode for t in example_inputs if isinstance(t, FakeTensor)), None)
+
+
+def _graph_fake_mode(gm: fx.GraphModule):
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for n in gm.graph.nodes:
+        v = n.meta.get("val", n.meta.get("example_value"))
+        if isinstance(v, FakeTensor):
+            return v.fake_mode
+    return None
+
+
+def _expose_example_values(gm: fx.GraphModule, example_inputs) -> None:
+    """memfit passes read shapes from node.meta["val"] (the export convention). Where
+    Dynamo's example inputs are fake, propagate them through this copy; otherwise (the
+    usual case: real inputs) use Dynamo's node.meta["example_value"].
+    (node.meta is this copy's own dict: Dynamo's graph is left alone.)"""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    try:
+        mode = _inputs_fake_mode(example_inputs)
+        if mode is not None:
+            FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*example_inputs)
+            return
+    except Exception as e:  # shape propagation is a convenience for the passes
+        log.info("memfit backend: fake propagation on Dynamo's graph failed (%s); "
+                 "using Dynamo's example values", e)
+    for n in gm.graph.nodes:
+        if "val" not in n.meta and "example_value" in n.meta:
+            n.meta["val"] = n.meta["example_value"]
+
+
 def _run_structural_passes(gm: fx.GraphModule, example_inputs, options: BackendOptions,
                            report: BackendReport) -> fx.GraphModule:
     if not options.passes:
         return gm
+    from torch._guards import TracingContext, tracing
+
     from memfit.passes.base import PassContext, PassResult
     from memfit.passes.registry import get_pass, parse_pipeline
 
@@ -479,8 +521,13 @@ def _run_structural_passes(gm: fx.GraphModule, example_inputs, options: BackendO
             log.info("memfit backend: pass %r skipped: not exact", name)
             continue
         work = _copy_gm(gm)
+        _expose_example_values(work, example_inputs)
         try:
-            res = p.run(work, ctx)
+            # Passes find the fake mode with detect_fake_mode, which prefers the tracing
+            # context's; make that the mode of the values on this graph.
+            mode = _inputs_fake_mode(example_inputs) or _graph_fake_mode(work)
+            with (tracing(TracingContext(mode)) if mode is not None else contextlib.nullcontext()):
+                res = p.run(work, ctx)
             if not isinstance(res, PassResult):
                 raise PassError(f"returned {type(res).__name__}, not a PassResult")
             res.gm.graph.lint()
@@ -493,6 +540,9 @@ def _run_structural_passes(gm: fx.GraphModule, example_inputs, options: BackendO
         gm = res.gm
         ctx.history.append(p.to_text())
         report.passes_run.append(p.to_text())
+        report.diagnostics.extend(res.diagnostics)
+        for d in res.diagnostics:
+            (log.warning if d.level != "info" else log.info)("%s", d)
         for k, v in res.stats.items():
             report.pass_stats[f"{p.name}.{k}"] = report.pass_stats.get(f"{p.name}.{k}", 0) + v
     return gm

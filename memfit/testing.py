@@ -61,7 +61,7 @@ def opt_text(model, example_inputs, passes="", *, method: str = "auto", analysis
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     cap = capture(model, tuple(example_inputs), method=method, dynamic=False)
-    res = PassManager(passes, verify=verify).run(cap.gm, PassContext(captured=cap))
+    res = PassManager(passes, verify=verify).run(cap.gm, PassContext(captured=cap, config={"model": model}))
     if analysis:
         import dataclasses
 

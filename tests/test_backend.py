@@ -234,3 +234,18 @@ def test_inductor_codegen_under_budget():
     (p,) = rep.partitions
     assert p.fits and p.saved_bytes <= p.target_bytes < p.baseline_saved_bytes
     assert _rel(g, ref) < RTOL
+
+
+def test_builtin_structural_passes_on_dynamo_graph(blocks):
+    """The default passes run on Dynamo's graph: sdpa-attention rewrites both explicit
+    attentions (less saved than without passes), fuse-conv-bn finds nothing; exact."""
+    model, x = blocks
+    _, ref = _grads(model, lambda: model(x))
+    _, g, rep = _compile_grads(model, x, codegen="eager")
+    assert rep.passes_run == ["fuse-conv-bn", "sdpa-attention"] and not rep.passes_skipped
+    assert rep.pass_stats["sdpa-attention.rewritten"] == 2
+    assert rep.pass_stats["fuse-conv-bn.tune"] == 0
+    (p,) = rep.partitions
+    _, _, rep0 = _compile_grads(model, x, codegen="eager", passes=())
+    assert p.baseline_saved_bytes < rep0.partitions[0].baseline_saved_bytes
+    assert _rel(g, ref) < RTOL

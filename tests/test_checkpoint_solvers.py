@@ -12,42 +12,43 @@ from memfit.planning import (chain_frontier, chain_peak, knapsack_frontier, knap
 def test_chain_peak_hand_computed():
     saved, boundary = [100, 100, 100, 100], [10, 10, 10, 10]
     assert chain_peak(saved, boundary, (), fixed=50) == 450
-    # recompute [0,2): keep 200, boundary 10, largest span 200 -> 50 + 410
-    assert chain_peak(saved, boundary, ((0, 2),), fixed=50) == 460
-    # recompute each unit alone: 4 boundaries + one unit during its backward
-    assert chain_peak(saved, boundary, ((0, 1), (1, 2), (2, 3), (3, 4)), fixed=50) == 50 + 40 + 100
+    # recompute [0,2): end of forward keeps 10 + 200; its backward holds 10 + 200 again
+    assert chain_peak(saved, boundary, ((0, 2),), fixed=50) == 50 + 210
+    # recompute each unit alone: the last one's backward: 3 boundaries + its input + 100
+    assert chain_peak(saved, boundary, ((0, 1), (1, 2), (2, 3), (3, 4)), fixed=50) == 50 + 30 + 10 + 100
+    # recomputing only the last unit does not help: everything before it is still live
+    assert chain_peak(saved, boundary, ((3, 4),), fixed=50) == 50 + 300 + 10 + 100
     assert chain_peak(saved, boundary, (), fixed=50, floor=1000) == 1000
     with pytest.raises(ValueError):
         chain_peak(saved, boundary, ((0, 2), (1, 3)))
     # a span's last unit keeps its output's saved bytes (used after the span)
     out = [5, 6, 7, 8]
-    assert chain_peak(saved, boundary, ((0, 2),), fixed=50, output=out) == 460 + 6
+    assert chain_peak(saved, boundary, ((0, 2),), fixed=50, output=out) == 50 + 216
 
 
 def test_chain_hand_computed_choice():
-    # Unit 1 is expensive to recompute, units 0, 2, 3 cheap: a budget of 320 is met by
-    # recomputing the cheap units one by one (peak 100 + 30 + 100 = 230, time 3), and a
-    # budget of 330 by recomputing units 2 and 3 (peak 200 + 20 + 100 = 320, time 2).
+    # Unit 1 is expensive to recompute. Recomputing unit 0 alone: peak max(10 + 300,
+    # 10 + 100) = 310, time 1. Units 0 and 2: max(220, 110, 100 + 10 + 10 + 100) = 220,
+    # time 2. Units 0, 1, 2 alone with unit 3 kept: max(30 + 100, 20 + 10 + 100) = 130 at
+    # time 12, lower than all four alone (140: the last one's recompute sits on 3 inputs).
     saved, boundary, time = [100, 100, 100, 100], [10, 10, 10, 10], [1.0, 10.0, 1.0, 1.0]
     p = solve_chain(saved, boundary, time, 330)
-    assert p.peak_bytes == 320 and p.extra_time_s == 2.0
-    assert p.recomputed_units() in ([0, 2], [0, 3], [2, 3])
+    assert p.spans == ((0, 1),) and p.peak_bytes == 310 and p.extra_time_s == 1.0
     p = solve_chain(saved, boundary, time, 300)
-    assert p.peak_bytes <= 300 and p.extra_time_s == 3.0
-    assert sorted(p.recomputed_units()) == [0, 2, 3]
-    assert solve_chain(saved, boundary, time, 100) is None      # under the floor (140)
+    assert p.peak_bytes == 220 and p.extra_time_s == 2.0
+    p = solve_chain(saved, boundary, time, 150)
+    assert p.spans == ((0, 1), (1, 2), (2, 3)) and p.peak_bytes == 130 and p.extra_time_s == 12.0
+    assert solve_chain(saved, boundary, time, 129) is None
     assert solve_chain(saved, boundary, time, 10**9).spans == ()
 
 
 def test_chain_merging_spans_saves_boundaries():
-    # Large boundaries make one long span better than many short ones.
+    # Large boundaries: one span of two units beats two spans of one unit each.
+    # (0,2): max(40 + 100 kept, 40 + 100 recomputed) = 140; (0,1),(1,2): 80 + 100 = 180.
     saved, boundary, time = [50, 50, 50, 50], [40, 40, 40, 40], [1.0] * 4
     p = solve_chain(saved, boundary, time, 150)
-    # one span of all four: 40 + 200 = 240 > 150; two spans of two: 80 + 100 = 180;
-    # so 150 is impossible; 180 is reachable only with two spans of two units
-    assert p is None
-    p = solve_chain(saved, boundary, time, 180)
-    assert p.spans == ((0, 2), (2, 4)) and p.peak_bytes == 180
+    assert p.spans == ((0, 2),) and p.peak_bytes == 140
+    assert solve_chain(saved, boundary, time, 139) is None
 
 
 def _all_span_choices(K):
@@ -74,7 +75,7 @@ def test_chain_matches_brute_force(seed):
     output = [rng.randint(0, s) for s in saved]
     fixed = rng.randint(0, 50)
     choices = _all_span_choices(K)
-    front = chain_frontier(saved, boundary, time, fixed=fixed, output=output, buckets=4096, max_caps=10**6)
+    front = chain_frontier(saved, boundary, time, fixed=fixed, output=output, buckets=4096, max_caps=10**4)
     for budget in range(fixed, fixed + sum(saved) + 2, 7):
         best = min((sum(time[u] for i, j in c for u in range(i, j)) for c in choices
                     if chain_peak(saved, boundary, c, fixed, output=output) <= budget), default=None)

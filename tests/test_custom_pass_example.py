@@ -94,3 +94,20 @@ def test_docs_show_the_example_code():
     start, end = "@register_pass\n@dataclass(frozen=True)\nclass CheckpointBlocks", "diagnostics=diags)\n"
     block = code[code.index(start):code.index(end) + len(end)]
     assert block in doc
+
+
+def test_memfit_optimize_with_explicit_pipeline(example):
+    import memfit
+
+    model, inputs = example.make(depth=3)
+    reference = copy.deepcopy(model)
+    om = memfit.optimize(model, example_inputs=inputs, passes=["checkpoint-blocks{pattern=blocks.*}"])
+    assert set(om.state_dict()) == set(model.state_dict())
+    torch.manual_seed(1)
+    reference(*inputs).square().mean().backward()
+    torch.manual_seed(1)
+    om(*inputs).square().mean().backward()
+    ref, got = _flat_grads(reference), _flat_grads(model)
+    assert ((got - ref).norm() / ref.norm()).item() < 1e-5
+    assert measure(om, example_inputs=inputs).saved_activations < \
+        measure(reference, example_inputs=inputs).saved_activations / 4

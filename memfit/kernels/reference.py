@@ -99,6 +99,24 @@ def scale_zero(lo: torch.Tensor, hi: torch.Tensor, qmax: int) -> tuple[torch.Ten
     return scale, zero
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t)
+
+
+def _per_channel(flat: torch.Tensor, vals: torch.Tensor, ch_div: int):
+    """(flat, vals[channel of each element]) broadcastable pair, channel = (i // ch_div) % C.
+
+    Uses a (-1, C, ch_div) view when the sizes allow it (no index tensor), else a gather.
+    """
+    C = vals.numel()
+    N = flat.numel()
+    if N % (C * ch_div) == 0:
+        return flat.view(-1, C, ch_div), vals.view(1, C, 1)
+    ch = (torch.arange(N, device=flat.device) // ch_div) % C
+    return flat, vals[ch]
+
+
 def quantize(x: torch.Tensor, bits: int = 8, group_size: int = 256, *, scale: torch.Tensor | None = None,
              zero: torch.Tensor | None = None, ch_div: int = 1, stochastic: bool = False,
              seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -114,41 +132,47 @@ def quantize(x: torch.Tensor, bits: int = 8, group_size: int = 256, *, scale: to
     qmax = (1 << bits) - 1
     N = x.numel()
     M = n_rows(N, G)
-    xf = x.detach().reshape(-1).float()
+    flat = x.detach().reshape(-1).float()
     pad = M * G - N
-    if pad:
-        xf = torch.cat([xf, xf.new_zeros(pad)])
+    xf = torch.cat([flat, flat.new_zeros(pad)]) if pad else flat
     xf = xf.view(M, G)
-    valid = (torch.arange(M * G, device=x.device) < N).view(M, G)
+    valid = (torch.arange(M * G, device=x.device) < N).view(M, G) if pad else None
     fin = _finite(xf)
-    flags = ((~fin) & valid).any(dim=1)
+    flags = (~fin).any(dim=1)          # padding is 0.0: finite
+    # Real tensors without NaN/Inf skip the special-value work; FakeTensors take every op.
+    special = _is_fake(x) or bool(flags.any())
     qf = torch.where(flags, qmax - 3, qmax).to(torch.float32)            # (M,)
     if scale is None:
-        lo = torch.where(fin & valid, xf, math.inf).amin(dim=1)
-        hi = torch.where(fin & valid, xf, -math.inf).amax(dim=1)
+        use = fin & valid if valid is not None else fin
+        lo = torch.where(use, xf, math.inf).amin(dim=1)
+        hi = torch.where(use, xf, -math.inf).amax(dim=1)
         ok = hi > lo
         zero = torch.where(lo <= hi, lo, torch.zeros_like(lo))
         scale = torch.where(ok, (hi - lo) / torch.clamp(qf, min=1.0), torch.ones_like(lo))
-        s_el, z_el = scale[:, None], zero[:, None]
+        v = (xf - zero[:, None]) / scale[:, None]
     else:
         if zero is None:
             raise ValueError("zero must be given with scale")
         scale = scale.float()
         zero = zero.float()
-        ch = (torch.arange(M * G, device=x.device) // ch_div) % scale.numel()
-        s_el, z_el = scale[ch].view(M, G), zero[ch].view(M, G)
-    v = (xf - z_el) / s_el
+        a, z_el = _per_channel(flat, zero, ch_div)
+        _, s_el = _per_channel(flat, scale, ch_div)
+        v = ((a - z_el) / s_el).reshape(-1)
+        v = (torch.cat([v, v.new_zeros(pad)]) if pad else v).view(M, G)
     if stochastic:
         r = hash_uniform(torch.arange(M * G, device=x.device, dtype=torch.int64), seed).view(M, G)
     else:
         r = 0.5
     q = torch.floor(v + r)
     q = torch.minimum(torch.clamp(q, min=0.0), qf[:, None])
-    q = torch.where(fin, q, 0.0)
-    q = torch.where(torch.isnan(xf), float(qmax - 2), q)
-    q = torch.where(xf == math.inf, float(qmax - 1), q)
-    q = torch.where(xf == -math.inf, float(qmax), q)
-    q = torch.where(valid, q, 0.0).to(torch.int32)
+    if special:
+        q = torch.where(fin, q, 0.0)
+        q = torch.where(torch.isnan(xf), float(qmax - 2), q)
+        q = torch.where(xf == math.inf, float(qmax - 1), q)
+        q = torch.where(xf == -math.inf, float(qmax), q)
+    if valid is not None:
+        q = torch.where(valid, q, 0.0)
+    q = q.to(torch.int32)
     P = 8 // bits
     q3 = q.view(M, G // P, P)
     packed = q3[:, :, 0]
@@ -168,19 +192,25 @@ def dequantize(codes: torch.Tensor, flags: torch.Tensor, scale: torch.Tensor, ze
     P = 8 // bits
     N = math.prod(shape)
     M = codes.shape[0]
-    c = codes.to(torch.int32)
-    q = torch.stack([(c >> (k * bits)) & qmax for k in range(P)], dim=2).view(M, G)
-    if per_row:
-        s_el, z_el = scale.float()[:, None], zero.float()[:, None]
+    if bits == 8:
+        q = codes.view(M, G).to(torch.int32)
     else:
-        ch = (torch.arange(M * G, device=codes.device) // ch_div) % scale.numel()
-        s_el, z_el = scale.float()[ch].view(M, G), zero.float()[ch].view(M, G)
-    y = q.to(torch.float32) * s_el + z_el
-    flagged = flags.bool()[:, None]
-    y = torch.where(flagged & (q == qmax - 2), math.nan, y)
-    y = torch.where(flagged & (q == qmax - 1), math.inf, y)
-    y = torch.where(flagged & (q == qmax), -math.inf, y)
-    return y.view(-1)[:N].to(dtype).view(shape)
+        c = codes.to(torch.int32)
+        q = torch.stack([(c >> (k * bits)) & qmax for k in range(P)], dim=2).view(M, G)
+    qf = q.to(torch.float32)
+    if per_row:
+        y = (qf * scale.float()[:, None] + zero.float()[:, None]).view(-1)[:N]
+    else:
+        a, s_el = _per_channel(qf.view(-1)[:N], scale.float(), ch_div)
+        _, z_el = _per_channel(qf.view(-1)[:N], zero.float(), ch_div)
+        y = (a * s_el + z_el).reshape(-1)
+    if _is_fake(codes) or bool(flags.any()):
+        flagged = flags.bool()[:, None].expand(M, G).reshape(-1)[:N]
+        qn = q.view(-1)[:N]
+        y = torch.where(flagged & (qn == qmax - 2), math.nan, y)
+        y = torch.where(flagged & (qn == qmax - 1), math.inf, y)
+        y = torch.where(flagged & (qn == qmax), -math.inf, y)
+    return y.to(dtype).view(shape)
 
 
 def error_bound(bits: int, x_range: float, stochastic: bool = False) -> float:

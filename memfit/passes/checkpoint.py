@@ -111,45 +111,40 @@ def dominator_runs(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> list
     return runs
 
 
-def discover_runs(gm: torch.fx.GraphModule, nodes, *, min_units: int = 6, max_units: int = 96,
-                  max_share: float = 0.125):
-    """Cut the forward into units along the module tree; dominators without modules.
+def discover_runs(gm: torch.fx.GraphModule, nodes, *, share: float = 0.25, max_units: int = 64):
+    """Units for the chain: module runs, refined where a run holds too much.
 
-    Start from the top-level modules and split, one level deeper, every unit holding more
-    than `max_share` of the saved bytes (per NodeCost in node.meta["memfit"]), as long as it
-    has inner structure and the total stays under `max_units`. Recompute cannot lower the
-    peak below the saved bytes of the largest recomputed unit, so a stack held as one unit
-    (`transformer.h`) must become blocks, and a block holding most of the model its
-    attention and MLP.
+    Start from the runs of depth-1 modules; a run holding more than `share` of all saved
+    bytes is split into the runs of the next module depth (GPT: `h` -> `h.0`, `h.1`, ...
+    -> `h.0.ln_1`, `h.0.attn`, ...), recursively, while the count stays under `max_units`.
+    Graphs without module structure are cut at the output's dominators instead.
     """
     if not any(node_module_path(n) for n in nodes):
         return dominator_runs(gm, nodes)
 
-    def saved(a, b):
-        return sum(getattr(n.meta.get("memfit"), "saved_bytes", 0) for n in nodes[a:b])
+    def saved(s, e):
+        return sum(getattr(n.meta.get("memfit"), "saved_bytes", 0) for n in nodes[s:e])
 
-    total = saved(0, len(nodes)) or 1
-    runs = [(s, e, label, 1) for s, e, label in module_runs(nodes, 1)]
+    total = max(1, saved(0, len(nodes)))
+    runs = [(s, e, lab, 1) for s, e, lab in module_runs(nodes, 1)]
     changed = True
-    while changed:
+    while changed and len(runs) < max_units:
         changed = False
         out = []
-        for s, e, label, depth in runs:
-            too_big = saved(s, e) > max_share * total or len(runs) < min_units
-            if too_big and depth < 8 and e - s > 1:
-                sub = [(s + a, s + b, lab, depth + 1) for a, b, lab in module_runs(nodes[s:e], depth + 1)]
-                if len(sub) > 1 and len(runs) - 1 + len(sub) + len(out) - len(out) <= max_units:
-                    out.extend(sub)
+        for s, e, lab, d in runs:
+            if saved(s, e) > share * total and d < 8 and e - s > 1:
+                sub = [(s + a, s + b, l2) for a, b, l2 in module_runs(nodes[s:e], d + 1)]
+                deeper = d + 1
+                while len(sub) == 1 and deeper < 8:
+                    deeper += 1
+                    sub = [(s + a, s + b, l2) for a, b, l2 in module_runs(nodes[s:e], deeper)]
+                if len(sub) > 1 and len(runs) + len(out) + len(sub) <= max_units + 1:
+                    out.extend((a, b, l2, deeper) for a, b, l2 in sub)
                     changed = True
                     continue
-                if len(sub) == 1 and depth + 1 < 8:
-                    # One child spans the whole unit (a wrapper module): look deeper next round.
-                    out.append((s, e, label, depth + 1))
-                    changed = changed or sub[0][2] != label
-                    continue
-            out.append((s, e, label, depth))
+            out.append((s, e, lab, d))
         runs = out
-    return [(s, e, label) for s, e, label, _ in runs]
+    return [(s, e, lab) for s, e, lab, _ in runs]
 
 
 def price_units(gm: torch.fx.GraphModule, runs) -> list[Unit]:
@@ -310,53 +305,93 @@ class CheckpointPlan:
     peak_bytes: int                     # predicted (simulated) peak after
     budget_bytes: int
     diagnostics: list
+    verified: int = 0                   # plans simulated to find this one
 
 
 def _phase_figures(analysis) -> tuple[int, int]:
-    """(fixed, floor): non-activation bytes at the end of forward, and the largest
-    non-activation live bytes over the step (what recompute cannot lower)."""
-    fixed = 0
-    floor = 0
-    last_fwd = None
-    for _, phase, live in analysis.timeline:
-        non_act = sum(v for k, v in live.items() if k != "saved_activations")
-        floor = max(floor, non_act)
-        if phase in ("forward", "loss"):
-            last_fwd = live
-    if last_fwd is not None:
-        fixed = sum(v for k, v in last_fwd.items() if k != "saved_activations")
-    return fixed, floor
+    """(fixed, floor) for the chain model.
 
-
-def plan_checkpoint(cap: Captured, budget, *, optimizer=None, loss_fn=None, solver: str = "auto",
-                    regions: str = "", max_verify: int = 64, margin: float = 0.0) -> CheckpointPlan:
-    """Choose regions to recompute so the step's predicted peak fits `budget`.
-
-    `budget`: bytes, a string ("6GiB", "50%" of the unoptimized predicted peak) or a Budget.
-    `regions`: comma-separated fnmatch patterns of module paths to recompute regardless of
-    the budget (the solver is then skipped). `margin`: fraction of the budget kept free
-    for what the cost model does not see (allocator rounding).
-    Raises BudgetError (with the floor and what would lower it) when no plan fits.
+    fixed = peak - saved activations: with every activation live at the baseline's peak,
+    removing R bytes of saved activations lowers that event by R, so the model reproduces
+    the baseline peak exactly when nothing is recomputed. floor = the largest
+    non-activation live bytes over the step (gradients at the end of backward, optimizer
+    temporaries): what recomputation cannot lower.
     """
-    from memfit.budget import Budget, format_bytes
-    from memfit.cost_models.memory import analyze_step
-    from memfit.memory_plan import Decision
-    from memfit.planning import chain_frontier, knapsack_frontier, ChainPlan
+    floor = 0
+    saved_max = 0
+    for _, _phase, live in analysis.timeline:
+        floor = max(floor, sum(v for k, v in live.items() if k != "saved_activations"))
+        saved_max = max(saved_max, live.get("saved_activations", 0))
+    return max(0, analysis.peak_bytes - saved_max), floor
 
-    if solver not in SOLVERS:
-        raise PassError(f"unknown checkpoint solver {solver!r}; choose one of {', '.join(SOLVERS)}")
-    gm = cap.gm
-    a0 = analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=False)
-    b = Budget.parse(budget) if budget is not None and budget != "" else None
-    budget_bytes = b.resolve(a0.peak_bytes) if b is not None else a0.peak_bytes
-    target = int(budget_bytes * (1.0 - margin))
-    nodes = call_nodes(gm)
-    runs = discover_runs(gm, nodes)
-    units = price_units(gm, runs)
-    diags: list[Diagnostic] = []
-    fixed, floor = _phase_figures(a0)
 
-    def decisions_for(spans):
+class CheckpointPlanner:
+    """Plans for one captured model: analysis, units and frontier computed once, simulated
+    plans cached, so sweeping budgets (benchmarks, `memfit plan --budget`) stays cheap.
+
+    `margin`: fraction of the budget kept free for what the cost model does not see
+    (allocator rounding; measured 32 bytes over on a 2.7 MB step). `slack`: plans whose
+    chain-model peak exceeds the budget by more than this fraction are not simulated (the
+    model is conservative; this bounds the number of simulations). `max_verify`: most
+    simulations per budget.
+    """
+
+    def __init__(self, cap: Captured, *, optimizer=None, loss_fn=None, solver: str = "auto",
+                 max_verify: int = 24, margin: float = 0.002, slack: float = 0.15):
+        from memfit.cost_models.memory import analyze_step
+        from memfit.planning import ChainPlan, chain_frontier, knapsack_frontier
+
+        if solver not in SOLVERS:
+            raise PassError(f"unknown checkpoint solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        self.cap, self.optimizer, self.loss_fn = cap, optimizer, loss_fn
+        self.max_verify, self.margin, self.slack = max_verify, margin, slack
+        self.a0 = analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=False)
+        self.nodes = call_nodes(cap.gm)
+        self.units = price_units(cap.gm, discover_runs(cap.gm, self.nodes))
+        self.fixed, self.floor = _phase_figures(self.a0)
+        u = self.units
+        saved = [x.saved_bytes for x in u]
+        boundary = [x.boundary_bytes for x in u]
+        outs = [x.output_bytes for x in u]
+        times = [x.time_s for x in u]
+        if solver == "knapsack":
+            kf = knapsack_frontier(saved, [b + o for b, o in zip(boundary, outs)], times,
+                                   fixed=self.fixed, floor=self.floor)
+            self.frontier = [ChainPlan(tuple((r, r + 1) for r in p.recompute), p.peak_bytes, p.extra_time_s)
+                             for p in kf]
+        else:
+            self.frontier = chain_frontier(saved, boundary, times, fixed=self.fixed, floor=self.floor,
+                                           output=outs)
+        self.diagnostics = [Diagnostic("checkpoint", f"unit {x.label} not worth recomputing alone: saves "
+                                       f"{x.saved_bytes} B, would keep {x.boundary_bytes + x.output_bytes} B",
+                                       node=x.label)
+                            for x in u if x.saved_bytes <= x.boundary_bytes + x.output_bytes]
+        self._sim: dict = {}      # spans -> (peak bytes, gm)
+
+    # A plan's figure is max(simulated peak, model bounds); all are budget-free, so the first
+    # fitting plan along the frontier is monotone in the budget.
+    def lower_bound(self, p) -> int:
+        rec = set(p.recomputed_units())
+        lb = max(self.floor, self.fixed + sum(x.saved_bytes for k, x in enumerate(self.units) if k not in rec)
+                 + sum(self.units[j - 1].output_bytes for _, j in p.spans))
+        return max(lb, int(p.peak_bytes * (1.0 - self.slack)))
+
+    def simulate(self, spans) -> tuple[int, torch.fx.GraphModule]:
+        from memfit.cost_models.memory import analyze_step
+
+        if not spans:
+            return self.a0.peak_bytes, self.cap.gm
+        if spans not in self._sim:
+            new, _ = apply_spans(self.cap.gm, self.units, spans)
+            a1 = analyze_step(dataclasses.replace(self.cap, gm=new), optimizer=self.optimizer,
+                              loss_fn=self.loss_fn, symbolic=False)
+            self._sim[spans] = (a1.peak_bytes, new)
+        return self._sim[spans]
+
+    def decisions_for(self, spans) -> list:
+        from memfit.memory_plan import Decision
+
+        units = self.units
         out = []
         for i, j in spans:
             label = units[i].label if j - i == 1 else f"{units[i].label}..{units[j - 1].label}"
@@ -366,89 +401,100 @@ def plan_checkpoint(cap: Captured, budget, *, optimizer=None, loss_fn=None, solv
                                 detail=f"{units[j - 1].end - units[i].start} nodes"))
         return out
 
-    if regions:
+    def budget_bytes(self, budget) -> int:
+        from memfit.budget import Budget
+
+        b = Budget.parse(budget) if budget is not None and budget != "" else None
+        return b.resolve(self.a0.peak_bytes) if b is not None else self.a0.peak_bytes
+
+    def plan(self, budget) -> CheckpointPlan:
+        """The fastest frontier plan whose simulated peak fits `budget` (see module doc)."""
+        from memfit.budget import format_bytes
+
+        budget_bytes = self.budget_bytes(budget)
+        target = int(budget_bytes * (1.0 - self.margin))
+        tried = 0
+        best = None
+        for p in self.frontier:
+            if self.lower_bound(p) > target:
+                continue
+            if p.spans and p.spans not in self._sim:
+                if tried >= self.max_verify:
+                    break
+                tried += 1
+            peak, new = self.simulate(p.spans)
+            figure = max(peak, self.lower_bound(p)) if p.spans else peak
+            if best is None or figure < best:
+                best = figure
+            if figure <= target:
+                return CheckpointPlan(new, p.spans, self.units, self.decisions_for(p.spans), p.extra_time_s,
+                                      self.a0.peak_bytes, figure, budget_bytes, list(self.diagnostics), tried)
+        floor_bytes = self.floor_bytes()
+        acts = sum(u.saved_bytes for u in self.units)
+        mb = self.a0.max_batch(target) if self.a0.symbols.get("B") else None
+        batch = f" (largest batch predicted to fit without recompute: {mb})" if mb else ""
+        raise BudgetError(
+            f"checkpointing cannot meet the budget {format_bytes(budget_bytes)}: the lowest predicted "
+            f"peak with recomputation is {format_bytes(floor_bytes)} (unoptimized "
+            f"{format_bytes(self.a0.peak_bytes)}; at its highest the step holds "
+            f"{format_bytes(self.floor)} besides saved activations (parameters, gradients, optimizer "
+            f"state, inputs, temporaries), which recompute cannot lower; saved activations "
+            f"{format_bytes(acts)}). What would lower it: quantized saved activations (technique "
+            f"'quantize'), a smaller batch or sequence{batch}, a lighter optimizer (8-bit states, "
+            f"SGD), or a budget of at least {format_bytes(int(floor_bytes / (1.0 - self.margin)) + 1)}.")
+
+    def floor_bytes(self) -> int:
+        """Lowest figure over the frontier's most-recomputing plan and the plans simulated."""
+        last = self.frontier[-1]
+        peak, _ = self.simulate(last.spans)
+        figs = [max(peak, self.lower_bound(last)) if last.spans else peak]
+        for p in self.frontier:
+            if p.spans in self._sim:
+                figs.append(max(self._sim[p.spans][0], self.lower_bound(p)))
+        return min(figs)
+
+    def forced(self, regions: str) -> CheckpointPlan:
+        """Recompute every module matching the fnmatch patterns in `regions` (comma-separated)."""
         pats = [p.strip() for p in regions.split(",") if p.strip()]
-        forced = []
+        found = []
         for depth in range(1, 8):
-            for s, e, label in module_runs(nodes, depth):
+            for s, e, label in module_runs(self.nodes, depth):
                 if any(fnmatch.fnmatchcase(label, p) for p in pats) and \
-                        not any(s < fe and fs < e for fs, fe, _ in forced):
-                    forced.append((s, e, label))
-        if not forced:
+                        not any(s < fe and fs < e for fs, fe, _ in found):
+                    found.append((s, e, label))
+        if not found:
             raise PassError(f"checkpoint: no module matches regions={regions!r} "
-                            f"(module paths look like {runs[0][2]!r})")
-        forced.sort()
-        units = price_units(gm, forced)
+                            f"(module paths look like {self.units[0].label!r})")
+        found.sort()
+        units = price_units(self.cap.gm, found)
         spans = tuple((k, k + 1) for k in range(len(units)))
-        new, _ = apply_spans(gm, units, spans)
-        a1 = analyze_step(dataclasses.replace(cap, gm=new), optimizer=optimizer, loss_fn=loss_fn, symbolic=False)
-        dec = decisions_for(spans)
-        return CheckpointPlan(new, spans, units, dec, sum(d.extra_time_s for d in dec), a0.peak_bytes,
-                              a1.peak_bytes, budget_bytes, diags)
+        saved_units, self.units = self.units, units
+        try:
+            peak, new = self.simulate(spans)
+            dec = self.decisions_for(spans)
+        finally:
+            self.units = saved_units
+            self._sim.pop(spans, None)
+        return CheckpointPlan(new, spans, units, dec, sum(d.extra_time_s for d in dec), self.a0.peak_bytes,
+                              peak, self.a0.peak_bytes, [], 1)
 
-    saved = [u.saved_bytes for u in units]
-    boundary = [u.boundary_bytes for u in units]
-    outs = [u.output_bytes for u in units]
-    times = [u.time_s for u in units]
-    if solver == "knapsack":
-        kf = knapsack_frontier(saved, [b + o for b, o in zip(boundary, outs)], times, fixed=fixed, floor=floor)
-        frontier = [ChainPlan(tuple((r, r + 1) for r in p.recompute), p.peak_bytes, p.extra_time_s) for p in kf]
-    else:
-        frontier = chain_frontier(saved, boundary, times, fixed=fixed, floor=floor, output=outs)
-    for u in units:
-        if u.saved_bytes <= u.boundary_bytes + u.output_bytes and solver == "knapsack":
-            diags.append(Diagnostic("checkpoint", f"unit {u.label} not worth recomputing: saves "
-                                    f"{u.saved_bytes} B, would keep {u.boundary_bytes} B of inputs",
-                                    node=u.label))
-    # A plan's figure is max(simulated peak, model lower bound); both are budget-free, so the
-    # first fitting plan along the frontier is monotone in the budget.
-    acts = sum(saved)
 
-    def lower_bound(p):
-        rec = set(p.recomputed_units())
-        return max(floor, fixed + sum(s for k, s in enumerate(saved) if k not in rec)
-                   + sum(outs[j - 1] for _, j in p.spans))
+def plan_checkpoint(cap: Captured, budget, *, optimizer=None, loss_fn=None, solver: str = "auto",
+                    regions: str = "", **kw) -> CheckpointPlan:
+    """Choose regions to recompute so the step's predicted peak fits `budget`.
 
-    tried = 0
-    best_seen = None
-    for p in frontier:
-        if lower_bound(p) > target:
-            continue
-        if not p.spans:
-            figure, new = a0.peak_bytes, gm
-        else:
-            if tried >= max_verify:
-                break
-            tried += 1
-            new, _ = apply_spans(gm, units, p.spans)
-            a1 = analyze_step(dataclasses.replace(cap, gm=new), optimizer=optimizer, loss_fn=loss_fn,
-                              symbolic=False)
-            figure = max(a1.peak_bytes, lower_bound(p))
-        if best_seen is None or figure < best_seen[0]:
-            best_seen = (figure, p)
-        if figure <= target:
-            dec = decisions_for(p.spans)
-            return CheckpointPlan(new, p.spans, units, dec, p.extra_time_s, a0.peak_bytes, figure,
-                                  budget_bytes, diags)
-    # Nothing fits: report the floor (every unit recomputed, or the best plan simulated).
-    last = frontier[-1]
-    if best_seen is None or best_seen[1] is not last:
-        new, _ = apply_spans(gm, units, last.spans) if last.spans else (gm, None)
-        a1 = analyze_step(dataclasses.replace(cap, gm=new), optimizer=optimizer, loss_fn=loss_fn, symbolic=False)
-        fl = max(a1.peak_bytes, lower_bound(last))
-        if best_seen is None or fl < best_seen[0]:
-            best_seen = (fl, last)
-    floor_bytes = best_seen[0]
-    non_act = floor
-    mb = a0.max_batch(target) if a0.symbols.get("B") else None
-    raise BudgetError(
-        f"checkpointing cannot meet the budget {format_bytes(budget_bytes)}: the lowest predicted "
-        f"peak with recomputation is {format_bytes(floor_bytes)} (unoptimized "
-        f"{format_bytes(a0.peak_bytes)}; at its highest the step holds {format_bytes(non_act)} "
-        f"besides saved activations (parameters, gradients, optimizer state, inputs, "
-        f"temporaries), which recompute cannot lower; saved activations {format_bytes(acts)}). What would lower it: quantized saved activations "
-        f"(technique 'quantize'), a smaller batch or sequence, a lighter optimizer "
-        f"(8-bit states, SGD), or a budget of at least {format_bytes(floor_bytes)}.")
+    `budget`: bytes, a string ("6GiB", "50%" of the unoptimized predicted peak) or a Budget;
+    the whole training step's peak, as everywhere in memfit. `regions`: comma-separated
+    fnmatch patterns of module paths to recompute regardless of the budget (the solver is
+    then skipped). Other options: see CheckpointPlanner.
+    Returns a CheckpointPlan: the rewritten graph (a copy), the decisions (which regions
+    recompute, bytes saved, predicted extra time) and the simulated peak.
+    Raises BudgetError (with the floor and what would lower it) when no plan fits.
+    """
+    planner = CheckpointPlanner(cap, optimizer=optimizer, loss_fn=loss_fn, solver=solver, **kw)
+    if regions:
+        return planner.forced(regions)
+    return planner.plan(budget)
 
 
 # ----------------------------------------------------------------------------- the pass
@@ -494,3 +540,17 @@ class Checkpoint(Pass):
 
 def units_nodes(units, i, j) -> int:
     return units[j - 1].end - units[i].start
+
+
+class GraphModel(torch.nn.Module):
+    """The rewritten graph behind the model's calling convention (args, kwargs -> output
+    structure). Parameters are the user's (shared), registered under `gm.`; used by tests,
+    benchmarks and measure() until memfit.optimize wraps results itself."""
+
+    def __init__(self, cap: Captured, gm: torch.fx.GraphModule):
+        super().__init__()
+        self.gm = gm
+        self._cap = cap
+
+    def forward(self, *args, **kwargs):
+        return self._cap.unflatten_output(self.gm(*self._cap.flat_inputs(args, kwargs)))

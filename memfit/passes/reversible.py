@@ -57,24 +57,29 @@ def node_path(node: torch.fx.Node) -> str:
     return "" if path.startswith(_EXPORT_EMPTY) else path
 
 
-def _auto_pattern(paths) -> str | None:
-    """`parent.*` for the module list whose numbered children make the most graph nodes
-    (`paths`: one module path per compute node), so a stack of blocks wins over the
-    nn.Sequential inside each block."""
+def _auto_patterns(paths) -> list[str]:
+    """Candidate block patterns, best first: numbered children of a module list, the lists'
+    own indices generalized ("stages.0.1" -> "re:stages\\.\\d+\\.\\d+", so the blocks of every
+    stage are candidates together), ordered by how many graph nodes they cover (`paths`: one
+    module path per compute node), so a stack of blocks wins over the nn.Sequential inside
+    each block."""
     kids: dict[str, set] = {}
     cover: dict[str, int] = {}
     for p in paths:
         parts = p.split(".")
         for i in range(1, len(parts)):
             if parts[i].isdigit():
-                parent = ".".join(parts[:i])
-                kids.setdefault(parent, set()).add(parts[i])
-                cover[parent] = cover.get(parent, 0) + 1
+                key = r"\.".join(r"\d+" if q.isdigit() else re.escape(q) for q in parts[:i]) + r"\.\d+"
+                kids.setdefault(key, set()).add(".".join(parts[:i + 1]))
+                cover[key] = cover.get(key, 0) + 1
     cands = [k for k, v in kids.items() if len(v) >= 2]
-    if not cands:
-        return None
-    best = max(cands, key=lambda k: (cover[k], -k.count(".")))
-    return best + ".*"
+    cands.sort(key=lambda k: (-cover[k], k.count(r"\.")))
+    return ["re:" + k for k in cands]
+
+
+def _auto_pattern(paths) -> str | None:
+    c = _auto_patterns(paths)
+    return c[0] if c else None
 
 
 def _matcher(pattern: str):
@@ -89,7 +94,7 @@ def find_blocks(gm: torch.fx.GraphModule, pattern: str = "") -> "OrderedDict[str
     (auto-detected when empty); a node belongs to the shortest matching prefix of its path."""
     nodes = [n for n in gm.graph.nodes if n.op in _COMPUTE]
     if not pattern:
-        pattern = _auto_pattern([q for q in map(node_path, nodes) if q]) or ""
+        pattern = _auto_pattern([q for q in map(node_path, nodes) if q]) or ""  # best candidate only
         if not pattern:
             return OrderedDict()
     match = _matcher(pattern)
@@ -390,16 +395,52 @@ class Reversible(Pass):
         return (self.lam if self.lam is not None else lam_d, self.beta if self.beta is not None else beta_d)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        diags: list[Diagnostic] = []
         stats = {"stacks": 0, "blocks_converted": 0, "blocks_skipped": 0, "couplings": 0}
-        regions = find_blocks(gm, self.blocks)
-        if not regions:
-            diags.append(Diagnostic(self.name, "no repeated blocks found" + (
-                f" matching {self.blocks!r}" if self.blocks else " (give blocks='path.*')"), level="warning"))
-            return PassResult(gm, False, stats, diags)
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        if self.blocks:
+            patterns = [self.blocks]
+        else:
+            # Auto-detect: the first candidate pattern (most nodes covered) that gives a stack.
+            patterns = _auto_patterns([node_path(n) for n in gm.graph.nodes
+                                       if n.op in _COMPUTE and node_path(n)])
+        chosen = None
+        for pat in patterns:
+            regions = find_blocks(gm, pat)
+            if not regions:
+                continue
+            if not self.blocks and sorted(len(v) for v in regions.values())[len(regions) // 2] < 3:
+                continue  # children that are single layers (an nn.Sequential's) are not blocks
+            plan = self._plan_runs(gm, regions, order)
+            if chosen is None or any(len(r) >= self.min_blocks for r in plan[0]):
+                chosen = plan
+            if any(len(r) >= self.min_blocks for r in plan[0]):
+                break
+        if chosen is None:
+            diag = Diagnostic(self.name, "no repeated blocks found" + (
+                f" matching {self.blocks!r}" if self.blocks else " (give blocks='path.*')"), level="warning")
+            return PassResult(gm, False, stats, [diag])
+        runs, diags, skipped = chosen
+        stats["blocks_skipped"] += skipped
+        lam, beta = self.scaling()
+        modified = False
+        for run in runs:
+            if len(run) < self.min_blocks:
+                stats["blocks_skipped"] += len(run)
+                diags.append(Diagnostic(self.name, f"skipped {', '.join(b.path for b in run)}: a stack of "
+                                        f"{len(run)} block(s) is shorter than min_blocks={self.min_blocks}",
+                                        node=run[0].path))
+                continue
+            self._rewrite(gm, run, lam, beta, stats)
+            modified = True
+        if modified:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified, stats, diags)
 
-        # 1. analyse each block; 2. chain consecutive valid ones into runs.
+    def _plan_runs(self, gm, regions, order):
+        """Analyse each block and chain consecutive valid ones: (runs, diagnostics, skipped)."""
+        diags: list[Diagnostic] = []
+        skipped = 0
         runs: list[list[_Block]] = []
         cur: list[_Block] = []
         prev: _Block | None = None
@@ -440,7 +481,7 @@ class Reversible(Pass):
                     why, blk = "block changes the shape or dtype of its input (a coupling needs same-shape blocks)", None
                     close()
             if blk is None:
-                stats["blocks_skipped"] += 1
+                skipped += 1
                 diags.append(Diagnostic(self.name, f"skipped block {path}: {why}", node=path))
                 close()
                 prev = None
@@ -449,21 +490,7 @@ class Reversible(Pass):
             prev = blk
         close()
 
-        lam, beta = self.scaling()
-        modified = False
-        for run in runs:
-            if len(run) < self.min_blocks:
-                stats["blocks_skipped"] += len(run)
-                diags.append(Diagnostic(self.name, f"skipped {', '.join(b.path for b in run)}: a stack of "
-                                        f"{len(run)} block(s) is shorter than min_blocks={self.min_blocks}",
-                                        node=run[0].path))
-                continue
-            self._rewrite(gm, run, lam, beta, stats)
-            modified = True
-        if modified:
-            gm.graph.lint()
-            gm.recompile()
-        return PassResult(gm, modified, stats, diags)
+        return runs, diags, skipped
 
     def _rewrite(self, gm, run: list[_Block], lam, beta, stats) -> None:
         graph = gm.graph

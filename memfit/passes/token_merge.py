@@ -24,12 +24,14 @@ forward (true of ViT, DeiT and their encoders).
 
 The pass (`token-merge{r=8}`) works on the source module: PassContext.config["model"] must
 hold it. It applies the rewrite and captures the result again with the capture method and
-inputs of ctx.captured, so it must come first in a pipeline.
+inputs of ctx.captured (which it replaces); passes that ran before it are replayed on the new
+graph from their text forms.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -165,6 +167,10 @@ def _hf_forward(self, hidden_states, attention_mask=None, **kwargs):
     k = attn.k_proj(h).view(hidden_shape).transpose(1, 2)
     v = attn.v_proj(h).view(hidden_shape).transpose(1, 2)
     bias = attention_bias(size, q.dtype) if (cfg.prop_attn and size is not None) else None
+    if attention_mask is not None and attention_mask.shape[-1] != k.shape[-2]:
+        # transformers builds an all-attend mask for the unmerged tokens when traced (ViT and
+        # DeiT take no attention mask, images have no padding): it masks nothing, drop it
+        attention_mask = None
     if attention_mask is not None and bias is not None:
         bias = attention_mask + bias
     elif bias is None:
@@ -339,7 +345,8 @@ class TokenMerge(Pass):
 
     Options: r (per block), rs (per-block list, overrides r; text form `rs=8:8:4:0`),
     schedule (constant | decreasing), protected (-1: count class/distillation tokens),
-    prop_attn, sdpa, unmerge. Needs the source module in ctx.config["model"].
+    prop_attn, sdpa, unmerge. Needs the source module in ctx.config["model"] (memfit.optimize
+    puts it there); re-captures it and replays the passes already run (ctx.history).
     """
 
     name: ClassVar[str] = "token-merge"
@@ -372,9 +379,6 @@ class TokenMerge(Pass):
         if model is None:
             raise PassError("token-merge rewrites the source module: put it in PassContext(config={'model': m}) "
                             "or call memfit.passes.token_merge.apply_token_merging(m, r=...) before capture")
-        if ctx.history:
-            raise PassError(f"token-merge re-captures the source module and would drop the passes run before "
-                            f"it ({', '.join(ctx.history)}); put it first in the pipeline")
         new = self.apply(model)
         info: TokenMergeInfo = new.memfit_token_merge
         diags = [Diagnostic(self.name, "unsupported block layout, not merged", node=p) for p in info.skipped]
@@ -388,12 +392,31 @@ class TokenMerge(Pass):
         new_cap = capture(new, cap.example_inputs, cap.example_kwargs, method=cap.method,
                           dynamic=_was_dynamic(cap))
         tokens = model_tokens_per_layer(new, cap.example_inputs, cap.example_kwargs)
-        new_cap.gm.meta["token_merge"] = {"blocks": list(info.blocks), "r": list(info.r),
-                                          "protected": info.protected, "tokens_per_layer": tokens}
+        new_gm = new_cap.gm
+        if ctx.history:
+            # The passes that already ran saw the graph without merging: replay them (their
+            # text forms round-trip) on the re-captured graph so none of their work is lost.
+            from memfit.passes.manager import PassManager
+            from memfit.passes.registry import parse_pipeline
+
+            sub = dataclasses.replace(ctx, captured=new_cap, history=[])
+            replayed = PassManager(parse_pipeline(",".join(ctx.history))).run(new_gm, sub)
+            new_gm = replayed.gm
+            new_cap = dataclasses.replace(new_cap, gm=new_gm)
+            diags.append(Diagnostic(self.name, f"replayed on the merged graph: {', '.join(ctx.history)} "
+                                               f"({dict(replayed.stats)})"))
+            diags.extend(replayed.diagnostics)
+        new_gm.meta["token_merge"] = {"blocks": list(info.blocks), "r": list(info.r),
+                                      "protected": info.protected, "tokens_per_layer": tokens}
         ctx.captured = new_cap
         diags.append(Diagnostic(self.name, f"tokens per layer: {tokens}"))
+        for i, (blk, r) in enumerate(zip(info.blocks, info.r)):
+            done = tokens[i] - tokens[i + 1]
+            if done < r:
+                diags.append(Diagnostic(self.name, f"r={r} asked, {done} merged: at most half of the "
+                                                   f"{tokens[i] - info.protected} unprotected tokens", node=blk))
         merged = sum(a - b for a, b in zip(tokens[:-1], tokens[1:]))
-        return PassResult(new_cap.gm, modified=True,
+        return PassResult(new_gm, modified=True,
                           stats={"blocks_patched": len(info.blocks), "tokens_merged": merged},
                           diagnostics=diags)
 

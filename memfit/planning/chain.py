@@ -3,28 +3,33 @@
 Units are consecutive pieces of the forward pass (blocks, halves of blocks) in execution
 order. Recomputing the span of units [i, j) drops the activations those units save for
 backward and keeps only the span's input instead; in backward the span runs again, so its
-saved activations exist once more while its backward runs. The peak model (bytes):
+saved activations exist once more while its backward runs. Backward visits the units in
+reverse, so when span [i, j) is recomputed the units after it have already been freed:
+only what the units before i keep is live beside it (the rotor/Rockmate view of a chain;
+Beaumont et al. 2019, "Optimal checkpointing for heterogeneous chains"). Peak model, bytes:
 
-    peak = max(floor, fixed + sum(saved[u] for kept units u)
-                            + sum(boundary[i] + output[j - 1] for recomputed spans [i, j))
-                            + max(sum(saved[i:j]) for recomputed spans))
+    keep(u)       = saved[u] for a kept unit u
+    keep([i, j))  = boundary[i] + output[j - 1] for a recomputed span
+    prefix(i)     = sum of keep(.) over units and spans before unit i
+    peak = max(floor,
+               fixed + prefix(K),                                   # end of forward
+               max over spans [i, j): fixed + prefix(i) + boundary[i] + sum(saved[i:j]))
 
-`fixed`: bytes live at the end of the forward besides saved activations (parameters,
-optimizer state, inputs, the loss). `floor`: the part of the step's peak that recompute
-cannot lower (for example the end of backward, when gradients are all live).
-`boundary[i]`: bytes a recomputed span starting at unit i keeps that would otherwise be
-freed (its input, where no other operator saves it). `output[u]`: the part of `saved[u]`
-that stays saved when a span ends at unit u (the unit's output, saved by the operators
-after it); inside a span the outputs of its inner units are dropped too. The model is conservative: it keeps
-every other unit's activations live while the largest span is recomputed, whereas the
-later units' activations are in fact freed by then. Extra time is the sum of the
-recomputed units' forward times (`time[u]`, seconds).
+`fixed`: bytes live at the baseline's peak besides saved activations (parameters,
+gradients so far, optimizer state, inputs, the loss's temporaries). `floor`: what recompute
+cannot lower (for example the end of backward, when every gradient is live).
+`boundary[i]`: bytes a span starting at unit i keeps that would otherwise be freed (its
+input, where no other operator saves it). `output[u]`: the part of `saved[u]` that stays
+saved when a span ends at unit u (its output, saved by the operators after it); inside a
+span the outputs of its inner units are dropped too. Gradients that grow during backward
+are not in the model; the pass simulates each chosen plan with the cost model to check.
+Extra time is the sum of the recomputed units' forward times (`time[u]`, seconds).
 
 The dynamic program runs over units and quantized memory (`buckets` steps of the total,
-rounded up, so a plan's exact peak is never above its quantized estimate), for each cap on
-the largest span; every (cap, memory) cell gives one candidate plan and the Pareto
+rounded up, so a plan's exact peak is never above its quantized estimate), once per cap on
+the recompute-time peak; every (cap, memory) cell gives one candidate plan and the Pareto
 frontier of those is returned (`chain_frontier`). Time O(K^2 * buckets * caps) with numpy
-over the buckets; K up to about a hundred units stays well under a second.
+over the buckets.
 """
 
 from __future__ import annotations
@@ -66,19 +71,26 @@ def chain_peak(saved: Sequence[int], boundary: Sequence[int], spans, fixed: int 
                output: Sequence[int] | None = None) -> int:
     """Predicted peak (bytes) of recomputing `spans` under the model in the module doc."""
     output = output if output is not None else [0] * len(saved)
-    rec = set()
-    extra = 0
-    biggest = 0
+    starts = {}
     prev_end = 0
     for i, j in sorted(spans):
         if not (0 <= i < j <= len(saved)) or i < prev_end:
             raise ValueError(f"spans must be disjoint, ordered and inside the chain: {spans}")
         prev_end = j
-        rec.update(range(i, j))
-        extra += boundary[i] + output[j - 1]
-        biggest = max(biggest, sum(saved[i:j]))
-    kept = sum(s for u, s in enumerate(saved) if u not in rec)
-    return max(floor, fixed + kept + extra + biggest)
+        starts[i] = j
+    prefix = 0
+    span_peak = 0
+    u = 0
+    while u < len(saved):
+        if u in starts:
+            j = starts[u]
+            span_peak = max(span_peak, prefix + boundary[u] + sum(saved[u:j]))
+            prefix += boundary[u] + output[j - 1]
+            u = j
+        else:
+            prefix += saved[u]
+            u += 1
+    return max(floor, fixed + prefix, fixed + span_peak if starts else 0)
 
 
 def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence[float], *,
@@ -110,16 +122,13 @@ def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence
     for t in time:
         tsum.append(tsum[-1] + t)
     span_limit = K if max_span is None else max(1, max_span)
-    span_sums = sorted({csum[j] - csum[i] for i in range(K) for j in range(i + 1, min(K, i + span_limit) + 1)})
-    # Caps on the largest span: every distinct span sum when few, else quantiles of them.
-    if len(span_sums) > max_caps:
-        idx = sorted({int(round(k * (len(span_sums) - 1) / (max_caps - 1))) for k in range(max_caps)})
-        caps = [span_sums[k] for k in idx]
-    else:
-        caps = span_sums
+    # Caps on the recompute-time peak (quantized, relative to `fixed`): evenly spaced.
+    top = Q + int(math.ceil(sum(saved) / delta)) + 1
+    n_caps = min(max_caps, top + 1)
+    caps = sorted({int(round(k * top / max(1, n_caps - 1))) for k in range(n_caps)})
     plans = [none]
     INF = np.inf
-    for cap in caps:
+    for capq in caps:
         # g[j][m]: least time covering units [0, j) with quantized memory m.
         g = [np.full(Q, INF) for _ in range(K + 1)]
         back: list[np.ndarray | None] = [None] * (K + 1)   # predecessor choice per cell
@@ -136,11 +145,19 @@ def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence
                 best[better] = cand[better]
                 choice[better] = -1
             for i in range(max(0, k - span_limit), k):
-                if csum[k] - csum[i] > cap:
+                # recomputing [i, k) from prefix m peaks at m + boundary + its saved bytes
+                room = capq - qb[i] - int(math.ceil((csum[k] - csum[i]) / delta))
+                if room < 0:
                     continue
+                src = g[i]
+                if room + 1 < Q:
+                    src = src.copy()
+                    src[room + 1:] = INF
                 sh = qb[i] + qo[k - 1]
+                if sh >= Q:
+                    continue
                 cand = np.full(Q, INF)
-                cand[sh:] = g[i][:Q - sh] + (tsum[k] - tsum[i])
+                cand[sh:] = src[:Q - sh] + (tsum[k] - tsum[i])
                 better = cand < best
                 best[better] = cand[better]
                 choice[better] = i

@@ -10,7 +10,7 @@ from memfit.errors import PassError
 from memfit.passes import PassContext, PassManager
 from tests.tome_vit import SmallViT
 
-KEY = re.compile(r"token_merge_step|attention_bias|unmerge_all|_ones_size|softmax|norm2\(|norm\(|\+ ")
+KEY = re.compile(r"token_merge_step|attention_bias|unmerge_all|_ones_size|softmax|scaled_dot|norm2\(|norm\(|\+ ")
 
 
 def run(fn):
@@ -75,6 +75,21 @@ def test_unmerge_and_per_layer_r():
 # CHECK-NEXT: norm = self.norm(unmerge_all)
 # CHECK: stats [('token-merge.blocks_patched', 2), ('token-merge.tokens_merged', 6)]
 # CHECK-NEXT: info: [token-merge]: tokens per layer: [66, 66, 60]
+
+
+@run
+def test_sdpa_pass_before_is_replayed_and_takes_the_bias_as_mask():
+    rewritten("sdpa-attention,token-merge{r=4}")
+# CHECK-LABEL: TEST: test_sdpa_pass_before_is_replayed_and_takes_the_bias_as_mask
+# CHECK-NOT: softmax
+# CHECK: scaled_dot_product_attention({{.*}}attn_mask = None,
+# CHECK: token_merge_step = memfit_runtime_token_merge_token_merge_step
+# CHECK: attention_bias = memfit_runtime_token_merge_attention_bias([[S:getitem_[0-9]+]])
+# CHECK-NEXT: scaled_dot_product_attention_1 = {{.*}}scaled_dot_product_attention({{.*}}attn_mask = attention_bias,
+# CHECK: token_merge_step_1 = memfit_runtime_token_merge_token_merge_step({{.*}}, [[S]], 4, 1)
+# CHECK: stats [('sdpa-attention.causal', 0), ('sdpa-attention.dropout', 0), ('sdpa-attention.masked', 0), ('sdpa-attention.rewritten', 2), ('sdpa-attention.skipped', 0), ('token-merge.blocks_patched', 2), ('token-merge.tokens_merged', 8)]
+# CHECK-NEXT: info: [token-merge]: replayed on the merged graph: sdpa-attention ({'sdpa-attention.rewritten': 2, 'sdpa-attention.causal': 0, 'sdpa-attention.masked': 1,
+# CHECK: info: [token-merge]: tokens per layer: [65, 61, 57]
 
 
 @run

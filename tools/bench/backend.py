@@ -1,6 +1,6 @@
 """The memfit torch.compile backend against torch.compile's own memory knob, side by side.
 
-    python tools/bench/backend.py [--codegen inductor|eager] [--layers 2] [--rounds 7]
+    python tools/bench/backend.py [--codegen inductor|eager] [--layers 2] [--rounds 7] [--only 1,2,5]
 
 Model: a GPT-like stack of pre-LN transformer blocks (tests/models.py Block, explicit
 attention, dropout 0.1) with a final LayerNorm and a linear head; loss = mean of squares.
@@ -13,7 +13,8 @@ Variants, compiled in one process and timed alternately (medians of `--rounds` s
 Columns: saved activations measured with saved_tensors_hooks during a real step (storages
 de-duplicated, parameters and inputs excluded), step peak above parameters/inputs read
 from torch.profiler allocator events (memfit.measure), step time (forward + backward) and
-gradient error against eager. With `--codegen eager` the torch.compile variants use
+gradient error against torch.compile default at the same seed (compiled variants draw the
+same dropout masks in forward; eager draws others, so it has no entry). With `--codegen eager` the torch.compile variants use
 aot_eager-style code (AOTAutograd with the same partitioners, no Inductor) so the run is
 fast; the memory decisions are the same kind, the times are not Inductor's.
 """
@@ -96,8 +97,12 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=7)
+    # One thread: on a shared, oversubscribed CPU two OpenMP threads made steps 10x slower.
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--only", default="", help="comma-separated row numbers to run (0 = eager, "
+                    "1 = torch.compile default, ...); default all. Row 1 is the reference.")
     args = ap.parse_args(argv)
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = GPTLike(args.layers, args.d)
     x = torch.randn(args.batch, args.seq, args.d)
@@ -113,30 +118,28 @@ def main(argv=None):
         ("memfit backend, budget 20%", mb.make_backend("20%", codegen=args.codegen), "memfit"),
     ]
 
-    # Reference gradients: eager, dropout off so masks do not enter the comparison.
-    model.eval()
-    _step(model, x, params)
-    ref = [p.grad.clone() for p in params]
-    model.train()
+    if args.only:
+        keep = {int(i) for i in args.only.split(",")} | {1}
+        variants = [v for i, v in enumerate(variants) if i in keep]
 
     rows = []
     fns = []
+    ref = None
     for name, backend, kind in variants:
         torch._dynamo.reset()
-        t0 = time.perf_counter()
-        if backend is None:
-            fn = model
-        else:
-            fn = torch.compile(model, backend=backend)
-        model.eval()
-        _step(fn, x, params)  # compiles the eval graph (dropout off) for the gradient check
-        err = (torch.stack([(p.grad - r).norm() ** 2 for p, r in zip(params, ref)]).sum().sqrt()
-               / torch.stack([r.norm() ** 2 for r in ref]).sum().sqrt()).item()
-        model.train()
         if kind == "memfit":
             mb.clear_reports()
-        _step(fn, x, params)  # compiles the training graph
+        t0 = time.perf_counter()
+        fn = model if backend is None else torch.compile(model, backend=backend)
+        torch.manual_seed(1)
+        _step(fn, x, params)  # compiles
         compile_s = time.perf_counter() - t0
+        grads = [p.grad.clone() for p in params]
+        if ref is None and backend is not None:
+            ref = grads  # torch.compile default: same RNG draws as the other compiled variants
+        err = float("nan") if backend is None else (
+            torch.stack([(g - r).norm() ** 2 for g, r in zip(grads, ref)]).sum().sqrt()
+            / torch.stack([r.norm() ** 2 for r in ref]).sum().sqrt()).item()
         m = memfit.measure(fn, example_inputs=(x,), loss_fn=loss_fn)
         rep = mb.last_report() if kind == "memfit" else None
         rows.append({"name": name, "saved": m.saved_activations, "peak": m.peak_bytes - m.baseline_bytes,
@@ -150,13 +153,14 @@ def main(argv=None):
             _step(fn, x, params)
             row["times"].append(time.perf_counter() - t0)
 
-    base = statistics.median(rows[1]["times"])
-    base_saved = rows[1]["saved"]
+    base_row = next(r for r in rows if r["name"] == "torch.compile default")
+    base = statistics.median(base_row["times"])
+    base_saved = base_row["saved"]
     print(f"GPT-like stack: {args.layers} blocks, d={args.d}, heads=4, B={args.batch}, T={args.seq}, "
           f"dropout 0.1; codegen {args.codegen}; {platform.processor() or platform.machine()}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
     print("| variant | saved activations (measured) | vs default | step peak above params+inputs "
-          "| step time (median) | vs default | memfit decision | grad rel. error vs eager (dropout off) |")
+          "| step time (median) | vs default | memfit decision | grad rel. error vs torch.compile default, same seed |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         t = statistics.median(row["times"])
