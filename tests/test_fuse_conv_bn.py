@@ -111,7 +111,7 @@ def test_convbn_frozen_bn(method):
 def test_conv1d_conv3d_grouped(model_cls, shape, count, method):
     model = freeze_bn(model_cls())
     x = torch.randn(*shape)
-    cap = capture(model, (x,), method=method)
+    cap = capture(model, (x,), method=method, dynamic=False)
     res = run_pass(cap)
     assert res.stats["fuse-conv-bn.tune"] == count
     check_exact(model, cap, res.gm, (x,))
@@ -121,7 +121,7 @@ def test_conv1d_conv3d_grouped(model_cls, shape, count, method):
 def test_train_mode_bn_left_alone(method):
     model = ConvBN().train()
     x = torch.randn(2, 3, 8, 8)
-    cap = capture(model, (x,), method=method)
+    cap = capture(model, (x,), method=method, dynamic=False)
     res = run_pass(cap)
     assert res.stats["fuse-conv-bn.tune"] == 0
     assert res.stats["fuse-conv-bn.train_mode_bn"] == 3
@@ -132,7 +132,7 @@ def test_train_mode_bn_left_alone(method):
 @pytest.mark.parametrize("method", ["export", "symbolic_trace"])
 def test_shared_conv_output_skipped(method):
     model = freeze_bn(SharedConvOut())
-    cap = capture(model, (torch.randn(2, 3, 5, 5),), method=method)
+    cap = capture(model, (torch.randn(2, 3, 5, 5),), method=method, dynamic=False)
     res = run_pass(cap)
     assert res.stats["fuse-conv-bn.tune"] == 0 and res.stats["fuse-conv-bn.skipped"] == 1
     assert "other users" in res.diagnostics[0].message
@@ -142,7 +142,7 @@ def test_saved_activations_fall_by_the_conv_outputs():
     model = freeze_bn(ConvBN(c=16))
     B, H, W = 4, 16, 16
     x = torch.randn(B, 3, H, W)
-    cap = capture(model, (x,), method="export")
+    cap = capture(model, (x,), method="export", dynamic=False)
     before = analyze_step(cap, symbolic=False).totals["saved_activations"]
     res = run_pass(cap)
     after = analyze_step(dataclasses.replace(cap, gm=res.gm), symbolic=False).totals["saved_activations"]
@@ -156,7 +156,7 @@ def test_no_stale_fold_and_model_untouched():
     model = freeze_bn(ConvBN())
     x = torch.randn(2, 3, 8, 8)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    cap = capture(model, (x,), method="export")
+    cap = capture(model, (x,), method="export", dynamic=False)
     res = run_pass(cap)
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():  # an optimizer step and new statistics, done on the user's model
@@ -169,7 +169,7 @@ def test_no_stale_fold_and_model_untouched():
 def test_symbolic_graph_honours_later_train_switch():
     model = freeze_bn(ConvBN())
     x = torch.randn(4, 3, 8, 8)
-    cap = capture(model, (x,), method="symbolic_trace")
+    cap = capture(model, (x,), method="symbolic_trace", dynamic=False)
     res = run_pass(cap)
     assert res.stats["fuse-conv-bn.tune"] == 3
     for m in model.modules():
@@ -186,7 +186,7 @@ def test_symbolic_graph_honours_later_train_switch():
 def test_deploy_folds_once(method):
     model = freeze_bn(ConvBN()).eval()
     x = torch.randn(2, 3, 8, 8)
-    cap = capture(model, (x,), method=method)
+    cap = capture(model, (x,), method=method, dynamic=False)
     res = run_pass(cap, "fuse-conv-bn{deploy=true}")
     assert res.stats["fuse-conv-bn.folded"] == 3 and res.stats["fuse-conv-bn.tune"] == 0
     with torch.no_grad():
@@ -227,3 +227,26 @@ def test_examples_resnet_like_frozen_bn(method):
     # stem 1 + 8 basic blocks x 2 + 3 downsampling shortcuts
     assert res.stats["fuse-conv-bn.tune"] == 20 == n_bn
     check_exact(model, None, res.gm, (x,))
+
+
+def test_decomposed_export_graph():
+    """Core-aten graphs: aten.convolution + _native_batch_norm_legit_no_training (+ getitem)."""
+    model = freeze_bn(ConvBN())
+    x = torch.randn(2, 3, 8, 8)
+    gm = torch.export.export(model, (x,)).run_decompositions().module()
+    targets = {n.target for n in gm.graph.nodes}
+    assert torch.ops.aten._native_batch_norm_legit_no_training.default in targets
+    assert torch.ops.aten.convolution.default in targets
+    res = PassManager("fuse-conv-bn").run(gm, PassContext())
+    assert res.stats["fuse-conv-bn.tune"] == 3
+    assert "batch_norm" not in res.gm.code
+    check_exact(model, None, res.gm, (x,))
+
+
+@pytest.mark.parametrize("method", ["export", "symbolic_trace"])
+def test_passes_the_pass_managers_verify_mode(method):
+    """verify=True: new nodes carry meta['val'], outputs and gradients keep the promise."""
+    model = freeze_bn(ConvBN())
+    cap = capture(model, (torch.randn(2, 3, 8, 8),), method=method, dynamic=False)
+    res = PassManager("fuse-conv-bn", verify=True).run(cap.gm, PassContext(captured=cap))
+    assert res.stats["fuse-conv-bn.tune"] == 3

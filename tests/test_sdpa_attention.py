@@ -228,3 +228,12 @@ def test_examples_gpt2_like_causal():
     assert res.stats["sdpa-attention.rewritten"] == 2 and res.stats["sdpa-attention.causal"] == 2
     assert "masked_fill" not in res.gm.code and "softmax" not in res.gm.code
     check_exact(model, res.gm, (idx,))
+
+
+@pytest.mark.parametrize("model,method", [(Block(), "export"), (Block(), "symbolic_trace"),
+                                          (Attention(mask="causal_fill"), "export")])
+def test_passes_the_pass_managers_verify_mode(model, method):
+    """verify=True: new nodes carry meta['val'], outputs and gradients keep the promise."""
+    cap = cap_(model.train(), (torch.randn(2, 6, model.qkv.in_features),), method)
+    res = PassManager("sdpa-attention", verify=True).run(cap.gm, PassContext(captured=cap))
+    assert res.stats["sdpa-attention.rewritten"] == 1

@@ -172,6 +172,9 @@ class FuseConvBN(Pass):
         with graph.inserting_before(conv_node):
             w_node = graph.get_attr(base + "_weight")
             b_node = graph.get_attr(base + "_bias")
+        fake = _fake_mode(bn_node)
+        for node, t in ((w_node, w), (b_node, b)):
+            node.meta["val"] = fake.from_tensor(t) if fake is not None else t.detach()
         with graph.inserting_before(bn_node):
             new = graph.call_function(_conv, (conv.x, w_node, b_node, conv.stride, conv.padding, conv.dilation,
                                        conv.groups))
@@ -210,6 +213,7 @@ class FuseConvBN(Pass):
             with graph.inserting_before(bn_node):
                 c = graph.get_attr(conv_node.target)
                 b = graph.get_attr(bn_node.target)
+                c.meta["val"] = b.meta["val"] = None  # modules, not tensors
                 new = graph.call_function(conv_bn_module_call, (conv_node.args[0], c, b))
             key = "tune"
         _copy_meta(bn_node, new)
@@ -263,6 +267,12 @@ def _copy_meta(src: torch.fx.Node, dst: torch.fx.Node) -> None:
     for k in ("val", "tensor_meta", "nn_module_stack", "stack_trace", "source_fn_stack"):
         if k in src.meta:
             dst.meta[k] = src.meta[k]
+
+
+def _fake_mode(node):
+    from torch._guards import detect_fake_mode
+    v = node.meta.get("val")
+    return detect_fake_mode([v]) if isinstance(v, torch.Tensor) else None
 
 
 def _erase(graph: torch.fx.Graph, nodes) -> None:

@@ -371,6 +371,7 @@ class SDPAAttention(Pass):
                 mask_val = _val(mask)
             if m.dropout_module is not None:
                 drop = graph.get_attr(m.dropout_module)
+                drop.meta["val"] = None  # a module, not a tensor
                 new = graph.call_function(sdpa_with_dropout_module, (m.q, key, m.v, mask, drop, m.is_causal, scale))
             elif is_aten:
                 new = graph.call_function(aten.scaled_dot_product_attention.default,
