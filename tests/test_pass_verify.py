@@ -257,3 +257,11 @@ def test_non_tensor_nodes_need_no_metadata():
     m = MLP()
     cap = capture(m, (torch.randn(3, 64),))
     PassManager([ModuleRef()], verify=True).run(cap.gm, PassContext(captured=cap))
+
+
+def test_nodes_without_metadata_before_the_pass_are_not_blamed_on_it():
+    cap = capture(MLP(), (torch.randn(4, 64),))
+    victim = next(n for n in cap.gm.graph.nodes if n.op == "call_function" or n.op == "call_module")
+    del victim.meta["val"]  # missing before any pass ran
+    res = PassManager([Identity()], verify=True).run(cap.gm, PassContext(captured=cap))
+    assert res.gm is cap.gm

@@ -193,7 +193,7 @@ class _Verifier:
         self.inputs = list(inputs)
         self.seed = int(ctx.config.get("verify_seed", 0))
         self.state = _State(gm)
-        self.missing_before = _missing_meta(gm)
+        self.missing_before = {n.name for n in _missing_meta(gm)}
         try:
             self.prev = self._execute(gm)
         except Exception as e:
