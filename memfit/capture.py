@@ -16,6 +16,7 @@ the user's model is modified.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -142,10 +143,8 @@ def _capture_symbolic_trace(model, args, kwargs) -> Captured:
 
 def _capture_export(model, args, kwargs, dynamic: bool = True) -> Captured:
     leaves, in_spec = pytree.tree_flatten((args, kwargs))
-    dyn_args = pytree.tree_map(lambda x: _auto_dims(x), args)
-    dyn_kwargs = {k: pytree.tree_map(lambda x: _auto_dims(x), v) for k, v in kwargs.items()}
+    dyn = _dynamic_shapes(model, args, kwargs) if dynamic else None
     try:
-        dyn = ((dyn_args, dyn_kwargs) if kwargs else dyn_args) if dynamic else None
         ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
     except Exception as e:
         raise CaptureError(
@@ -167,6 +166,18 @@ def _capture_export(model, args, kwargs, dynamic: bool = True) -> Captured:
                     model_name=type(model).__name__, notes=notes)
 
 
+def _dynamic_shapes(model, args, kwargs):
+    """Dim.AUTO for every dimension of every input. With keyword inputs, export wants the
+    specs keyed by forward()'s parameter names."""
+    if not kwargs:
+        return pytree.tree_map(_auto_dims, args)
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return (pytree.tree_map(_auto_dims, args), {k: pytree.tree_map(_auto_dims, v) for k, v in kwargs.items()})
+    return {name: pytree.tree_map(_auto_dims, v) for name, v in bound.arguments.items()}
+
+
 def _auto_dims(x):
     if isinstance(x, torch.Tensor):
         return {i: torch.export.Dim.AUTO for i in range(x.dim())}
@@ -182,6 +193,13 @@ def _strip_pytree_codegen(gm: torch.fx.GraphModule) -> None:
             graph.erase_node(n)
     if hasattr(gm, "_guards_fn"):
         delattr(gm, "_guards_fn")
+    # The unlifted module checks the *structured* (args, kwargs) against the exported spec
+    # in a forward pre-hook; the graph now takes the flat leaves (Captured.flat_inputs
+    # checks the structure instead).
+    for key, hook in list(gm._forward_pre_hooks.items()):  # noqa: SLF001
+        if getattr(hook, "__name__", "") == "_check_input_constraints_pre_hook":
+            del gm._forward_pre_hooks[key]  # noqa: SLF001
+            gm._forward_pre_hooks_with_kwargs.pop(key, None)  # noqa: SLF001
     out = next(n for n in graph.nodes if n.op == "output")
     if not isinstance(out.args[0], (tuple, list)):
         out.args = ((out.args[0],),)

@@ -113,3 +113,15 @@ def test_transformers_models_capture_through_export(name):
     ref = m(*x)
     first = out[0] if not isinstance(out, torch.Tensor) else out
     torch.testing.assert_close(first, ref[0])
+
+
+def test_export_with_keyword_inputs_keeps_dynamic_dims():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2,
+                                  intermediate_size=64, vocab_size=100)
+    model = transformers.BertModel(cfg).train()
+    ids = torch.randint(0, 100, (2, 16))
+    cap = capture(model, (ids,), {"attention_mask": torch.ones(2, 16, dtype=torch.long)})
+    assert cap.method == "export"
+    out = cap.unflatten_output(cap.gm(*cap.flat_inputs((ids,), {"attention_mask": torch.ones(2, 16, dtype=torch.long)})))
+    assert out.last_hidden_state.shape == (2, 16, 32)
