@@ -173,23 +173,27 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
 
 
 def _fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, verify):
-    """Recompute (exact) first; when it cannot reach the budget, 8-bit saved activations
-    and recompute again. Returns (gm, decisions)."""
+    """Meet the budget: recompute alone (exact) if it can; else 8-bit saved activations
+    alone; else recompute plans from the frontier (least extra time first) with the saved
+    tensors left outside recomputed regions quantized. Returns (gm, decisions).
+
+    Quantization runs after checkpointing, so it wraps only what stays saved: inside a
+    recomputed region nothing is kept, and quantizing there would only add work.
+    """
     import dataclasses
 
+    from memfit.budget import format_bytes
     from memfit.memory_plan import Decision
     from memfit.passes import PassManager, get_pass
 
-    def checkpoint(gm_in):
-        from memfit.passes.checkpoint import plan_checkpoint
-        cp = plan_checkpoint(dataclasses.replace(cap, gm=gm_in), budget_bytes, optimizer=ctx.optimizer,
-                             loss_fn=ctx.loss_fn)
-        return cp.gm, list(cp.decisions)
-
+    planner = None
     first_error = None
     if "checkpoint" in allowed:
+        from memfit.passes.checkpoint import CheckpointPlanner
+        planner = CheckpointPlanner(dataclasses.replace(cap, gm=gm), optimizer=ctx.optimizer, loss_fn=ctx.loss_fn)
         try:
-            return checkpoint(gm)
+            cp = planner.plan(budget_bytes)
+            return cp.gm, list(cp.decisions)
         except BudgetError as e:
             first_error = e
     q = None
@@ -198,23 +202,45 @@ def _fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, verify):
             q = get_pass(TECHNIQUES["quantize"])()
         except PassError as e:
             log.info("technique quantize skipped: %s", e)
-    if q is not None:
-        res = PassManager([q], verify=verify).run(gm, dataclasses.replace(ctx, captured=dataclasses.replace(cap, gm=gm)))
-        qgm = res.gm
-        a = analyze_step(dataclasses.replace(cap, gm=qgm), optimizer=ctx.optimizer, loss_fn=ctx.loss_fn, symbolic=False)
+    if q is None:
+        if first_error is not None:
+            raise first_error
+        raise BudgetError(f"predicted peak {format_bytes(peak)} exceeds the budget {format_bytes(budget_bytes)} "
+                          f"and neither 'checkpoint' nor 'quantize' is among the allowed techniques "
+                          f"{list(allowed)}")
+
+    def quantized(g):
+        from memfit.passes.checkpoint import _copy_graph_module
+        g = _copy_graph_module(g)  # the pass rewrites in place; the planner keeps `gm` as it was
+        res = PassManager([q], verify=verify).run(g, dataclasses.replace(ctx, captured=dataclasses.replace(cap, gm=g)))
+        a = analyze_step(dataclasses.replace(cap, gm=res.gm), optimizer=ctx.optimizer, loss_fn=ctx.loss_fn,
+                         symbolic=False)
         counts = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in res.stats.items())
-        dq = Decision(target="(model)", action=q.to_text(), saved_bytes=peak - a.peak_bytes,
-                      extra_time_s=float(res.stats.get("extra_time_us", 0)) * 1e-6, detail=counts)
-        if a.peak_bytes <= budget_bytes:
-            return qgm, [dq]
-        if "checkpoint" in allowed:
-            g2, dec = checkpoint(qgm)
-            return g2, [dq] + dec
-    if first_error is not None:
-        raise first_error
-    from memfit.budget import format_bytes
-    raise BudgetError(f"predicted peak {format_bytes(peak)} exceeds the budget {format_bytes(budget_bytes)} and "
-                      f"neither 'checkpoint' nor 'quantize' is among the allowed techniques {list(allowed)}")
+        return res.gm, a.peak_bytes, counts, float(res.stats.get("extra_time_us", 0)) * 1e-6
+
+    qgm, qpeak, counts, qtime = quantized(gm)
+    if qpeak <= budget_bytes:
+        return qgm, [Decision("(model)", q.to_text(), peak - qpeak, qtime, counts)]
+    best = qpeak
+    if planner is not None:
+        frontier = [p for p in planner.frontier if p.spans]
+        # At most 6 simulations, spread over the frontier from the fastest plan to the floor.
+        picks = sorted({round(i * (len(frontier) - 1) / 5) for i in range(6)}) if frontier else []
+        for i in picks:
+            spans = frontier[i].spans
+            ck_peak, ckgm = planner.simulate(spans)
+            qgm, qpeak, counts, qtime = quantized(ckgm)
+            best = min(best, qpeak)
+            if qpeak <= budget_bytes:
+                return qgm, planner.decisions_for(spans) + [
+                    Decision("(outside recomputed regions)", q.to_text(), ck_peak - qpeak, qtime, counts)]
+    raise BudgetError(
+        f"the budget {format_bytes(budget_bytes)} cannot be met: the lowest predicted peak with "
+        f"recomputation and 8-bit saved activations is {format_bytes(best)} (unoptimized "
+        f"{format_bytes(peak)}). What would lower it: 4- or 2-bit activations "
+        f"(passes='quantize-activations{{bits=4}}'), a smaller batch or sequence, a lighter "
+        f"optimizer, or a budget of at least {format_bytes(best)}."
+        + (f" Recompute alone: {first_error}" if first_error else ""))
 
 
 def optimize_(model: torch.nn.Module, budget=None, **kwargs) -> torch.nn.Module:
