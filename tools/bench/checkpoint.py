@@ -139,7 +139,9 @@ def run_model(name, fractions, repeats, use_compile):
         try:
             plan = planner.plan(budget)
         except BudgetError as e:
-            rows.append((frac, budget, None, str(e).split(":")[1][:60]))
+            import re
+            floor = re.search(r"lowest predicted peak with recomputation is ([0-9.]+ \w+)", str(e))
+            rows.append((frac, budget, None, floor.group(1) if floor else "?"))
             continue
         dt_plan = time.perf_counter() - t1
         gmodel = GraphModel(cap, plan.gm)
@@ -178,7 +180,7 @@ def run_model(name, fractions, repeats, use_compile):
                f"{format_bytes(pb_ret)} | {med['per-block'] / med['unmodified']:.2f} | {len(blocks)} | - |")
     for frac, budget, res, err in rows:
         if res is None:
-            out.append(f"| {frac:.0%} | memfit | {format_bytes(budget)} | - | BudgetError | - | - | - | - |")
+            out.append(f"| {frac:.0%} | memfit | {format_bytes(budget)} | - | BudgetError (floor {err}) | - | - | - | - |")
             continue
         m, ret, plan, dtp = res
         fits = "yes" if m.peak_bytes <= budget else "NO"
