@@ -1,0 +1,171 @@
+"""Benchmark of quantize-activations.
+
+    python tools/bench/quantize.py [--repeats 7] [--skip-memory]
+
+CPU (always): step time (forward + backward) of the captured graph with and without the pass,
+alternating variants in one process, medians and their ratio; saved-activation bytes measured
+(memfit.measure) and predicted (analyze_step) on the examples.
+GPU (only with CUDA): kernel bandwidth of quantize + dequantize as a fraction of the device's
+measured copy bandwidth (bytes read plus written), and the step overhead at 8 bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from memfit.capture import capture  # noqa: E402
+from memfit.passes import PassContext  # noqa: E402
+from memfit.passes.quantize import QuantizeActivations  # noqa: E402
+
+
+def _load(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+SIZES = {
+    "gpt2_like": dict(batch_size=2, seq_len=64, layers=2, d=64, heads=4, vocab=128),
+    "vit_like": dict(batch_size=4, image_size=32, layers=2, d=64, heads=4),
+}
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def step_times(name: str, bits_list=(8, 4), repeats: int = 7, device="cpu"):
+    """Median fwd+bwd seconds of the captured graph, unquantized and at each bit width."""
+    mod = _load(name)
+    torch.manual_seed(0)
+    model, inputs = mod.make(**SIZES[name])
+    model = model.to(device)
+    inputs = tuple(t.to(device) for t in inputs)
+    cap = capture(model, inputs, dynamic=False)
+    variants = {"unquantized": cap.gm}
+    import copy
+    for b in bits_list:
+        gm = copy.deepcopy(cap.gm)  # parameters copied too: same values, independent graph
+        variants[f"{b}-bit"] = QuantizeActivations(bits=b).run(gm, PassContext(captured=cap)).gm
+    dev = torch.device(device)
+
+    def one(gm):
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = gm(*inputs)
+        mod.loss_fn(out[0]).backward()
+        _sync(dev)
+        return time.perf_counter() - t0
+
+    times = {k: [] for k in variants}
+    for gm in variants.values():   # warm-up
+        one(gm)
+    for _ in range(repeats):
+        for k, gm in variants.items():   # alternate variants
+            times[k].append(one(gm))
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def memory_rows():
+    import memfit
+    from memfit.cost_models.memory import analyze_step
+    from tests.test_quantize_memory import _Run
+    rows = []
+    for name in SIZES:
+        for dtype in (torch.float32, torch.bfloat16):
+            mod = _load(name)
+            torch.manual_seed(0)
+            model, inputs = mod.make(**SIZES[name])
+            model = model.to(dtype)
+            inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
+            cap = capture(model, inputs, dynamic=False)
+            base = memfit.measure(_Run(cap), example_inputs=inputs, loss_fn=mod.loss_fn).saved_activations
+            cap.gm = QuantizeActivations().run(cap.gm, PassContext(captured=cap)).gm
+            meas = memfit.measure(_Run(cap), example_inputs=inputs, loss_fn=mod.loss_fn).saved_activations
+            pred = analyze_step(cap, loss_fn=mod.loss_fn, symbolic=False).totals["saved_activations"]
+            rows.append((name, str(dtype).replace("torch.", ""), base, meas, pred))
+    return rows
+
+
+def gpu_bandwidth(numel: int = 64 * 2**20, repeats: int = 20):
+    """Quantize + dequantize bandwidth over the device's copy bandwidth (bytes read + written)."""
+    from memfit.kernels.triton import quant as T
+    dev = torch.device("cuda")
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(numel, device=dev, dtype=dtype)
+        y = torch.empty_like(x)
+
+        def timed(fn):
+            fn()
+            torch.cuda.synchronize()
+            ts = []
+            for _ in range(repeats):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                fn()
+                e.record()
+                torch.cuda.synchronize()
+                ts.append(s.elapsed_time(e) / 1e3)
+            return statistics.median(ts)
+
+        copy_bw = 2 * x.numel() * x.element_size() / timed(lambda: y.copy_(x))
+        for bits in (8, 4, 2):
+            packed = T.quantize(x, bits, 256)
+            pbytes = sum(t.numel() * t.element_size() for t in packed)
+            tq = timed(lambda: T.quantize(x, bits, 256))
+            td = timed(lambda: T.dequantize(*packed, x.shape, dtype, bits, 256))
+            moved = 2 * (x.numel() * x.element_size() + pbytes)
+            out[(str(dtype), bits)] = (moved / (tq + td)) / copy_bw
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--skip-memory", action="store_true")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs visible, threads {torch.get_num_threads()}")
+    print("\n## CPU step time (forward + backward, median of %d, alternating)" % args.repeats)
+    print("| model | unquantized | 8-bit | 4-bit | 8-bit / unquantized | 4-bit / unquantized |")
+    print("|---|---|---|---|---|---|")
+    for name in SIZES:
+        t = step_times(name, repeats=args.repeats)
+        u = t["unquantized"]
+        print(f"| {name} | {u * 1e3:.1f} ms | {t['8-bit'] * 1e3:.1f} ms | {t['4-bit'] * 1e3:.1f} ms | "
+              f"{t['8-bit'] / u:.2f}x | {t['4-bit'] / u:.2f}x |")
+    if not args.skip_memory:
+        print("\n## Saved activations at 8 bits (measured, predicted)")
+        print("| model | dtype | unquantized | 8-bit measured | ratio | 8-bit predicted | prediction error |")
+        print("|---|---|---|---|---|---|---|")
+        for name, dt, base, meas, pred in memory_rows():
+            print(f"| {name} | {dt} | {base} B | {meas} B | {meas / base:.3f}x | {pred} B | "
+                  f"{(pred - meas) / meas * 100:+.2f}% |")
+    if torch.cuda.is_available():
+        print("\n## GPU kernel bandwidth (fraction of copy bandwidth, goal >= 0.8)")
+        for (dt, bits), frac in gpu_bandwidth().items():
+            print(f"| {dt} | {bits}-bit | {frac:.2f} |")
+        print("\n## GPU step time")
+        for name in SIZES:
+            t = step_times(name, device="cuda", repeats=args.repeats)
+            print(f"| {name} | 8-bit / unquantized {t['8-bit'] / t['unquantized']:.3f}x |")
+    else:
+        print("\n(no CUDA device: GPU bandwidth and step overhead skipped)")
+
+
+if __name__ == "__main__":
+    main()
