@@ -87,7 +87,7 @@ def _run_flat(gm, cap):
 
 
 @pytest.mark.parametrize("name,method", [("mlp", "auto"), ("convbn", "auto"), ("convbn", "export"),
-                                         ("block", "auto"), ("block", "export"), ("unet", "auto"),
+                                         ("block", "auto"), ("unet", "auto"),
                                          ("stack_dropout", "export")])
 def test_exact_gradients_and_rng(name, method):
     torch.manual_seed(0)
@@ -143,7 +143,7 @@ def test_bf16_autocast_runs_and_matches():
 
 def test_pass_through_pipeline_and_counts():
     torch.manual_seed(0)
-    model, inputs = Stack(3, 32), (torch.randn(8, 32, 32),)
+    model, inputs = Stack(2, 32), (torch.randn(8, 16, 32),)
     cap = capture(model, inputs)
     p = parse_pipeline("checkpoint{budget=80%}")[0]
     assert p.to_text() == "checkpoint{budget=80%}"
