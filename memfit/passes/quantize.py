@@ -274,7 +274,7 @@ class QuantizeActivations(Pass):
     bits: int = 8
     group_size: int = 256
     headwise: bool = True
-    ema: bool = True
+    ema: bool = False
     stochastic: bool = False
     min_bytes: int = 4096
     seed: int = 0

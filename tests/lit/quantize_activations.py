@@ -35,7 +35,7 @@ def show(model, x, pipeline, method="auto"):
 def test_mlp():
     show(MLP(16, 64, 4), torch.randn(32, 16), "quantize-activations")
 # CHECK-LABEL: TEST: test_mlp
-# CHECK-NEXT: %memfit_quant_scope = memfit_quant(%x)  # bits=8, group_size=256, headwise=True, ema=True
+# CHECK-NEXT: %memfit_quant_scope = memfit_quant(%x)  # bits=8, group_size=256, headwise=True, ema=False
 # CHECK-NEXT: %relu = memfit_quant.relu(%memfit_quant_scope, %fc1)  # call_function relu
 # CHECK-NEXT: %fc2 = memfit_quant.fc2(%memfit_quant_scope, %relu)  # call_module fc2
 # CHECK-NEXT: %gelu = memfit_quant.gelu(%memfit_quant_scope, %fc2)  # call_function gelu
