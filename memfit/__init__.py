@@ -10,7 +10,15 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
+    "optimize": "memfit.api:optimize",
+    "optimize_": "memfit.api:optimize_",
     "plan": "memfit.api:plan",
+    "OptimizedModule": "memfit.module:OptimizedModule",
+    "Pass": "memfit.passes.base:Pass",
+    "PassResult": "memfit.passes.base:PassResult",
+    "PassContext": "memfit.passes.base:PassContext",
+    "PassManager": "memfit.passes.manager:PassManager",
+    "register_pass": "memfit.passes.registry:register_pass",
     "measure": "memfit.measure:measure",
     "Measurement": "memfit.measure:Measurement",
     "Budget": "memfit.budget:Budget",
@@ -26,7 +34,7 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str):
+def __getattr__(name: str):  # noqa: D103 - the lazy half of the public API
     target = _LAZY.get(name)
     if target is None:
         raise AttributeError(f"module 'memfit' has no attribute {name!r}")
@@ -38,3 +46,12 @@ def __getattr__(name: str):
 
 def __dir__():
     return sorted(list(globals()) + list(_LAZY))
+
+
+# `measure` and `capture` are both functions and submodules. Importing a submodule sets the
+# package attribute to the module (`import memfit.measure` anywhere would turn
+# `memfit.measure(...)` into "module is not callable"), so these two are bound eagerly,
+# after their submodules are loaded: later imports find the modules in sys.modules and
+# leave the attributes alone.
+from memfit.capture import capture  # noqa: E402
+from memfit.measure import measure  # noqa: E402

@@ -10,7 +10,7 @@ import torch
 from memfit.budget import Budget
 from memfit.capture import capture
 from memfit.cost_models.memory import analyze_step
-from memfit.errors import BudgetError
+from memfit.errors import BudgetError, PassError
 from memfit.memory_plan import MemoryPlan, downsample_timeline, module_rows
 
 log = logging.getLogger(__name__)
@@ -64,3 +64,165 @@ def check_budget(plan_: MemoryPlan) -> None:
         from memfit.budget import format_bytes as fb
         raise BudgetError(f"predicted peak {fb(plan_.peak_bytes)} exceeds the budget "
                           f"{plan_.budget} ({fb(plan_.budget_bytes)})")
+
+
+# ----------------------------------------------------------------------------- optimize
+
+# technique name (DESIGN.md) -> registered pass name
+TECHNIQUES = {
+    "fuse_conv_bn": "fuse-conv-bn",
+    "sdpa": "sdpa-attention",
+    "checkpoint": "checkpoint",
+    "quantize": "quantize-activations",
+    "reversible": "reversible",
+    "token_merge": "token-merge",
+    "offload": None,  # designed for (DESIGN.md), not built yet
+}
+DEFAULT_TECHNIQUES = ("fuse_conv_bn", "sdpa", "checkpoint", "quantize")
+_STRUCTURAL = ("fuse_conv_bn", "sdpa", "reversible", "token_merge")  # applied before planning
+
+
+def _techniques(techniques) -> tuple[str, ...]:
+    if techniques is None:
+        return DEFAULT_TECHNIQUES
+    if isinstance(techniques, str):
+        techniques = [t.strip() for t in techniques.split(",") if t.strip()]
+    out = []
+    for t in techniques:
+        if t not in TECHNIQUES:
+            raise ValueError(f"unknown technique {t!r}; choose from {', '.join(TECHNIQUES)}")
+        if TECHNIQUES[t] is None:
+            raise ValueError(f"technique {t!r} is not available yet in this version of memfit")
+        out.append(t)
+    return tuple(out)
+
+
+def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwargs: dict | None = None,
+             optimizer=None, loss_fn: Callable | None = None, techniques=None, passes=None,
+             mode: str = "train", verify: bool = False):
+    """Rewrite `model` so one training step fits `budget`; returns a new module sharing its
+    parameters (same state_dict keys and tensors), with the plan as `.memfit_plan`.
+
+    budget: bytes, "6GiB", "800MB", or "50%" of the unoptimized step's predicted peak; None
+    applies only the exact structural passes. techniques: which the planner may use (see
+    TECHNIQUES; default: exact ones plus 8-bit quantization, which is used only when the exact
+    ones cannot meet the budget). passes: an explicit pipeline (text form or Pass objects),
+    bypassing the planner. verify: check numerics after every pass (PassManager verify mode).
+
+    Order (docs/architecture.md): structural passes (Conv+BN tune mode, SDPA, and reversible
+    coupling or token merging when allowed), then recompute chosen by the checkpoint solver;
+    when recompute alone cannot reach the budget, quantized saved activations and recompute
+    again. Raises BudgetError when nothing reaches the budget, with the floor.
+    The user's model is not modified.
+    """
+    import dataclasses
+
+    from memfit.memory_plan import Decision
+    from memfit.module import OptimizedModule
+    from memfit.passes import PassContext, PassManager, get_pass
+
+    if mode != "train":
+        raise ValueError(f"mode={mode!r}: only mode='train' is supported (memory of a training step)")
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    budget_obj = Budget.parse(budget) if budget is not None else None
+    allowed = _techniques(techniques)
+    cap = capture(model, tuple(example_inputs), example_kwargs, dynamic=False)
+    base = analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=False)
+    budget_bytes = budget_obj.resolve(base.peak_bytes) if budget_obj is not None else None
+    ctx = PassContext(captured=cap, budget=budget_bytes, optimizer=optimizer, loss_fn=loss_fn,
+                      config={"model": model})  # passes that rewrite the source module (token-merge)
+    decisions: list = []
+    gm = cap.gm
+
+    if passes is not None:
+        res = PassManager(passes, verify=verify).run(gm, ctx)
+        gm = res.gm
+        for k, v in res.stats.items():
+            decisions.append(Decision(target=k.split(".")[0], action=k.split(".", 1)[-1], saved_bytes=0,
+                                      extra_time_s=0.0, detail=f"{v}"))
+    else:
+        peak = base.peak_bytes
+        for t in _STRUCTURAL:
+            if t not in allowed:
+                continue
+            try:
+                p = get_pass(TECHNIQUES[t])()
+            except Exception as e:  # noqa: BLE001 - a missing optional pass is skipped, said why
+                log.info("technique %s skipped: %s", t, e)
+                continue
+            res = PassManager([p], verify=verify).run(gm, ctx)
+            if not res.modified:
+                continue
+            gm = res.gm
+            new_peak = analyze_step(dataclasses.replace(cap, gm=gm), optimizer=optimizer, loss_fn=loss_fn,
+                                    symbolic=False).peak_bytes
+            counts = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in res.stats.items())
+            decisions.append(Decision(target="(model)", action=p.name, saved_bytes=peak - new_peak,
+                                      extra_time_s=0.0, detail=counts))
+            peak = new_peak
+        if budget_bytes is not None and peak > budget_bytes:
+            gm, more = _fit_budget(cap, gm, budget_bytes, peak, allowed, ctx, verify)
+            decisions.extend(more)
+    extra = sum(d.extra_time_s for d in decisions)
+    new_cap = dataclasses.replace(cap, gm=gm)
+    plan_ = plan_captured(new_cap, budget_obj, optimizer=optimizer, loss_fn=loss_fn, symbolic=False,
+                          decisions=decisions, extra_time_s=extra, baseline_peak=base.peak_bytes)
+    check_budget(plan_)
+    return OptimizedModule(model, new_cap, gm, plan_)
+
+
+def _fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, verify):
+    """Recompute (exact) first; when it cannot reach the budget, 8-bit saved activations
+    and recompute again. Returns (gm, decisions)."""
+    import dataclasses
+
+    from memfit.memory_plan import Decision
+    from memfit.passes import PassManager, get_pass
+
+    def checkpoint(gm_in):
+        from memfit.passes.checkpoint import plan_checkpoint
+        cp = plan_checkpoint(dataclasses.replace(cap, gm=gm_in), budget_bytes, optimizer=ctx.optimizer,
+                             loss_fn=ctx.loss_fn)
+        return cp.gm, list(cp.decisions)
+
+    first_error = None
+    if "checkpoint" in allowed:
+        try:
+            return checkpoint(gm)
+        except BudgetError as e:
+            first_error = e
+    q = None
+    if "quantize" in allowed:
+        try:
+            q = get_pass(TECHNIQUES["quantize"])()
+        except PassError as e:
+            log.info("technique quantize skipped: %s", e)
+    if q is not None:
+        res = PassManager([q], verify=verify).run(gm, dataclasses.replace(ctx, captured=dataclasses.replace(cap, gm=gm)))
+        qgm = res.gm
+        a = analyze_step(dataclasses.replace(cap, gm=qgm), optimizer=ctx.optimizer, loss_fn=ctx.loss_fn, symbolic=False)
+        counts = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in res.stats.items())
+        dq = Decision(target="(model)", action=q.to_text(), saved_bytes=peak - a.peak_bytes,
+                      extra_time_s=float(res.stats.get("extra_time_us", 0)) * 1e-6, detail=counts)
+        if a.peak_bytes <= budget_bytes:
+            return qgm, [dq]
+        if "checkpoint" in allowed:
+            g2, dec = checkpoint(qgm)
+            return g2, [dq] + dec
+    if first_error is not None:
+        raise first_error
+    from memfit.budget import format_bytes
+    raise BudgetError(f"predicted peak {format_bytes(peak)} exceeds the budget {format_bytes(budget_bytes)} and "
+                      f"neither 'checkpoint' nor 'quantize' is among the allowed techniques {list(allowed)}")
+
+
+def optimize_(model: torch.nn.Module, budget=None, **kwargs) -> torch.nn.Module:
+    """In-place variant of optimize(): `model.forward` runs the rewritten graph from now on
+    (the model object, its parameters and state_dict stay the same); returns `model`."""
+    import types
+
+    opt = optimize(model, budget, **kwargs)
+    model.forward = types.MethodType(lambda self, *a, **k: opt(*a, **k), model)
+    model.memfit_plan = opt.memfit_plan
+    return model

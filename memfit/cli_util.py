@@ -108,6 +108,18 @@ def load_factory(spec: str, inputs: list[str] | None = None, factory_kwargs: dic
     return model, tuple(args), dict(kwargs)
 
 
+def factory_loss_fn(spec: str):
+    """The `loss_fn(output) -> scalar` defined beside a factory (module level), or None.
+    Called after load_factory(spec), which has imported the module."""
+    path = spec.rpartition(":")[0]
+    if path.endswith(".py") or os.sep in path:
+        module = sys.modules.get("_memfit_user_" + re.sub(r"\W", "_", os.path.abspath(path)))
+    else:
+        module = sys.modules.get(path)
+    fn = getattr(module, "loss_fn", None) if module is not None else None
+    return fn if callable(fn) else None
+
+
 class Progress:
     """Stage lines on stderr: 'memfit: capturing ... 1.6 s'. Quiet when `enabled` is False."""
 

@@ -1,6 +1,6 @@
 """The example models: each plans from the CLI, and each prediction holds to a measured step."""
 
-import importlib.util
+import importlib
 import os
 
 import pytest
@@ -13,10 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load(name):
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return importlib.import_module(f"examples.{name}")  # the repository root is on sys.path (conftest)
 
 
 SMALL = {

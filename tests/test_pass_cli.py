@@ -40,6 +40,7 @@ def test_passes_lists_builtin_and_loaded(tmp_path, capsys):
     assert "    pattern: str = *" in out
     assert "test-frob  [approximate]  Frobnicate the graph (test plugin)." in out
     assert "    level: int = 3" in out and "More text" not in out
+    assert '    tags: tuple[str, ...] = ""' in out
 
 
 def test_opt_prints_graph_stats_and_peaks(capsys):
@@ -85,4 +86,4 @@ def test_opt_errors_are_one_line_exit_2(capsys, argv, message):
 
 def test_console_entry_runs():
     r = subprocess.run([sys.executable, "-m", "memfit", "passes"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and r.stdout.startswith("outline  [exact]")
+    assert r.returncode == 0 and "\noutline  [exact]" in "\n" + r.stdout, r.stderr

@@ -238,3 +238,22 @@ def test_verify_without_inputs_is_a_clear_error():
         PassManager([Identity()], verify=True).run(cap.gm, PassContext())
     # config['verify_inputs'] works without a Captured
     PassManager([Identity()], verify=True).run(cap.gm, PassContext(config={"verify_inputs": [torch.randn(2, 64)]}))
+
+
+def test_non_tensor_nodes_need_no_metadata():
+    # A get_attr of a module (as a pass calling a module functionally would add) computes no
+    # tensor, so it needs no meta['val']; verify accepts it.
+    @dataclass(frozen=True)
+    class ModuleRef(Pass):
+        name: ClassVar[str] = "t-module-ref"
+
+        def run(self, gm, ctx):
+            n = _relu_nodes(gm)[0]
+            with gm.graph.inserting_before(n):
+                ref = gm.graph.get_attr("fc1")
+                gm.graph.call_function(id, (ref,))  # an int-valued node: no metadata either
+            return PassResult(gm, modified=True)
+
+    m = MLP()
+    cap = capture(m, (torch.randn(3, 64),))
+    PassManager([ModuleRef()], verify=True).run(cap.gm, PassContext(captured=cap))

@@ -187,7 +187,8 @@ class Pass:
         out = []
         for f in dataclasses.fields(cls):
             tp = hints[f.name]
-            tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+            plain = isinstance(tp, type) and not typing.get_args(tp)
+            tname = tp.__name__ if plain else str(tp).replace("typing.", "")
             default = f.default if f.default is not dataclasses.MISSING else "(required)"
             out.append((f.name, tname, _format(default)))
         return out
@@ -208,6 +209,7 @@ def function_pass(fn, name: str, promise: Promise = EXACT) -> type[Pass]:
                         "return a PassResult, a GraphModule or None")
 
     cls = type(fn.__name__, (Pass,), {"__annotations__": {}, "run": run, "__doc__": fn.__doc__,
+                                     "_memfit_fn": staticmethod(fn),
                                      "__module__": fn.__module__})
     cls.name = name
     cls.promise = promise

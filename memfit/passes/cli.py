@@ -107,7 +107,7 @@ def cmd_opt(args) -> int:
             print(f"// -----// IR after {p.to_text()} //----- //")
             print(format_graph(res.gm, name=name))
 
-    ctx = PassContext(captured=cap, optimizer=opt)
+    ctx = PassContext(captured=cap, optimizer=opt, config={"model": model})  # token-merge rewrites the module
     with progress.stage(f"running {format_pipeline(pipeline) or 'no passes'}"
                         + (" with verification" if args.verify else "")):
         res = PassManager(pipeline, verify=args.verify, after_pass=after_pass).run(cap.gm, ctx)
@@ -145,7 +145,7 @@ def format_pass_list() -> str:
         promise = cls.promise.kind
         lines.append(f"{cls.name}  [{promise}]" + (f"  {first}" if first else ""))
         for opt, tp, default in cls.option_docs():
-            lines.append(f"    {opt}: {tp} = {default}")
+            lines.append(f"    {opt}: {tp} = {default if default != '' else chr(34) * 2}")
     return "\n".join(lines) if lines else "(no passes registered)"
 
 

@@ -5,8 +5,8 @@ naming the pass and the passes that ran before it.
 
 Verify mode (`PassManager(..., verify=True)`) also checks, after each pass:
 
-1. every node but the output still has shape metadata (`node.meta["val"]`), and its dtype
-   and static sizes agree with the value the node computes on the example inputs;
+1. every node computing a tensor still has shape metadata (`node.meta["val"]`), and its
+   dtype and static sizes agree with the value the node computes on the example inputs;
 2. the pass changed no parameter or buffer in place (the captured graph shares them with
    the user's model);
 3. outputs, and gradients of the parameters and of the floating-point inputs, on the real
@@ -239,14 +239,17 @@ class _Verifier:
             fail(f"the pass changed {which} in place; parameters and buffers are shared with the user's "
                  "model and must not be modified (restored)")
         self.state.track(gm)
-        missing = [n for n in _missing_meta(gm) if n.name not in self.missing_before]
-        if missing:
-            fail(f"node {missing[0].format_node()} has no shape metadata (node.meta['val']); "
-                 "a pass that creates nodes must fill it")
         try:
             cur = self._execute(gm)
         except Exception as e:
             fail(f"the rewritten graph fails on the example inputs: {type(e).__name__}: {e}")
+        # Nodes computing tensors need shape metadata; get_attr of a module or a node
+        # returning a context object has none to give.
+        missing = [n for n in _missing_meta(gm) if n.name not in self.missing_before
+                   and _has_tensor(cur.values.get(n.name))]
+        if missing:
+            fail(f"node {missing[0].format_node()} has no shape metadata (node.meta['val']); "
+                 "a pass that creates nodes must fill it")
         for n in gm.graph.nodes:
             if n.op != "output" and n.name in cur.values:
                 bad = _meta_disagrees(n.meta.get("val"), cur.values[n.name])
@@ -258,6 +261,14 @@ class _Verifier:
                 node = _first_differing_node(self.prev, cur, p.promise, gm)
                 fail(msg + (f"; first node that differs from the graph before the pass: {node}" if node else ""))
         self.prev = cur
+
+
+def _has_tensor(v) -> bool:
+    if isinstance(v, torch.Tensor):
+        return True
+    if isinstance(v, (tuple, list)):
+        return any(_has_tensor(x) for x in v)
+    return False
 
 
 def _missing_meta(gm) -> list[torch.fx.Node]:

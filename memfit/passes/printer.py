@@ -58,6 +58,10 @@ def format_type(val: Any) -> str:
 def _target(node: torch.fx.Node) -> str:
     t = node.target
     if node.op == "call_module":
+        mod = _owner_module(node, t)
+        if mod is not None and not isinstance(mod, torch.fx.GraphModule) and \
+                any(isinstance(c, torch.fx.GraphModule) for c in mod.children()):
+            return f"@{t}<{type(mod).__name__}>"  # a wrapper around an outlined region
         return f"@{t}"
     if node.op == "call_method":
         return f".{t}"
@@ -82,6 +86,14 @@ def _target(node: torch.fx.Node) -> str:
     elif mod.startswith("torch._C") or mod.startswith("torch._tensor") or mod == "torch.functional":
         mod = "torch"
     return f"{mod}.{name}" if mod and mod != "builtins" else name
+
+
+def _owner_module(node: torch.fx.Node, target):
+    gm = node.graph.owning_module
+    try:
+        return gm.get_submodule(str(target)) if gm is not None else None
+    except AttributeError:
+        return None
 
 
 def _arg(a: Any) -> str:
@@ -144,9 +156,10 @@ def format_graph(gm: torch.fx.GraphModule, *, name: str | None = None, saved: bo
             if isinstance(child, torch.fx.GraphModule):
                 sub.append((str(node.target), child))
             else:
-                inner = getattr(child, "memfit_inner", None)  # wrappers (checkpoint) expose what they run
-                if isinstance(inner, torch.fx.GraphModule):
-                    sub.append((f"{node.target}.inner", inner))
+                # a wrapper (checkpointing, offload) around an outlined graph: show what it runs
+                for cname, inner in child.named_children():
+                    if isinstance(inner, torch.fx.GraphModule):
+                        sub.append((f"{node.target}.{cname}", inner))
     total = sum(getattr(n.meta.get("memfit"), "saved_bytes", 0) or 0 for n in gm.graph.nodes)
     lines.append("}" + (f"  // saved={_bytes(total)}" if saved and total else ""))
     out = "\n".join(lines)

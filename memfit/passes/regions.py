@@ -209,6 +209,9 @@ def outline_region(gm: torch.fx.GraphModule, nodes, name: str) -> torch.fx.Node:
     target_map: dict[str, str] = {}
     for n in nodes:
         new = sub.node_copy(n, lambda x: env[x])
+        # per-node costs described the node in the parent's step; inside the child they
+        # would be stale (a wrapper such as checkpointing changes what is saved)
+        new.meta.pop("memfit", None)
         if n.op == "call_module":
             tgt = str(n.target)
             if tgt not in target_map:

@@ -8,7 +8,9 @@ through the entry-point group `memfit.passes` (name = "package.module:PassClass"
 from __future__ import annotations
 
 import importlib
+import os
 import re
+import sys
 from dataclasses import is_dataclass
 from importlib.metadata import entry_points
 
@@ -19,8 +21,15 @@ ENTRY_POINT_GROUP = "memfit.passes"
 
 # name -> "module:attr"; each module registers its pass on import as well.
 _BUILTIN: dict[str, str] = {}
-_BUILTIN["outline"] = "memfit.passes.outline:Outline"
-_BUILTIN["quantize-activations"] = "memfit.passes.quantize:QuantizeActivations"
+_BUILTIN.update({
+    "outline": "memfit.passes.outline:Outline",
+    "checkpoint": "memfit.passes.checkpoint:Checkpoint",
+    "fuse-conv-bn": "memfit.passes.fuse_conv_bn:FuseConvBN",
+    "sdpa-attention": "memfit.passes.sdpa_attention:SDPAAttention",
+    "quantize-activations": "memfit.passes.quantize:QuantizeActivations",
+    "reversible": "memfit.passes.reversible:Reversible",
+    "token-merge": "memfit.passes.token_merge:TokenMerge",
+})
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _entry_points_loaded = False
@@ -47,13 +56,28 @@ def register_pass(obj=None, *, name: str | None = None, promise: Promise = EXACT
         if not cls.name:
             raise PassError(f"pass class {cls.__name__} has no `name`")
         existing = _REGISTRY.get(cls.name)
-        if existing is not None and existing is not cls and not replace and \
-                (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+        if existing is not None and existing is not cls and not replace and _origin(existing) != _origin(cls):
             raise PassError(f"a pass named {cls.name!r} is already registered ({existing.__module__})")
         _REGISTRY[cls.name] = cls
         return cls
 
     return deco(obj) if obj is not None else deco
+
+
+def _origin(cls) -> tuple:
+    """Where a pass class was defined; the same file imported twice (under two module names,
+    e.g. by `memfit opt FILE.py` and by a test) re-registers instead of clashing."""
+    where = None
+    fn = getattr(cls, "_memfit_fn", None)  # function passes: the wrapped function
+    for v in ([fn] if fn is not None else []) + list(vars(cls).values()):
+        # a method's code knows its file even if its module is not in sys.modules
+        code = getattr(v, "__code__", None)
+        if code is not None and not code.co_filename.startswith("<"):
+            where = os.path.realpath(code.co_filename)
+            break
+    if where is None:
+        where = getattr(sys.modules.get(cls.__module__), "__file__", None) or cls.__module__
+    return where, cls.__qualname__
 
 
 def _load_entry_points() -> None:

@@ -1,0 +1,1 @@
+"""Runtime pieces the rewritten graphs call: autograd Functions, checkpointed regions, fused ops."""

@@ -1,0 +1,81 @@
+"""OptimizedModule: the rewritten training graph behind the model's own calling convention.
+
+The result of `memfit.optimize` shares everything with the user's model: its child modules,
+parameters and buffers are the original objects, registered under the original names, so
+`state_dict()` keys and tensors are the same and checkpoints load both ways. Training with
+an optimizer over `opt_model.parameters()` trains the user's model.
+
+The captured graph is specialized to the train/eval mode of every module at capture time
+(torch.export fixes dropout and BatchNorm behaviour). When the modes differ at call time
+(after `.eval()`, say), the module runs the unmodified model instead and logs once why:
+memory passes target the training step they were planned for.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def mode_signature(model: nn.Module) -> tuple:
+    return tuple(m.training for m in model.modules())
+
+
+class OptimizedModule(nn.Module):
+    def __init__(self, original: nn.Module, captured, gm: torch.fx.GraphModule, plan=None):
+        super().__init__()
+        # Not registered: the original's children are registered directly below, so
+        # parameters appear once and under their original names.
+        object.__setattr__(self, "_memfit_original", original)
+        object.__setattr__(self, "_memfit_captured", captured)
+        object.__setattr__(self, "_memfit_gm", gm)
+        object.__setattr__(self, "_memfit_modes", mode_signature(original))
+        object.__setattr__(self, "_memfit_warned", False)
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        for name, p in original.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        non_persistent = getattr(original, "_non_persistent_buffers_set", set())
+        for name, b in original.named_buffers(recurse=False):
+            self.register_buffer(name, b, persistent=name not in non_persistent)
+        self.training = original.training
+        self.memfit_plan = plan
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The rewritten GraphModule (flat inputs, flat tuple output)."""
+        return self._memfit_gm
+
+    @property
+    def original(self) -> nn.Module:
+        return self._memfit_original
+
+    def train(self, mode: bool = True):
+        # nn.Module.train recurses into the children, which are the original's: keep the
+        # original's own flag in step too, so mode_signature compares like with like.
+        super().train(mode)
+        self._memfit_original.training = mode
+        return self
+
+    def forward(self, *args, **kwargs):
+        original = self._memfit_original
+        if mode_signature(original) != self._memfit_modes:
+            if not self._memfit_warned:
+                log.info("module modes changed since memfit captured %s (train/eval); running the "
+                         "unmodified model; call memfit.optimize again to plan for this mode",
+                         type(original).__name__)
+                object.__setattr__(self, "_memfit_warned", True)
+            return type(original).forward(original, *args, **kwargs)
+        cap = self._memfit_captured
+        return cap.unflatten_output(self._memfit_gm(*cap.flat_inputs(tuple(args), kwargs)))
+
+    def extra_repr(self) -> str:
+        p = self.memfit_plan
+        if p is None:
+            return ""
+        from memfit.budget import format_bytes
+        return f"memfit: predicted peak {format_bytes(p.peak_bytes)}, {len(p.decisions)} decisions"

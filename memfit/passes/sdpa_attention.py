@@ -1,0 +1,577 @@
+"""sdpa-attention: explicit attention -> torch.nn.functional.scaled_dot_product_attention.
+
+Recognised (in export graphs' aten ops and in symbolic_trace graphs' torch/method calls):
+
+    scores = (q [* s_q]) @ k^T [* s | / s]          k^T: a transpose of k, or any (..., E, S)
+    scores = scores + mask                           additive float mask (HF eager models)
+           | scores.masked_fill(cond, -inf)          cond True = masked
+           | torch.where(keep, scores, -inf)         keep True = attended
+    p      = softmax(scores, -1) [in fp32, cast back]
+    p      = dropout(p, p_drop)                      optional
+    out    = p @ v
+
+The replacement is one `scaled_dot_product_attention(q, k, v, attn_mask, dropout_p,
+is_causal, scale=s)` node, with the scale given explicitly (the product of every factor seen).
+A masked_fill/where mask built from a constant lower-triangular buffer by prefix slices (the
+nanoGPT `bias[:, :, :T, :T]` form) becomes `is_causal=True`; other masks are passed as
+`attn_mask` (bool keep-masks for masked_fill/where, the float tensor for additive masks).
+
+Numerics: the same function; in fp32 outputs and gradients agree to float rounding (the tests
+bound the whole-model gradient norm difference by 1e-5 relative). masked_fill values of at
+most -1e4 count as -inf (exp underflows to exactly 0 in fp32); rows with every position masked
+differ (softmax of all -inf is NaN, SDPA's is defined).
+
+Memory: the explicit form keeps the (B, H, T, T) scores/probabilities for backward; SDPA's
+fused kernels (CPU flash attention, CUDA flash/memory-efficient) keep q, k, v, the output and a
+(B, H, T) log-sum-exp: linear in T per layer. A float attn_mask is kept as well, but it is the
+same storage in every layer (computed once per model).
+
+Dropout: with p > 0 in a training graph the attention dropout draws its mask from SDPA's own
+RNG stream, so outputs are equal in distribution only, not bit for bit; such candidates are
+skipped with a diagnostic unless `allow_dropout=true`, which rewrites them and says so in a
+warning. (On CPU, SDPA with dropout falls back to the math kernel, which saves more, not less.)
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from memfit.passes.base import EXACT, Diagnostic, Pass, PassContext, PassResult, Promise
+from memfit.passes.registry import register_pass
+from memfit.runtime.attention import sdpa_with_dropout_module
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# masked_fill / where fill values at or below this count as -inf (exp(-1e4) == 0 in fp32)
+NEG_INF_THRESHOLD = -1e4
+
+_FN_KINDS = {
+    "matmul": {aten.matmul.default, aten.bmm.default, torch.matmul, torch.bmm, operator.matmul},
+    "softmax": {aten.softmax.int, aten._softmax.default, torch.softmax, F.softmax},
+    "mul": {aten.mul.Tensor, aten.mul.Scalar, operator.mul, torch.mul},
+    "div": {aten.div.Tensor, aten.div.Scalar, operator.truediv, torch.div},
+    "add": {aten.add.Tensor, operator.add, torch.add},
+    "masked_fill": {aten.masked_fill.Scalar, aten.masked_fill.Tensor, torch.masked_fill},
+    "where": {aten.where.self, aten.where.ScalarOther, torch.where},
+    "dropout": {aten.dropout.default, F.dropout, torch.dropout},
+    "cast": {aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default, prims.convert_element_type.default,
+             aten.type_as.default},
+    "transpose": {aten.transpose.int, torch.transpose},
+    "permute": {aten.permute.default, torch.permute},
+    "slice": {aten.slice.Tensor},
+    "eq": {aten.eq.Scalar, torch.eq, operator.eq},
+    "ne": {aten.ne.Scalar, torch.ne, operator.ne},
+    "not": {aten.logical_not.default, aten.bitwise_not.default, torch.logical_not, operator.invert},
+    "alias": {aten.alias.default, aten.detach.default},
+    "getitem": {operator.getitem},
+    "assert": {aten._assert_tensor_metadata.default},
+}
+_METHOD_KINDS = {
+    "matmul": "matmul", "bmm": "matmul", "softmax": "softmax", "mul": "mul", "div": "div", "add": "add",
+    "masked_fill": "masked_fill", "float": "cast", "to": "cast", "type_as": "cast", "half": "cast",
+    "bfloat16": "cast", "transpose": "transpose", "permute": "permute", "eq": "eq", "ne": "ne",
+    "logical_not": "not", "bool": "cast",
+}
+_FN_TO_KIND = {fn: kind for kind, fns in _FN_KINDS.items() for fn in fns}
+
+
+def _kind(gm, n) -> str | None:
+    if not isinstance(n, torch.fx.Node):
+        return None
+    if n.op == "call_function":
+        return _FN_TO_KIND.get(n.target)
+    if n.op == "call_method":
+        return _METHOD_KINDS.get(n.target)
+    if n.op == "call_module":
+        mod = gm.get_submodule(n.target)
+        if isinstance(mod, nn.Dropout):
+            return "dropout"
+        if isinstance(mod, nn.Softmax):
+            return "softmax"
+    return None
+
+
+def _arg(n, i, name, default=None):
+    if len(n.args) > i:
+        return n.args[i]
+    return n.kwargs.get(name, default)
+
+
+def _val(n):
+    return n.meta.get("val") if isinstance(n, torch.fx.Node) else None
+
+
+def _users(n):
+    """Users other than export's metadata assertions."""
+    return [u for u in n.users if _FN_TO_KIND.get(u.target) != "assert"]
+
+
+def _same(a, b) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+    try:
+        return bool(statically_known_true(a == b)) if not (isinstance(a, int) and isinstance(b, int)) else a == b
+    except Exception:  # noqa: BLE001 - unknown symbolic relation: treat as different
+        return False
+
+
+class _Skip(Exception):
+    """A candidate that does not match; the message goes into a diagnostic."""
+
+
+@dataclass
+class _Match:
+    softmax: torch.fx.Node
+    out: torch.fx.Node                     # the final p @ v node
+    q: torch.fx.Node
+    k: torch.fx.Node | None                # None: insert transpose(kt)
+    kt: torch.fx.Node
+    v: torch.fx.Node
+    scale: list = field(default_factory=list)     # [(factor, "mul"|"div")], factor float or Node
+    attn_mask: object = None                      # Node, or ("not", Node) for masked_fill cond
+    is_causal: bool = False
+    dropout_p: float = 0.0
+    dropout_module: str | None = None             # symbolic_trace graphs: nn.Dropout target
+    chain: list = field(default_factory=list)     # nodes that become dead
+
+
+@register_pass
+@dataclass(frozen=True)
+class SDPAAttention(Pass):
+    """Explicit attention -> scaled_dot_product_attention (see module docstring).
+
+    Options: allow_dropout (rewrite attention with dropout p > 0 in training graphs; equal in
+    distribution only), causal (detect causal masks from lower-triangular buffers).
+    Stats: `rewritten`, `causal` (of those, with is_causal=True), `masked` (with attn_mask),
+    `dropout` (with dropout_p > 0), `skipped` (softmax nodes not rewritten; see diagnostics).
+    """
+
+    name: ClassVar[str] = "sdpa-attention"
+    promise: ClassVar[Promise] = EXACT
+    allow_dropout: bool = False
+    causal: bool = True
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        stats = {"rewritten": 0, "causal": 0, "masked": 0, "dropout": 0, "skipped": 0}
+        diags: list[Diagnostic] = []
+        for node in list(gm.graph.nodes):
+            if getattr(node, "_erased", False) or _kind(gm, node) != "softmax":
+                continue
+            try:
+                m = self._match(gm, node)
+            except _Skip as e:
+                stats["skipped"] += 1
+                diags.append(Diagnostic(self.name, str(e), node=node.name))
+                continue
+            if m.dropout_p > 0 or m.dropout_module is not None:
+                diags.append(Diagnostic(self.name, "attention dropout rewritten (allow_dropout=true): SDPA "
+                                        "draws its own dropout masks, so outputs and gradients match the "
+                                        "original in distribution only, not bit for bit", node=node.name,
+                                        level="warning"))
+                stats["dropout"] += 1
+            self._rewrite(gm, m)
+            stats["rewritten"] += 1
+            stats["causal"] += int(m.is_causal)
+            stats["masked"] += int(m.attn_mask is not None)
+        if stats["rewritten"]:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, modified=stats["rewritten"] > 0, stats=stats, diagnostics=diags)
+
+    # ------------------------------------------------------------------ matching
+
+    def _match(self, gm, sm: torch.fx.Node) -> _Match:
+        x = sm.args[0] if sm.args else sm.kwargs.get("input")
+        if sm.op == "call_module":
+            dim = gm.get_submodule(sm.target).dim
+        else:
+            dim = _arg(sm, 1, "dim")
+        xv = _val(x)
+        if xv is None or not isinstance(dim, int) or dim not in (-1, xv.dim() - 1):
+            raise _Skip("softmax is not over the last dimension of a tensor with known shape")
+        chain = [sm]
+
+        # forward: casts, optional dropout, casts, then p @ v
+        cur, dropout_p, dropout_module = sm, 0.0, None
+        while True:
+            users = _users(cur)
+            if len(users) != 1:
+                raise _Skip(f"{cur.name} has {len(users)} users (attention probabilities used elsewhere, "
+                            "e.g. output_attentions), so they stay in memory anyway")
+            u = users[0]
+            k = _kind(gm, u)
+            if k == "cast":
+                chain.append(u)
+                cur = u
+                continue
+            if k == "dropout":
+                if dropout_p or dropout_module:
+                    raise _Skip("two dropouts on the attention probabilities")
+                if u.op == "call_module":
+                    mod = gm.get_submodule(u.target)
+                    if mod.p > 0:
+                        if not self.allow_dropout:
+                            raise _Skip(f"attention dropout p={mod.p} (nn.Dropout {u.target}) may be active: "
+                                        "SDPA's dropout masks differ from the graph's, so the rewrite "
+                                        "matches in distribution only; pass allow_dropout=true to accept")
+                        dropout_module = u.target
+                else:
+                    p = float(_arg(u, 1, "p", 0.5))
+                    train = _arg(u, 2, "train", _arg(u, 2, "training", True))
+                    if train and p > 0:
+                        if not self.allow_dropout:
+                            raise _Skip(f"attention dropout p={p} in a training graph: SDPA's dropout masks "
+                                        "differ from the graph's, so the rewrite matches in distribution only; "
+                                        "pass allow_dropout=true to accept")
+                        dropout_p = p
+                chain.append(u)
+                cur = u
+                continue
+            if k == "matmul" and u.args[0] is cur:
+                out, v = u, u.args[1]
+                break
+            raise _Skip(f"attention probabilities feed {_describe(u)}, not a matmul with the values")
+
+        # backward from the softmax input: casts, mask, casts, scales, casts, q @ k^T
+        scale: list = []
+        mask, is_causal = None, False
+        cur = x
+        while True:
+            if len(_users(cur)) != 1:
+                raise _Skip(f"{cur.name} (attention scores) has other users")
+            k = _kind(gm, cur)
+            if k == "cast":
+                chain.append(cur)
+                cur = cur.args[0]
+                continue
+            if k in ("mul", "div"):
+                a, b = cur.args[0], cur.args[1] if len(cur.args) > 1 else cur.kwargs.get("other")
+                if k == "mul" and _is_scalar(a) and not _is_scalar(b):
+                    a, b = b, a
+                if not _is_scalar(b):
+                    raise _Skip(f"scores scaled by a tensor ({_describe(b)}), not a number")
+                scale.append((b, k))
+                chain.append(cur)
+                cur = a
+                continue
+            if k in ("add", "masked_fill", "where") and mask is None and not scale:
+                chain.append(cur)
+                cur, mask, is_causal = self._peel_mask(gm, cur, k)
+                continue
+            if k == "matmul":
+                q, kt = cur.args[0], cur.args[1]
+                chain.append(cur)
+                break
+            raise _Skip(f"softmax input comes from {_describe(cur)}, not from q @ k^T")
+
+        # pre-scaled q or k (q * s, k * s, k^T * s)
+        while _kind(gm, q) == "mul" and _is_scalar(q.args[1]):
+            scale.append((q.args[1], "mul"))
+            q = q.args[0]
+        while _kind(gm, kt) == "mul" and _is_scalar(kt.args[1]):
+            scale.append((kt.args[1], "mul"))
+            kt = kt.args[0]
+        key = None
+        ktv = _val(kt)
+        if ktv is not None and _kind(gm, kt) == "transpose":
+            d0, d1 = (int(d) % ktv.dim() for d in (_arg(kt, 1, "dim0"), _arg(kt, 2, "dim1")))
+            if {d0, d1} == {ktv.dim() - 2, ktv.dim() - 1}:
+                key = kt.args[0]
+                while _kind(gm, key) == "mul" and _is_scalar(key.args[1]):
+                    scale.append((key.args[1], "mul"))
+                    key = key.args[0]
+
+        qv, vv, ov = _val(q), _val(v), _val(out)
+        kv_ = _val(key) if key is not None else None
+        if qv is None or ktv is None or vv is None or ov is None:
+            raise _Skip("q, k or v has no shape metadata")
+        if not (qv.dim() == ktv.dim() == vv.dim() >= 3):
+            raise _Skip(f"q, k^T, v ranks {qv.dim()}, {ktv.dim()}, {vv.dim()}: SDPA needs equal ranks >= 3")
+        for i in range(qv.dim() - 2):
+            if not (_same(qv.shape[i], ktv.shape[i]) and _same(qv.shape[i], vv.shape[i])):
+                raise _Skip("q, k and v batch/head dimensions differ (broadcasting attention is not rewritten)")
+        if not (qv.dtype == ktv.dtype == vv.dtype == ov.dtype) or not qv.is_floating_point():
+            raise _Skip(f"dtypes differ (q {qv.dtype}, k {ktv.dtype}, v {vv.dtype}, out {ov.dtype})")
+        if kv_ is not None and kv_.dtype != qv.dtype:
+            key = None
+        if isinstance(mask, torch.fx.Node) and _val(mask) is not None:
+            mv = _val(mask)
+            if mv.dtype != torch.bool and mv.dtype != qv.dtype:
+                raise _Skip(f"additive mask dtype {mv.dtype} differs from the query's {qv.dtype}")
+        return _Match(softmax=sm, out=out, q=q, k=key, kt=kt, v=v, scale=scale, attn_mask=mask,
+                      is_causal=is_causal, dropout_p=dropout_p, dropout_module=dropout_module, chain=chain)
+
+    def _peel_mask(self, gm, n, kind):
+        """(scores node, attn_mask, is_causal) for an add / masked_fill / where node."""
+        nv = _val(n)
+        if kind == "add":
+            a, b = n.args[0], n.args[1]
+            if len(n.args) > 2 or n.kwargs.get("alpha", 1) != 1:
+                raise _Skip("add with alpha")
+            # the scores are the operand with the full shape of the result
+            cands = [(s, m) for s, m in ((a, b), (b, a)) if isinstance(s, torch.fx.Node) and isinstance(m, torch.fx.Node)
+                     and _val(s) is not None and _val(m) is not None and tuple(_val(s).shape) == tuple(nv.shape)
+                     and _kind(gm, s) in ("mul", "div", "matmul", "cast")]
+            if not cands:
+                raise _Skip("scores + mask: cannot tell the scores from the mask")
+            s, m = cands[0]
+            if _val(m).dtype == torch.bool:
+                raise _Skip("adding a boolean mask")
+            return s, m, False
+        if kind == "masked_fill":
+            s, cond, value = n.args[0], n.args[1], _arg(n, 2, "value")
+            fill = _number(value)
+            if fill is None or fill > NEG_INF_THRESHOLD:
+                raise _Skip(f"masked_fill with {value!r}, not -inf (or <= {NEG_INF_THRESHOLD})")
+            if self.causal and _is_causal_cond(gm, cond, masked_when=True):
+                return s, None, True
+            return s, ("not", cond), False
+        # where(keep, scores, other)
+        keep, s, other = n.args[0], n.args[1], n.args[2] if len(n.args) > 2 else n.kwargs.get("other")
+        fill = _number(other)
+        if fill is None and isinstance(other, torch.fx.Node):
+            fill = _const_fill(gm, other)
+        if fill is None or fill > NEG_INF_THRESHOLD:
+            raise _Skip(f"where(mask, scores, {_describe(other)}): the other value is not -inf")
+        if not isinstance(s, torch.fx.Node) or _val(s) is None or tuple(_val(s).shape) != tuple(nv.shape):
+            raise _Skip("where's scores operand is broadcast")
+        if self.causal and _is_causal_cond(gm, keep, masked_when=False):
+            return s, None, True
+        return s, keep, False
+
+    # ------------------------------------------------------------------ rewriting
+
+    def _rewrite(self, gm, m: _Match):
+        graph = gm.graph
+        is_aten = isinstance(m.softmax.target, torch._ops.OpOverload)
+        fake = _fake_mode([_val(m.q)])
+        with graph.inserting_before(m.out):
+            key = m.k
+            if key is None:
+                key = (graph.call_function(aten.transpose.int, (m.kt, -2, -1)) if is_aten
+                       else graph.call_method("transpose", (m.kt, -2, -1)))
+                key.meta["val"] = _run_fake(fake, lambda t: t.transpose(-2, -1), _val(m.kt))
+            scale, scale_val = self._scale_node(graph, m.scale)
+            mask = m.attn_mask
+            mask_val = None
+            if isinstance(mask, tuple):  # masked_fill's cond: True = masked; SDPA wants True = kept
+                cond = mask[1]
+                mask = (graph.call_function(aten.logical_not.default, (cond,)) if is_aten
+                        else graph.call_function(torch.logical_not, (cond,)))
+                mask.meta["val"] = _run_fake(fake, torch.logical_not, _val(cond))
+            if mask is not None:
+                mask_val = _val(mask)
+            if m.dropout_module is not None:
+                drop = graph.get_attr(m.dropout_module)
+                drop.meta["val"] = None  # a module, not a tensor
+                new = graph.call_function(sdpa_with_dropout_module, (m.q, key, m.v, mask, drop, m.is_causal, scale))
+            elif is_aten:
+                new = graph.call_function(aten.scaled_dot_product_attention.default,
+                                          (m.q, key, m.v, mask, m.dropout_p, m.is_causal), {"scale": scale})
+            else:
+                new = graph.call_function(F.scaled_dot_product_attention,
+                                          (m.q, key, m.v), {"attn_mask": mask, "dropout_p": m.dropout_p,
+                                                            "is_causal": m.is_causal, "scale": scale})
+        new.meta["val"] = _run_fake(
+            fake, lambda q, k, v, am: F.scaled_dot_product_attention(q, k, v, attn_mask=am, is_causal=m.is_causal,
+                                                                     scale=scale_val),
+            _val(m.q), _val(key), _val(m.v), mask_val)
+        for k_ in ("nn_module_stack", "stack_trace", "source_fn_stack"):
+            if k_ in m.softmax.meta:
+                new.meta[k_] = m.softmax.meta[k_]
+        m.out.replace_all_uses_with(new)
+        dead = [m.out] + m.chain
+        for n in dead:  # export's metadata assertions on removed values go too
+            for u in list(n.users):
+                if _FN_TO_KIND.get(u.target) == "assert":
+                    graph.erase_node(u)
+        _erase_dead(graph, dead)
+
+    def _scale_node(self, graph, factors):
+        """The scale as a float, or (symbolic_trace graphs) a node computing it; and its value."""
+        const, nodes_ = 1.0, []
+        for f, op in factors:
+            if isinstance(f, torch.fx.Node):
+                nodes_.append((f, op))
+            else:
+                const = const * float(f) if op == "mul" else const / float(f)
+        if not nodes_:
+            return const, const
+        value = const
+        cur = const
+        for f, op in nodes_:
+            fv = float(_val(f))
+            value = value * fv if op == "mul" else value / fv
+            cur = graph.call_function(operator.mul if op == "mul" else operator.truediv, (cur, f))
+            cur.meta["val"] = value
+        cur = graph.call_function(float, (cur,))
+        cur.meta["val"] = value
+        return cur, value
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _describe(n) -> str:
+    if not isinstance(n, torch.fx.Node):
+        return repr(n)
+    return f"{n.op} {n.target}" if n.op != "call_function" else f"{getattr(n.target, '__name__', n.target)}"
+
+
+def _is_scalar(a) -> bool:
+    """A Python number, or (symbolic_trace graphs) a node computing one from shapes."""
+    if isinstance(a, (int, float)) and not isinstance(a, bool):
+        return True
+    if isinstance(a, torch.fx.Node):
+        v = _val(a)
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and a.op != "placeholder"
+    return False
+
+
+def _number(v):
+    if isinstance(v, (int, float)) and not isinstance(v, bool):
+        return float(v)
+    return None
+
+
+def _const_fill(gm, n):
+    """The value of a scalar constant node (full([], -inf), scalar_tensor, a 0-d buffer or lifted
+    constant, through copies and detaches), else None."""
+    while n.op == "call_function" and n.target in _CONST_PASSTHROUGH:
+        n = n.args[0]
+    if n.op == "call_function" and n.target in (aten.full.default, torch.full):
+        return _number(n.args[1]) if len(n.args) > 1 else None
+    if n.op == "call_function" and n.target in (aten.scalar_tensor.default, torch.scalar_tensor):
+        return _number(n.args[0])
+    if n.op == "get_attr":
+        t = _fetch(gm, n.target)
+        if isinstance(t, torch.Tensor) and t.numel() == 1:
+            return float(t.reshape(()).item())
+    return None
+
+
+_CONST_PASSTHROUGH = {aten.lift_fresh_copy.default, aten.detach_.default, aten.detach.default,
+                      aten.alias.default, aten.clone.default}
+
+
+def _fetch(gm, target):
+    obj = gm
+    for part in str(target).split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _slice_is_prefix(n, dim_of_last2) -> bool:
+    start = _arg(n, 2, "start", None)
+    step = _arg(n, 4, "step", 1)
+    return start in (None, 0) and step == 1
+
+
+def _is_causal_cond(gm, cond, *, masked_when: bool) -> bool:
+    """True if `cond` is, for every size, the top-left causal pattern (or its negation).
+
+    Accepts chains of prefix slices, eq/ne with 0/1, logical_not, casts to bool and getitem
+    with prefix slices from one constant buffer; the buffer, pushed through the chain without
+    the slices, must be constant over leading dimensions and equal to tril(ones) (keep) on its
+    square last two dimensions. Prefixes of a tril pattern are top-left causal, which is
+    SDPA's is_causal.
+    """
+    ops = []
+    n = cond
+    while isinstance(n, torch.fx.Node) and n.op != "get_attr":
+        k = _kind(gm, n)
+        if k == "slice":
+            nd = _val(n.args[0]).dim() if _val(n.args[0]) is not None else None
+            if nd is None or not _slice_is_prefix(n, nd):
+                return False
+            n = n.args[0]
+        elif k == "getitem":
+            idx = n.args[1]
+            idx = idx if isinstance(idx, tuple) else (idx,)
+            if not all(isinstance(s, slice) and s.start in (None, 0) and s.step in (None, 1) for s in idx):
+                return False
+            n = n.args[0]
+        elif k in ("eq", "ne"):
+            other = n.args[1]
+            if _number(other) not in (0.0, 1.0):
+                return False
+            ops.append((k, _number(other)))
+            n = n.args[0]
+        elif k == "not":
+            ops.append(("not", None))
+            n = n.args[0]
+        elif k in ("cast", "alias"):
+            ops.append(("bool", None) if (_val(n) is not None and _val(n).dtype == torch.bool) else ("id", None))
+            n = n.args[0]
+        else:
+            return False
+    if not isinstance(n, torch.fx.Node):
+        return False
+    buf = _fetch(gm, n.target)
+    if not isinstance(buf, torch.Tensor) or buf.dim() < 2 or buf.shape[-1] != buf.shape[-2]:
+        return False
+    t = buf.detach()
+    for op, arg in reversed(ops):
+        if op == "eq":
+            t = t == arg
+        elif op == "ne":
+            t = t != arg
+        elif op == "not":
+            t = ~t.bool()
+        elif op == "bool":
+            t = t.bool()
+    if t.dtype != torch.bool:
+        return False
+    keep = ~t if masked_when else t
+    size = keep.shape[-1]
+    tril = torch.ones(size, size, dtype=torch.bool).tril()
+    flat = keep.reshape(-1, size, size)
+    return bool((flat == tril).all())
+
+
+def _fake_mode(vals):
+    from torch._guards import detect_fake_mode
+    return detect_fake_mode([v for v in vals if isinstance(v, torch.Tensor)])
+
+
+def _run_fake(mode, fn, *vals):
+    if mode is None:
+        return None
+    with mode:
+        return fn(*vals)
+
+
+def _erase_dead(graph, nodes) -> None:
+    """Erase `nodes` (and what only they used) once they have no users."""
+    work = list(dict.fromkeys(nodes))
+    changed = True
+    while changed:
+        changed = False
+        for n in list(work):
+            if getattr(n, "_erased", False):
+                work.remove(n)
+                continue
+            if not n.users:
+                inputs = [a for a in n.all_input_nodes if a.op not in ("placeholder", "get_attr")]
+                graph.erase_node(n)
+                work.remove(n)
+                # inputs of the pattern that are now unused (transposes, scale nodes, masks)
+                for a in inputs:
+                    if not a.users and not getattr(a, "_erased", False) and _pure(a):
+                        work.append(a)
+                changed = True
+
+
+def _pure(n) -> bool:
+    if n.op == "call_method":
+        return not str(n.target).endswith("_")  # in-place methods have effects
+    if n.op != "call_function":
+        return False
+    return not n.is_impure()

@@ -1,0 +1,196 @@
+"""Chain dynamic program: which spans of a chain of units to recompute.
+
+Units are consecutive pieces of the forward pass (blocks, halves of blocks) in execution
+order. Recomputing the span of units [i, j) drops the activations those units save for
+backward and keeps only the span's input instead; in backward the span runs again, so its
+saved activations exist once more while its backward runs. Backward visits the units in
+reverse, so when span [i, j) is recomputed the units after it have already been freed:
+only what the units before i keep is live beside it (the rotor/Rockmate view of a chain;
+Beaumont et al. 2019, "Optimal checkpointing for heterogeneous chains"). Peak model, bytes:
+
+    keep(u)       = saved[u] for a kept unit u
+    keep([i, j))  = boundary[i] + output[j - 1] for a recomputed span
+    prefix(i)     = sum of keep(.) over units and spans before unit i
+    peak = max(floor,
+               fixed + prefix(K),                                   # end of forward
+               max over spans [i, j): fixed + prefix(i) + boundary[i] + sum(saved[i:j]))
+
+`fixed`: bytes live at the baseline's peak besides saved activations (parameters,
+gradients so far, optimizer state, inputs, the loss's temporaries). `floor`: what recompute
+cannot lower (for example the end of backward, when every gradient is live).
+`boundary[i]`: bytes a span starting at unit i keeps that would otherwise be freed (its
+input, where no other operator saves it). `output[u]`: the part of `saved[u]` that stays
+saved when a span ends at unit u (its output, saved by the operators after it); inside a
+span the outputs of its inner units are dropped too. Gradients that grow during backward
+are not in the model; the pass simulates each chosen plan with the cost model to check.
+Extra time is the sum of the recomputed units' forward times (`time[u]`, seconds).
+
+The dynamic program runs over units and quantized memory (`buckets` steps of the total,
+rounded up, so a plan's exact peak is never above its quantized estimate), once per cap on
+the recompute-time peak; every (cap, memory) cell gives one candidate plan and the Pareto
+frontier of those is returned (`chain_frontier`). Time O(K^2 * buckets * caps) with numpy
+over the buckets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from memfit.planning.frontier import pareto, pick
+
+
+@dataclass(frozen=True)
+class ChainPlan:
+    """Recompute the units of each span [i, j); keep the rest."""
+
+    spans: tuple[tuple[int, int], ...]
+    peak_bytes: int
+    extra_time_s: float
+
+    def key(self):
+        return (sum(j - i for i, j in self.spans), self.spans)
+
+    def recomputed_units(self) -> list[int]:
+        return [u for i, j in self.spans for u in range(i, j)]
+
+
+def _check(saved, boundary, time, output):
+    if not (len(saved) == len(boundary) == len(time) == len(output)):
+        raise ValueError(f"saved, boundary, time and output must have one entry per unit "
+                         f"(got {len(saved)}, {len(boundary)}, {len(time)}, {len(output)})")
+    for name, xs in (("saved", saved), ("boundary", boundary), ("time", time), ("output", output)):
+        if any(x < 0 for x in xs):
+            raise ValueError(f"{name} entries must be non-negative")
+
+
+def chain_peak(saved: Sequence[int], boundary: Sequence[int], spans, fixed: int = 0, floor: int = 0,
+               output: Sequence[int] | None = None) -> int:
+    """Predicted peak (bytes) of recomputing `spans` under the model in the module doc."""
+    output = output if output is not None else [0] * len(saved)
+    starts = {}
+    prev_end = 0
+    for i, j in sorted(spans):
+        if not (0 <= i < j <= len(saved)) or i < prev_end:
+            raise ValueError(f"spans must be disjoint, ordered and inside the chain: {spans}")
+        prev_end = j
+        starts[i] = j
+    prefix = 0
+    span_peak = 0
+    u = 0
+    while u < len(saved):
+        if u in starts:
+            j = starts[u]
+            span_peak = max(span_peak, prefix + boundary[u] + sum(saved[u:j]))
+            prefix += boundary[u] + output[j - 1]
+            u = j
+        else:
+            prefix += saved[u]
+            u += 1
+    return max(floor, fixed + prefix, fixed + span_peak if starts else 0)
+
+
+def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence[float], *,
+                   fixed: int = 0, floor: int = 0, output: Sequence[int] | None = None,
+                   buckets: int = 256, max_caps: int = 24, max_span: int | None = None) -> list[ChainPlan]:
+    """Pareto frontier (extra time ascending, peak descending) of span choices.
+
+    `output`: per unit, bytes still kept when a span ends there (default 0).
+    `max_span`: most units one span may hold (None: any).
+    """
+    output = list(output) if output is not None else [0] * len(saved)
+    _check(saved, boundary, time, output)
+    K = len(saved)
+    none = ChainPlan((), chain_peak(saved, boundary, (), fixed, floor, output), 0.0)
+    if K == 0:
+        return [none]
+    total = sum(saved) + sum(boundary) + sum(output)
+    if total == 0:
+        return [none]
+    delta = max(1.0, total / buckets)
+    Q = int(math.ceil(total / delta)) + K + 1
+    qs = [int(math.ceil(s / delta)) for s in saved]
+    qb = [int(math.ceil(b / delta)) for b in boundary]
+    qo = [int(math.ceil(o / delta)) for o in output]
+    csum = [0]
+    for s in saved:
+        csum.append(csum[-1] + s)
+    tsum = [0.0]
+    for t in time:
+        tsum.append(tsum[-1] + t)
+    span_limit = K if max_span is None else max(1, max_span)
+    # Caps on the recompute-time peak (quantized, relative to `fixed`): evenly spaced.
+    top = Q + int(math.ceil(sum(saved) / delta)) + 1
+    n_caps = min(max_caps, top + 1)
+    caps = sorted({int(round(k * top / max(1, n_caps - 1))) for k in range(n_caps)})
+    plans = [none]
+    INF = np.inf
+    for capq in caps:
+        # g[j][m]: least time covering units [0, j) with quantized memory m.
+        g = [np.full(Q, INF) for _ in range(K + 1)]
+        back: list[np.ndarray | None] = [None] * (K + 1)   # predecessor choice per cell
+        g[0][0] = 0.0
+        for k in range(1, K + 1):
+            best = np.full(Q, INF)
+            choice = np.full(Q, -1, dtype=np.int64)   # -1: keep unit k-1; i >= 0: span [i, k)
+            # keep unit k-1
+            sh = qs[k - 1]
+            if sh < Q:
+                cand = np.full(Q, INF)
+                cand[sh:] = g[k - 1][:Q - sh]
+                better = cand < best
+                best[better] = cand[better]
+                choice[better] = -1
+            for i in range(max(0, k - span_limit), k):
+                # recomputing [i, k) from prefix m peaks at m + boundary + its saved bytes
+                room = capq - qb[i] - int(math.ceil((csum[k] - csum[i]) / delta))
+                if room < 0:
+                    continue
+                src = g[i]
+                if room + 1 < Q:
+                    src = src.copy()
+                    src[room + 1:] = INF
+                sh = qb[i] + qo[k - 1]
+                if sh >= Q:
+                    continue
+                cand = np.full(Q, INF)
+                cand[sh:] = src[:Q - sh] + (tsum[k] - tsum[i])
+                better = cand < best
+                best[better] = cand[better]
+                choice[better] = i
+            g[k] = best
+            back[k] = choice
+        for m in _useful_cells(g[K]):
+            spans = []
+            k, mm = K, int(m)
+            while k > 0:
+                c = int(back[k][mm])
+                if c == -1:
+                    mm -= qs[k - 1]
+                    k -= 1
+                else:
+                    spans.append((c, k))
+                    mm -= qb[c] + qo[k - 1]
+                    k = c
+            spans = tuple(sorted(spans))
+            plans.append(ChainPlan(spans, chain_peak(saved, boundary, spans, fixed, floor, output),
+                                   sum(tsum[j] - tsum[i] for i, j in spans)))
+    return pareto(plans)
+
+
+def _useful_cells(row: np.ndarray):
+    """Memory cells whose time beats every cell with less memory (the others are dominated)."""
+    best = np.inf
+    for m in np.nonzero(np.isfinite(row))[0]:
+        if row[m] < best:
+            best = row[m]
+            yield int(m)
+
+
+def solve_chain(saved: Sequence[int], boundary: Sequence[int], time: Sequence[float], budget: int, *,
+                fixed: int = 0, floor: int = 0, **kw) -> ChainPlan | None:
+    """The fastest plan whose predicted peak fits `budget` bytes; None if none does."""
+    return pick(chain_frontier(saved, boundary, time, fixed=fixed, floor=floor, **kw), budget)

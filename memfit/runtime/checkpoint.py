@@ -1,0 +1,93 @@
+"""Run an outlined region under non-reentrant activation checkpointing.
+
+`CheckpointedRegion(gm, name)` is the callable a checkpointed region's call node targets:
+the forward runs `gm` under `torch.utils.checkpoint.checkpoint(use_reentrant=False,
+preserve_rng_state=True)`, so the region saves only its inputs and runs again during
+backward. Exactness:
+
+- random ops (dropout) replay the same values: checkpoint saves the CPU and device RNG
+  states before the forward and restores them around the recomputation;
+- autocast: checkpoint records the autocast state of the forward and recomputes under it;
+- buffers mutated in the forward (BatchNorm's running_mean / running_var /
+  num_batches_tracked, any in-place update of module state) are updated once per step:
+  the forward run notes which buffers changed (tensor version counters), and each
+  recomputation restores those buffers afterwards to their values before it ran. In
+  training mode BatchNorm's output uses the batch statistics only, so the recomputed
+  values equal the forward's. A region whose outputs read a buffer it also mutates would
+  see the updated value on recompute; memfit's region choice never hits that case for
+  BatchNorm, and other modules doing it are rare (none in torch.nn).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+import torch.utils.checkpoint as tuc
+
+
+class CheckpointedRegion:
+    """Callable running `gm(*args)` with recomputation in backward.
+
+    `buffer_getter()`: tensors owned by the region's modules that the region may mutate
+    (buffers reached through call_module nodes); tensor arguments are checked too.
+    Not an nn.Module on purpose: the parent graph module does not register it as a child, so
+    state_dict keys and parameter ownership stay with the parent.
+    """
+
+    def __init__(self, gm: torch.fx.GraphModule, name: str, module_buffers=(), mutable_args=()):
+        self.gm = gm
+        self.name = name
+        self._module_buffers = tuple(module_buffers)   # (module, buffer name) the region may update
+        self._mutable_args = tuple(mutable_args)       # indices of arguments the region may update
+        self.__name__ = f"memfit_checkpoint_{name}"
+        self.__qualname__ = self.__name__
+
+    def __repr__(self) -> str:
+        return f"CheckpointedRegion({self.name})"
+
+    def _known_mutable(self, args) -> list[torch.Tensor]:
+        out = [args[i] for i in self._mutable_args if isinstance(args[i], torch.Tensor)]
+        for mod, bname in self._module_buffers:
+            t = mod._buffers.get(bname)  # noqa: SLF001 - read live: .to() replaces buffers
+            if t is not None:
+                out.append(t)
+        return out
+
+    def __call__(self, *args):
+        if not torch.is_grad_enabled():
+            return self.gm(*args)
+        state = {"calls": 0, "mutated": []}
+        # Arguments the region writes (buffers) are not handed to checkpoint: it would save
+        # them with their version and refuse to unpack them after the in-place update.
+        fixed = {i: args[i] for i in self._mutable_args}
+        passed = [i for i in range(len(args)) if i not in fixed]
+
+        def full(a):
+            out = list(args)
+            for i, v in zip(passed, a):
+                out[i] = v
+            return out
+
+        def run(*a):
+            a = full(a)
+            state["calls"] += 1
+            if state["calls"] == 1:
+                # Known updates (BatchNorm statistics: the kernel writes them without bumping
+                # version counters) plus any argument an in-place op changed.
+                known = self._known_mutable(a)
+                others = [t for t in a if isinstance(t, torch.Tensor) and not t.requires_grad
+                          and all(t is not k for k in known)]
+                before = [t._version for t in others]
+                out = self.gm(*a)
+                state["mutated"] = known + [t for t, v in zip(others, before) if t._version != v]
+                return out
+            # Recomputation in backward: undo the buffer updates it makes.
+            keep = [b.detach().clone() for b in state["mutated"]]
+            try:
+                return self.gm(*a)
+            finally:
+                with torch.no_grad():
+                    for b, k in zip(state["mutated"], keep):
+                        b.copy_(k)
+
+        return tuc.checkpoint(run, *[args[i] for i in passed], use_reentrant=False, preserve_rng_state=True)

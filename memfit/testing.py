@@ -1,0 +1,74 @@
+"""Helpers for memfit's FileCheck tests (tests/lit/) and for pass authors' own tests.
+
+    # RUN: %python %s | filecheck %s
+    from memfit.testing import run, opt_text
+
+    @run
+    def test_relu_rewrite():
+        print(opt_text(MyModel(), (torch.randn(2, 8),), "my-pass"))
+
+    # CHECK-LABEL: TEST: test_relu_rewrite
+    # CHECK: %relu = ...
+
+`run` prints the `TEST: <name>` anchor a CHECK-LABEL line matches, then runs the case at
+once (the torch-mlir convention), so one file holds many cases and a failure points at one.
+`expect_error` prints the message of an expected error for negative tests.
+"""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+
+
+def run(fn):
+    """Print `TEST: <name>`, run `fn()`, print an empty line; return `fn` unchanged.
+
+    An unexpected exception propagates: the file exits non-zero and lit reports it.
+    Negative tests use `expect_error`.
+    """
+    print(f"TEST: {fn.__name__}")
+    sys.stdout.flush()
+    fn()
+    print()
+    sys.stdout.flush()
+    return fn
+
+
+@contextmanager
+def expect_error(exc_type=Exception):
+    """Print `ERROR: <Type>: <message>` for the exception the block raises (for CHECK lines),
+    or `ERROR: none raised`; exceptions not of `exc_type` propagate."""
+    try:
+        yield
+    except exc_type as e:
+        print(f"ERROR: {type(e).__name__}: {e}")
+    else:
+        print("ERROR: none raised")
+    sys.stdout.flush()
+
+
+def opt_text(model, example_inputs, passes="", *, method: str = "auto", analysis: bool = False,
+             verify: bool = False, name: str | None = None) -> str:
+    """Capture `model` (static shapes), run `passes` (text or objects), return the printed graph
+    followed by `// stats:` and one `// <diagnostic>` line each (the `memfit opt` layout)."""
+    import torch
+
+    from memfit.capture import capture
+    from memfit.passes import PassContext, PassManager
+    from memfit.passes.printer import format_graph
+
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    cap = capture(model, tuple(example_inputs), method=method, dynamic=False)
+    res = PassManager(passes, verify=verify).run(cap.gm, PassContext(captured=cap, config={"model": model}))
+    if analysis:
+        import dataclasses
+
+        from memfit.cost_models.memory import analyze_step
+        analyze_step(dataclasses.replace(cap, gm=res.gm), symbolic=False)
+    lines = [format_graph(res.gm, name=name or type(model).__name__, saved=analysis)]
+    stats = ", ".join(f"{k}={v}" for k, v in sorted(res.stats.items()))
+    lines.append(f"// stats: {stats or '(none)'}")
+    lines += [f"// {d}" for d in res.diagnostics]
+    return "\n".join(lines)

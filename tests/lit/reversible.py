@@ -1,0 +1,133 @@
+# RUN: %python %s | filecheck %s
+"""FileCheck tests of the reversible pass: which blocks become one ReversibleStack call,
+what the stack runs, and the diagnostics of skipped blocks."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from memfit.passes.printer import format_graph  # noqa: E402
+from memfit.passes.reversible import make_reversible  # noqa: E402
+from tests.models import Block  # noqa: E402
+
+torch.manual_seed(0)
+
+
+def case(fn):
+    print(f"// CASE: {fn.__name__}")
+    fn()
+    return fn
+
+
+def show(rev):
+    res = rev.result
+    print("stats:", " ".join(f"{k}={v}" for k, v in sorted(res.stats.items())))
+    for d in res.diagnostics:
+        print("diag:", d)
+    print(format_graph(rev.gm, name="main", saved=False, children=False))
+    for s in rev.stacks:
+        print("stack:", s.extra_repr(), "names:", ",".join(s.names))
+
+
+class Stack(nn.Module):
+    def __init__(self, n=4, d=16):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(d, 2) for _ in range(n)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+# CHECK-LABEL: // CASE: transformer_pairs
+# CHECK: stats: blocks_converted=4 blocks_skipped=0 couplings=2 stacks=1
+# CHECK-NOT: diag:
+# CHECK: graph @main {
+# CHECK-NEXT: %x = placeholder
+# CHECK-NOT: module=blocks.
+# CHECK: %reversible_0 = @reversible_0(%x) : f32[2, 5, 16]
+# CHECK-NEXT: %head = @head(%reversible_0)
+# CHECK: stack: mode=pairs, blocks=4, couplings=2, lam=1, beta=1, anchor_every=0 names: blocks.0,blocks.1,blocks.2,blocks.3
+@case
+def transformer_pairs():
+    show(make_reversible(Stack(), (torch.randn(2, 5, 16),)))
+
+
+# CHECK-LABEL: // CASE: transformer_meft_anchors
+# CHECK: stats: blocks_converted=4 blocks_skipped=0 couplings=4 stacks=1
+# CHECK: %reversible_0 = @reversible_0(%x)
+# CHECK: stack: mode=meft, blocks=4, couplings=4, lam=0.05, beta=1, anchor_every=2, aux=delta
+@case
+def transformer_meft_anchors():
+    show(make_reversible(Stack(), (torch.randn(2, 5, 16),), mode="meft", lam=0.05, anchor_every=2, aux="delta"))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(torch.relu(self.bn(self.conv1(x))))
+
+
+class Down(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+class ConvNet(nn.Module):
+    def __init__(self, c=4):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.layers = nn.ModuleList([ResBlock(c), ResBlock(c), Down(c), ResBlock(2 * c), ResBlock(2 * c),
+                                     ResBlock(2 * c)])
+        self.head = nn.Linear(2 * c, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+# Two stacks around a downsampling block, which is skipped with a reason.
+# CHECK-LABEL: // CASE: conv_two_stacks
+# CHECK: stats: blocks_converted=5 blocks_skipped=1 couplings=3 stacks=2
+# CHECK: diag: info: [reversible] at layers.2: skipped block layers.2: block changes the shape
+# CHECK: %reversible_0 = @reversible_0(%stem) : f32[2, 4, 8, 8]
+# CHECK: @layers.2.conv(%reversible_0)
+# CHECK: %reversible_1 = @reversible_1(%relu{{.*}}) : f32[2, 8, 4, 4]
+# CHECK-DAG: stack: mode=pairs, blocks=2, couplings=1, {{.*}} names: layers.0,layers.1
+# CHECK-DAG: stack: mode=pairs, blocks=3, couplings=2, {{.*}} names: layers.3,layers.4,layers.5
+@case
+def conv_two_stacks():
+    show(make_reversible(ConvNet().eval(), (torch.randn(2, 3, 8, 8),), blocks="layers.*"))
+
+
+# Negative: BatchNorm in train mode would update its statistics twice; nothing is converted.
+# CHECK-LABEL: // CASE: conv_train_bn
+# CHECK: stats: blocks_converted=0 blocks_skipped=6 couplings=0 stacks=0
+# CHECK: diag: info: [reversible] at layers.0: skipped block layers.0: stateful BatchNorm layers.0.bn in train mode
+# CHECK-NOT: @reversible
+# CHECK-LABEL: // CASE: end
+@case
+def conv_train_bn():
+    show(make_reversible(ConvNet().train(), (torch.randn(2, 3, 8, 8),), blocks="layers.*"))
+
+
+@case
+def end():
+    pass

@@ -1,0 +1,60 @@
+"""sdpa-attention on transformers 5 eager-attention models built from small configs."""
+
+import pytest
+import torch
+
+from memfit.capture import capture
+from tests.test_sdpa_attention import check_exact, run_pass
+
+tf = pytest.importorskip("transformers")
+
+
+def gpt2(layers=2, attn_pdrop=0.0):
+    cfg = tf.GPT2Config(n_layer=layers, n_embd=32, n_head=2, n_positions=64, vocab_size=97, use_cache=False,
+                        attn_implementation="eager", attn_pdrop=attn_pdrop, resid_pdrop=0.0, embd_pdrop=0.0,
+                        bos_token_id=0, eos_token_id=0)
+    return tf.GPT2LMHeadModel(cfg).train()
+
+
+def test_gpt2_eager():
+    model = gpt2(layers=2)
+    ids = torch.randint(0, 97, (2, 12))
+    res = run_pass(capture(model, (ids,), dynamic=False))
+    # one attention per layer; the causal+padding mask HF builds is kept as an additive attn_mask
+    assert res.stats["sdpa-attention.rewritten"] == 2 == model.config.n_layer
+    assert res.stats["sdpa-attention.masked"] == 2
+    assert res.stats["sdpa-attention.skipped"] == 0
+    assert "softmax" not in res.gm.code
+    check_exact(model, res.gm, (ids,))
+
+
+def test_gpt2_eager_attention_dropout_needs_opt_in():
+    model = gpt2(layers=1, attn_pdrop=0.1)
+    ids = torch.randint(0, 97, (2, 8))
+    cap = capture(model, (ids,), dynamic=False)
+    res = run_pass(cap)
+    assert res.stats["sdpa-attention.rewritten"] == 0 and res.stats["sdpa-attention.skipped"] == 1
+    assert "allow_dropout=true" in res.diagnostics[0].message
+
+
+def test_bert_eager_with_padding_mask():
+    cfg = tf.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                        vocab_size=97, max_position_embeddings=64, attn_implementation="eager",
+                        attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    model = tf.BertModel(cfg).train()
+    ids = torch.randint(0, 97, (2, 12))
+    keep = torch.ones(2, 12, dtype=torch.long)
+    keep[1, 7:] = 0
+    res = run_pass(capture(model, (ids, keep), dynamic=False))
+    assert res.stats["sdpa-attention.rewritten"] == 2 and res.stats["sdpa-attention.masked"] == 2
+    check_exact(model, res.gm, (ids, keep))
+
+
+def test_vit_eager():
+    cfg = tf.ViTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                       image_size=16, patch_size=4, attn_implementation="eager")
+    model = tf.ViTModel(cfg).train()
+    x = torch.randn(2, 3, 16, 16)
+    res = run_pass(capture(model, (x,), dynamic=False))
+    assert res.stats["sdpa-attention.rewritten"] == 2
+    check_exact(model, res.gm, (x,))

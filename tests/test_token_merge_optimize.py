@@ -1,0 +1,37 @@
+"""Token merging through memfit.optimize (explicit pipeline and as an allowed technique)."""
+
+import torch
+
+import memfit
+from memfit.passes.token_merge import apply_token_merging
+from tests.tome_vit import SmallViT
+
+
+def test_optimize_with_token_merge_pipeline_trains_the_users_parameters():
+    torch.manual_seed(0)
+    m = SmallViT(layers=2)
+    x = torch.randn(2, 3, 32, 32)
+    base_plan = memfit.plan(m, example_inputs=(x,), symbolic=False)
+    opt = memfit.optimize(m, passes="token-merge{r=16}", example_inputs=(x,))
+    assert opt.state_dict().keys() == m.state_dict().keys()
+    assert any(d.target == "token-merge" and d.action == "blocks_patched" and d.detail == "2"
+               for d in opt.memfit_plan.decisions)
+    # the plan of the merged graph predicts fewer saved bytes than the unmerged model's
+    assert opt.memfit_plan.categories["saved_activations"] < base_plan.categories["saved_activations"]
+    out = opt(x)
+    torch.testing.assert_close(out, apply_token_merging(m, 16)(x), rtol=1e-6, atol=1e-6)
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in m.parameters())
+
+
+def test_optimize_token_merge_on_exported_transformers_vit():
+    pytest = __import__("pytest")
+    pytest.importorskip("transformers")
+    from examples.hf_models import vit
+
+    torch.manual_seed(0)
+    m, (x,) = vit(batch_size=2, image_size=32, layers=2, d=32, heads=4)
+    opt = memfit.optimize(m, passes="token-merge{r=8}", example_inputs=(x,))
+    assert opt.graph_module.meta["token_merge"]["tokens_per_layer"] == [17, 9, 5]
+    # transformers' traced all-attend mask for 17 tokens must not reach the merged blocks
+    torch.testing.assert_close(opt(x).logits, apply_token_merging(m, 8)(x).logits, rtol=1e-6, atol=1e-6)

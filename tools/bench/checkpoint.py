@@ -1,0 +1,211 @@
+"""Checkpointing benchmark: memfit's budget-driven checkpoint pass against
+torch.utils.checkpoint on every block and torch.compile's activation_memory_budget.
+
+    python tools/bench/checkpoint.py                 # examples + two transformers models
+    python tools/bench/checkpoint.py --compile       # also torch.compile (slow on CPU)
+    python tools/bench/checkpoint.py --models gpt2_like --repeats 5
+
+Budgets are 75/50/25% of the unoptimized step's activation memory: bytes =
+(measured peak - measured saved activations) + fraction * saved activations. For each
+variant: measured peak (memfit.measure: CPU allocator events), retained bytes (what the
+forward and loss leave allocated for backward, from the allocator's events) and the
+median step time (forward + backward, no optimizer) relative to the unmodified model,
+variants alternated in one process. torch.compile is given the same fraction as its
+`activation_memory_budget` (a ratio, not bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+
+from memfit.budget import format_bytes  # noqa: E402
+from memfit.capture import capture  # noqa: E402
+from memfit.errors import BudgetError  # noqa: E402
+from memfit.measure import measure  # noqa: E402
+from memfit.passes.checkpoint import CheckpointPlanner, GraphModel  # noqa: E402
+
+
+def build(name):
+    """(model, inputs, loss_fn, blocks): blocks are the modules per-block checkpointing wraps."""
+    if name == "gpt2_like":
+        from examples import gpt2_like
+        m, x = gpt2_like.make(batch_size=4, seq_len=128, layers=4, d=128, heads=4, vocab=512)
+        return m, x, gpt2_like.loss_fn, list(m.h)
+    if name == "vit_like":
+        from examples import vit_like
+        m, x = vit_like.make(batch_size=8, image_size=64, layers=4, d=128, heads=4)
+        return m, x, vit_like.loss_fn, list(m.blocks)
+    if name == "resnet_like":
+        from examples import resnet_like
+        m, x = resnet_like.make(batch_size=8, image_size=64, width=16)
+        return m, x, resnet_like.loss_fn, [b for stage in m.stages for b in stage]
+    from examples import hf_models
+    if name == "hf_gpt2":
+        m, x = hf_models.gpt2(batch_size=4, seq_len=128, layers=4, d=128, heads=4)
+        return m, x, hf_models.loss_fn, list(m.transformer.h)
+    if name == "hf_bert":
+        m, x = hf_models.bert(batch_size=4, seq_len=128, layers=4, d=128, heads=4)
+        return m, x, hf_models.loss_fn, list(m.bert.encoder.layer)
+    raise KeyError(name)
+
+
+class _PerBlock:
+    """Wrap the forward of each block in torch.utils.checkpoint (non-reentrant)."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    @contextlib.contextmanager
+    def active(self):
+        import torch.utils.checkpoint as tuc
+        olds = []
+        for b in self.blocks:
+            old = b.forward
+            olds.append(old)
+
+            def fwd(*a, _old=old, **k):
+                return tuc.checkpoint(_old, *a, use_reentrant=False, **k)
+            b.forward = fwd
+        try:
+            yield
+        finally:
+            for b, old in zip(self.blocks, olds):
+                b.forward = old
+
+
+def retained_bytes(fn, inputs, loss_fn) -> int:
+    """Bytes the forward and loss leave allocated (held for backward), from allocator events."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = loss_fn(fn(*inputs))
+    total = 0
+
+    def walk(ev):
+        nonlocal total
+        if ev.tag == torch._C._profiler._EventType.Allocation:  # noqa: SLF001
+            if ev.extra_fields.device.type == "cpu":
+                total += ev.extra_fields.alloc_size
+        for c in ev.children:
+            walk(c)
+
+    for root in prof.profiler.kineto_results.experimental_event_tree():
+        walk(root)
+    loss.backward()
+    return total
+
+
+def step_time(fn, inputs, loss_fn, params) -> float:
+    t0 = time.perf_counter()
+    loss = loss_fn(fn(*inputs))
+    loss.backward()
+    dt = time.perf_counter() - t0
+    for p in params:
+        p.grad = None
+    return dt
+
+
+def run_model(name, fractions, repeats, use_compile):
+    torch.manual_seed(0)
+    model, inputs, loss_fn, blocks = build(name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    base = measure(model, example_inputs=inputs, loss_fn=loss_fn)
+    acts = base.saved_activations
+    non_act = base.peak_bytes - acts
+    t0 = time.perf_counter()
+    cap = capture(model, inputs, dynamic=False)
+    planner = CheckpointPlanner(cap, loss_fn=loss_fn)
+    t_plan = time.perf_counter() - t0
+    variants = {"unmodified": (model, None)}
+    rows = []
+    perblock = _PerBlock(blocks)
+    with perblock.active():
+        pb = measure(model, example_inputs=inputs, loss_fn=loss_fn)
+        pb_ret = retained_bytes(model, inputs, loss_fn)
+    base_ret = retained_bytes(model, inputs, loss_fn)
+    for frac in fractions:
+        budget = int(non_act + frac * acts)
+        t1 = time.perf_counter()
+        try:
+            plan = planner.plan(budget)
+        except BudgetError as e:
+            rows.append((frac, budget, None, str(e).split(":")[1][:60]))
+            continue
+        dt_plan = time.perf_counter() - t1
+        gmodel = GraphModel(cap, plan.gm)
+        m = measure(gmodel, example_inputs=inputs, loss_fn=loss_fn)
+        variants[f"memfit {frac:.0%}"] = (gmodel, None)
+        rows.append((frac, budget, (m, retained_bytes(gmodel, inputs, loss_fn), plan, dt_plan), None))
+    compiled = {}
+    if use_compile:
+        import torch._functorch.config as fconf
+        for frac in fractions:
+            torch._dynamo.reset()
+            cm = copy.deepcopy(model)
+            cparams = [p for p in cm.parameters() if p.requires_grad]
+            with fconf.patch(activation_memory_budget=frac):
+                c = torch.compile(cm)
+                step_time(c, inputs, loss_fn, cparams)       # compile outside the measurement
+                mc = measure(c, example_inputs=inputs, loss_fn=loss_fn)
+                ret = retained_bytes(c, inputs, loss_fn)
+                ts = [step_time(c, inputs, loss_fn, cparams) for _ in range(repeats)]
+            compiled[frac] = (mc, ret, statistics.median(ts))
+    # Step times: alternate variants, medians.
+    times = {k: [] for k in variants}
+    times["per-block"] = []
+    for _ in range(repeats):
+        for k, (fn, _) in variants.items():
+            times[k].append(step_time(fn, inputs, loss_fn, params))
+        with perblock.active():
+            times["per-block"].append(step_time(model, inputs, loss_fn, params))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    out = [f"\n### {name}: unmodified peak {format_bytes(base.peak_bytes)}, saved activations "
+           f"{format_bytes(acts)}, retained {format_bytes(base_ret)}, step {med['unmodified'] * 1e3:.1f} ms "
+           f"(planning: {t_plan:.1f} s analysis + per budget below)\n",
+           "| budget (of activations) | variant | budget bytes | measured peak | fits | retained | step time ratio | regions | plan s |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    out.append(f"| - | torch.utils.checkpoint per block ({len(blocks)}) | - | {format_bytes(pb.peak_bytes)} | - | "
+               f"{format_bytes(pb_ret)} | {med['per-block'] / med['unmodified']:.2f} | {len(blocks)} | - |")
+    for frac, budget, res, err in rows:
+        if res is None:
+            out.append(f"| {frac:.0%} | memfit | {format_bytes(budget)} | - | BudgetError | - | - | - | - |")
+            continue
+        m, ret, plan, dtp = res
+        fits = "yes" if m.peak_bytes <= budget else "NO"
+        out.append(f"| {frac:.0%} | memfit | {format_bytes(budget)} | {format_bytes(m.peak_bytes)} | {fits} | "
+                   f"{format_bytes(ret)} | {med[f'memfit {frac:.0%}'] / med['unmodified']:.2f} | "
+                   f"{len(plan.spans)} | {dtp:.1f} |")
+        if frac in compiled:
+            mc, retc, tc = compiled[frac]
+            out.append(f"| {frac:.0%} | torch.compile budget={frac} | - | {format_bytes(mc.peak_bytes)} | "
+                       f"{'yes' if mc.peak_bytes <= budget else 'no'} | {format_bytes(retc)} | "
+                       f"{tc / med['unmodified']:.2f} | - | - |")
+    return "\n".join(out)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="gpt2_like,vit_like,resnet_like,hf_gpt2,hf_bert")
+    ap.add_argument("--fractions", default="0.75,0.5,0.25")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also torch.compile with activation_memory_budget")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    fracs = [float(f) for f in args.fractions.split(",")]
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs visible, threads {torch.get_num_threads()}")
+    for name in args.models.split(","):
+        print(run_model(name, fracs, args.repeats, args.compile), flush=True)
+
+
+if __name__ == "__main__":
+    main()
