@@ -71,8 +71,11 @@ def test_export_graph_block_matches_symbolic_counts():
     model, x = Block(d=64, heads=4), torch.randn(2, 16, 64)
     cap = capture(model, (x,), method="export")
     ref = _grads(cap.gm, (x,))
+    cands = price_candidates(cap.gm, PassContext(captured=cap), QuantConfig())
     res = QuantizeActivations().run(cap.gm, PassContext(captured=cap))
     assert (res.stats["nodes"], res.stats["tensors"], res.stats["headwise_tensors"]) == (9, 10, 4)
+    assert res.stats["bytes_saved"] == sum(c.bytes_saved for c in cands) > 0
+    assert res.stats["extra_time_us"] == round(sum(c.time_cost_s for c in cands) * 1e6)
     worst, cos = _min_cosine(ref, _grads(res.gm, (x,)))
     assert worst >= 0.99, cos
 
