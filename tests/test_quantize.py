@@ -71,8 +71,11 @@ def test_export_graph_block_matches_symbolic_counts():
     model, x = Block(d=64, heads=4), torch.randn(2, 16, 64)
     cap = capture(model, (x,), method="export")
     ref = _grads(cap.gm, (x,))
+    cands = price_candidates(cap.gm, PassContext(captured=cap), QuantConfig())
     res = QuantizeActivations().run(cap.gm, PassContext(captured=cap))
     assert (res.stats["nodes"], res.stats["tensors"], res.stats["headwise_tensors"]) == (9, 10, 4)
+    assert res.stats["bytes_saved"] == sum(c.bytes_saved for c in cands) > 0
+    assert res.stats["extra_time_us"] == round(sum(c.time_cost_s for c in cands) * 1e6)
     worst, cos = _min_cosine(ref, _grads(res.gm, (x,)))
     assert worst >= 0.99, cos
 
@@ -215,3 +218,19 @@ def test_pass_leaves_user_model_alone_and_restricts_to_nodes():
         assert torch.equal(v, sd[k])
     again = QuantizeActivations().run(res.gm, PassContext(captured=cap))
     assert not again.modified
+
+
+@pytest.mark.parametrize("name", ["gpt2_like", "vit_like"])
+def test_examples_gradient_cosine(name):
+    from tests.test_examples import load
+    from tests.test_quantize_memory import SIZES
+    mod = load(name)
+    torch.manual_seed(0)
+    model, inputs = mod.make(**{**SIZES[name], "dropout": 0.0})
+    cap = capture(model, inputs, dynamic=False)
+    loss = lambda o: mod.loss_fn(o)  # noqa: E731
+    ref = _grads(cap.gm, inputs, loss_fn=loss)
+    res = QuantizeActivations().run(cap.gm, PassContext(captured=cap))
+    assert res.stats["headwise_tensors"] > 0
+    worst, cos = _min_cosine(ref, _grads(res.gm, inputs, loss_fn=loss))
+    assert worst >= 0.99, sorted(cos.items(), key=lambda kv: kv[1])[:3]

@@ -149,7 +149,7 @@ def quantize(x: torch.Tensor, bits: int = 8, group_size: int = 256, *, scale: to
         ok = hi > lo
         zero = torch.where(lo <= hi, lo, torch.zeros_like(lo))
         scale = torch.where(ok, (hi - lo) / torch.clamp(qf, min=1.0), torch.ones_like(lo))
-        v = (xf - zero[:, None]) / scale[:, None]
+        v = (xf - zero[:, None]).div_(scale[:, None])
     else:
         if zero is None:
             raise ValueError("zero must be given with scale")
@@ -157,22 +157,26 @@ def quantize(x: torch.Tensor, bits: int = 8, group_size: int = 256, *, scale: to
         zero = zero.float()
         a, z_el = _per_channel(flat, zero, ch_div)
         _, s_el = _per_channel(flat, scale, ch_div)
-        v = ((a - z_el) / s_el).reshape(-1)
+        v = (a - z_el).div_(s_el).reshape(-1)
         v = (torch.cat([v, v.new_zeros(pad)]) if pad else v).view(M, G)
+    # In place from here on: the same operations in the same order (bit-exact with the
+    # kernel), without a full-size temporary per step (they raised the forward peak).
     if stochastic:
-        r = hash_uniform(torch.arange(M * G, device=x.device, dtype=torch.int64), seed).view(M, G)
+        v.add_(hash_uniform(torch.arange(M * G, device=x.device, dtype=torch.int64), seed).view(M, G))
     else:
-        r = 0.5
-    q = torch.floor(v + r)
-    q = torch.minimum(torch.clamp(q, min=0.0), qf[:, None])
+        v.add_(0.5)
+    v.floor_().clamp_(min=0.0)
+    torch.minimum(v, qf[:, None], out=v)
     if special:
-        q = torch.where(fin, q, 0.0)
-        q = torch.where(torch.isnan(xf), float(qmax - 2), q)
-        q = torch.where(xf == math.inf, float(qmax - 1), q)
-        q = torch.where(xf == -math.inf, float(qmax), q)
+        v.masked_fill_(~fin, 0.0)
+        v.masked_fill_(torch.isnan(xf), float(qmax - 2))
+        v.masked_fill_(xf == math.inf, float(qmax - 1))
+        v.masked_fill_(xf == -math.inf, float(qmax))
+    del fin
     if valid is not None:
-        q = torch.where(valid, q, 0.0)
-    q = q.to(torch.int32)
+        v.masked_fill_(~valid, 0.0)
+    q = v.to(torch.int32)
+    del v
     P = 8 // bits
     q3 = q.view(M, G // P, P)
     packed = q3[:, :, 0]
@@ -198,13 +202,16 @@ def dequantize(codes: torch.Tensor, flags: torch.Tensor, scale: torch.Tensor, ze
         c = codes.to(torch.int32)
         q = torch.stack([(c >> (k * bits)) & qmax for k in range(P)], dim=2).view(M, G)
     qf = q.to(torch.float32)
+    special = _is_fake(codes) or bool(flags.any())
+    if not special:
+        del q
     if per_row:
-        y = (qf * scale.float()[:, None] + zero.float()[:, None]).view(-1)[:N]
+        y = qf.mul_(scale.float()[:, None]).add_(zero.float()[:, None]).view(-1)[:N]
     else:
         a, s_el = _per_channel(qf.view(-1)[:N], scale.float(), ch_div)
         _, z_el = _per_channel(qf.view(-1)[:N], zero.float(), ch_div)
-        y = (a * s_el + z_el).reshape(-1)
-    if _is_fake(codes) or bool(flags.any()):
+        y = a.mul_(s_el).add_(z_el).reshape(-1)
+    if special:
         flagged = flags.bool()[:, None].expand(M, G).reshape(-1)[:N]
         qn = q.view(-1)[:N]
         y = torch.where(flagged & (qn == qmax - 2), math.nan, y)

@@ -274,7 +274,7 @@ class QuantizeActivations(Pass):
     bits: int = 8
     group_size: int = 256
     headwise: bool = True
-    ema: bool = True
+    ema: bool = False
     stochastic: bool = False
     min_bytes: int = 4096
     seed: int = 0
@@ -338,6 +338,10 @@ class QuantizeActivations(Pass):
         if not chosen:
             return PassResult(gm, False, {"nodes": 0, "tensors": 0, "headwise_tensors": 0}, diags)
 
+        chosen_names = {n.name for n, _ in chosen}
+        priced = [c for c in price_candidates(gm, ctx, cfg, saved=saved) if c.node in chosen_names]
+        extra_time_us = int(round(sum(c.time_cost_s for c in priced) * 1e6))
+        bytes_saved = sum(c.bytes_saved for c in priced)
         runtime = QuantRuntime(cfg, gm)
         gm.add_submodule(RUNTIME_ATTR, runtime)
         g = gm.graph
@@ -354,8 +358,10 @@ class QuantizeActivations(Pass):
             n.args = (scope_node, *n.args)
             n.meta["memfit_quant"] = {"bits": cfg.bits, "heads": heads}
         gm.recompile()
+        # extra_time_us / bytes_saved: the planner's pricing (price_candidates) of what was chosen.
         return PassResult(gm, True, {"nodes": len(chosen), "tensors": tensors,
-                                     "headwise_tensors": headwise_tensors}, diags)
+                                     "headwise_tensors": headwise_tensors, "extra_time_us": extra_time_us,
+                                     "bytes_saved": bytes_saved}, diags)
 
 
 def _safe(name: str) -> str:

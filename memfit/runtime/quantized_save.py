@@ -56,7 +56,7 @@ class QuantConfig:
     bits: int = 8
     group_size: int = 256
     headwise: bool = True
-    ema: bool = True
+    ema: bool = False
     momentum: float = 0.9
     stochastic: bool = False
     seed: int = 0
