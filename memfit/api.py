@@ -216,7 +216,7 @@ def _fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, verify):
         a = analyze_step(dataclasses.replace(cap, gm=res.gm), optimizer=ctx.optimizer, loss_fn=ctx.loss_fn,
                          symbolic=False)
         counts = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in res.stats.items())
-        return res.gm, a.peak_bytes, counts, float(res.stats.get("extra_time_us", 0)) * 1e-6
+        return res.gm, a.peak_bytes, counts, float(res.stats.get(f"{q.name}.extra_time_us", 0)) * 1e-6
 
     qgm, qpeak, counts, qtime = quantized(gm)
     if qpeak <= budget_bytes:
