@@ -209,10 +209,14 @@ def _fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, verify):
                           f"and neither 'checkpoint' nor 'quantize' is among the allowed techniques "
                           f"{list(allowed)}")
 
-    def quantized(g):
-        from memfit.passes.checkpoint import _copy_graph_module
-        g = _copy_graph_module(g)  # the pass rewrites in place; the planner keeps `gm` as it was
-        res = PassManager([q], verify=verify).run(g, dataclasses.replace(ctx, captured=dataclasses.replace(cap, gm=g)))
+    def quantized(g, copy: bool = True):
+        if copy:
+            # The pass rewrites in place; the planner keeps `gm` as it was. (Not for graphs
+            # with outlined regions: a copy keeps only the submodules its own graph names.)
+            from memfit.passes.checkpoint import _copy_graph_module
+            g = _copy_graph_module(g)
+        res = PassManager([q], verify=verify).run(g, dataclasses.replace(
+            ctx, captured=dataclasses.replace(cap, gm=g), history=[]))
         a = analyze_step(dataclasses.replace(cap, gm=res.gm), optimizer=ctx.optimizer, loss_fn=ctx.loss_fn,
                          symbolic=False)
         counts = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in res.stats.items())
@@ -229,7 +233,8 @@ def _fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, verify):
         for i in picks:
             spans = frontier[i].spans
             ck_peak, ckgm = planner.simulate(spans)
-            qgm, qpeak, counts, qtime = quantized(ckgm)
+            planner._sim.pop(spans, None)  # noqa: SLF001 - ckgm is quantized in place below
+            qgm, qpeak, counts, qtime = quantized(ckgm, copy=False)
             best = min(best, qpeak)
             if qpeak <= budget_bytes:
                 return qgm, planner.decisions_for(spans) + [
