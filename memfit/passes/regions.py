@@ -122,12 +122,15 @@ def region_inputs_outputs(nodes) -> tuple[list[torch.fx.Node], list[torch.fx.Nod
     return sorted(inputs, key=order.__getitem__), sorted(outputs, key=order.__getitem__)
 
 
-def _check_convex(nodes: list[torch.fx.Node], inside: set, order: dict) -> None:
-    """Raise unless no path leaves the set and comes back into it (outlining would cycle)."""
+def convexity_violation(nodes: list[torch.fx.Node], order: dict) -> tuple | None:
+    """(node, outside_input) where a path leaves the set and comes back into it (outlining
+    would create a cycle), or None when the set (graph order) is convex.
+
+    A node outside the set, between first and last, that depends on the set and that the
+    set depends on makes the set non-convex. Forward pass: which outside nodes depend on the
+    set; then check whether any set node reads one of them."""
+    inside = set(nodes)
     first, last = order[nodes[0]], order[nodes[-1]]
-    # A node outside the set, between first and last, that depends on the set and that the
-    # set depends on, makes the set non-convex. Forward pass: which outside nodes depend on
-    # the set; then check whether any set node reads one of them.
     tainted: set = set()
     for n in nodes[0].graph.nodes:
         i = order[n]
@@ -138,10 +141,18 @@ def _check_convex(nodes: list[torch.fx.Node], inside: set, order: dict) -> None:
         if n in inside:
             bad = next((a for a in n.all_input_nodes if a in tainted), None)
             if bad is not None:
-                raise PassError(f"cannot outline: region is not convex; {n.format_node()} reads "
-                                f"{bad.format_node()}, which is outside the region and depends on it")
+                return n, bad
         elif any(a in inside or a in tainted for a in n.all_input_nodes):
             tainted.add(n)
+    return None
+
+
+def _check_convex(nodes: list[torch.fx.Node], order: dict) -> None:
+    v = convexity_violation(nodes, order)
+    if v is not None:
+        n, bad = v
+        raise PassError(f"cannot outline: region is not convex; {n.format_node()} reads "
+                        f"{bad.format_node()}, which is outside the region and depends on it")
 
 
 def _safe_name(gm: torch.nn.Module, name: str) -> str:
@@ -190,7 +201,7 @@ def outline_region(gm: torch.fx.GraphModule, nodes, name: str) -> torch.fx.Node:
                             "only call_function, call_method and call_module nodes can be outlined")
     nodes.sort(key=order.__getitem__)
     inside = set(nodes)
-    _check_convex(nodes, inside, order)
+    _check_convex(nodes, order)
     inputs, outputs = region_inputs_outputs(nodes)
     if not outputs:
         raise PassError(f"cannot outline region {name!r}: nothing outside the region reads its nodes")

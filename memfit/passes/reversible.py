@@ -156,21 +156,8 @@ def _has_rng(gm, nodes) -> bool:
 
 
 def _convex(nodes, order) -> bool:
-    inside = set(nodes)
-    first, last = order[nodes[0]], order[nodes[-1]]
-    tainted: set = set()
-    for n in nodes[0].graph.nodes:
-        i = order[n]
-        if i < first:
-            continue
-        if i > last:
-            break
-        if n in inside:
-            if any(a in tainted for a in n.all_input_nodes):
-                return False
-        elif any(a in inside or a in tainted for a in n.all_input_nodes):
-            tainted.add(n)
-    return True
+    from memfit.passes.regions import convexity_violation
+    return convexity_violation(nodes, order) is None
 
 
 @dataclass
