@@ -239,9 +239,11 @@ def _fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, verify):
             if qpeak <= budget_bytes:
                 return qgm, planner.decisions_for(spans) + [
                     Decision("(outside recomputed regions)", q.to_text(), ck_peak - qpeak, qtime, counts)]
+    if planner is not None:
+        best = min(best, planner.floor_bytes())  # recompute alone can go lower than with 8-bit
     raise BudgetError(
         f"the budget {format_bytes(budget_bytes)} cannot be met: the lowest predicted peak with "
-        f"recomputation and 8-bit saved activations is {format_bytes(best)} (unoptimized "
+        f"recomputation and/or 8-bit saved activations is {format_bytes(best)} (unoptimized "
         f"{format_bytes(peak)}). What would lower it: 4- or 2-bit activations "
         f"(passes='quantize-activations{{bits=4}}'), a smaller batch or sequence, a lighter "
         f"optimizer, or a budget of at least {format_bytes(best)}."
