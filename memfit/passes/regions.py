@@ -85,13 +85,18 @@ def module_regions(gm: torch.fx.GraphModule, pattern) -> dict[str, list[torch.fx
     Returns {module path: nodes in graph order}, regions in graph order. Placeholders,
     get_attr and output nodes never belong to a region.
     """
+    nodes = [n for n in gm.graph.nodes if n.op in _COMPUTE_OPS]
+    return dict(group_by_pattern(nodes, pattern, module_path))
+
+
+def group_by_pattern(nodes, pattern, path_of) -> "OrderedDict[str, list[torch.fx.Node]]":
+    """{outermost matching prefix of path_of(node): nodes in the given order}; nodes whose
+    path is empty or has no matching prefix are left out."""
     match = _matcher(pattern)
     regions: "OrderedDict[str, list[torch.fx.Node]]" = OrderedDict()
     cache: dict[str, str | None] = {}
-    for node in gm.graph.nodes:
-        if node.op not in _COMPUTE_OPS:
-            continue
-        path = module_path(node)
+    for node in nodes:
+        path = path_of(node)
         if not path:
             continue
         if path not in cache:
@@ -101,7 +106,7 @@ def module_regions(gm: torch.fx.GraphModule, pattern) -> dict[str, list[torch.fx
         key = cache[path]
         if key is not None:
             regions.setdefault(key, []).append(node)
-    return dict(regions)
+    return regions
 
 
 def region_inputs_outputs(nodes) -> tuple[list[torch.fx.Node], list[torch.fx.Node]]:

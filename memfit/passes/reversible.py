@@ -25,7 +25,6 @@ it would update them twice), blocks whose output is read outside the next block.
 
 from __future__ import annotations
 
-import fnmatch
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -82,13 +81,6 @@ def _auto_pattern(paths) -> str | None:
     return c[0] if c else None
 
 
-def _matcher(pattern: str):
-    if pattern.startswith("re:"):
-        rx = re.compile(pattern[3:])
-        return lambda s: rx.fullmatch(s) is not None
-    return lambda s: fnmatch.fnmatchcase(s, pattern)
-
-
 def find_blocks(gm: torch.fx.GraphModule, pattern: str = "") -> "OrderedDict[str, list[torch.fx.Node]]":
     """{block path: its compute nodes in graph order} for the blocks matching `pattern`
     (auto-detected when empty); a node belongs to the shortest matching prefix of its path."""
@@ -97,21 +89,8 @@ def find_blocks(gm: torch.fx.GraphModule, pattern: str = "") -> "OrderedDict[str
         pattern = _auto_pattern([q for q in map(node_path, nodes) if q]) or ""  # best candidate only
         if not pattern:
             return OrderedDict()
-    match = _matcher(pattern)
-    out: "OrderedDict[str, list]" = OrderedDict()
-    cache: dict = {}
-    for n in nodes:
-        path = node_path(n)
-        if not path:
-            continue
-        if path not in cache:
-            parts = path.split(".")
-            cache[path] = next((".".join(parts[:i]) for i in range(1, len(parts) + 1)
-                                if match(".".join(parts[:i]))), None)
-        key = cache[path]
-        if key is not None:
-            out.setdefault(key, []).append(n)
-    return out
+    from memfit.passes.regions import group_by_pattern
+    return group_by_pattern(nodes, pattern, node_path)
 
 
 def _val(n):
