@@ -7,8 +7,9 @@ Three stages per graph Dynamo hands over:
    does not apply to Dynamo's torch-level graph, is skipped with a log line and recorded in
    the report, never half-applied (each runs on a copy of the graph);
 2. AOTAutograd traces the joint forward+backward graph and calls memfit's partition function
-   (`MemfitPartitioner`), which decides which saved values are recomputed in backward so the
-   saved-activation bytes fit the budget (see "What the budget means" below);
+   (`MemfitPartitioner`), which decides which saved values are recomputed in backward and
+   which cross to backward as 8-bit (or 4/2-bit) codes, so the saved-activation bytes fit
+   the budget (see "What the budget means" below);
 3. code generation: Inductor (`compile_fx` with `config_patches={"custom_partitioner_fn": ...}`,
    C++ on CPU, Triton on GPU), or `codegen="eager"`: the forward and backward graphs run as
    plain fx code (what `aot_eager` does), which compiles in a second and suits tests.
@@ -31,6 +32,15 @@ least). RNG ops (dropout) are marked
 `native_dropout` in backward with a fresh mask on CPU (no philox functionalization there),
 which gives wrong gradients; and budget 0 bypasses all marks, so the search never goes
 to 0.
+
+Quantized saves (`quantize`, lossy: gradients within the 8-bit promise, cosine >= 0.99).
+"auto" (the default, as in memfit.optimize) uses them only when recompute alone cannot meet
+the budget (pinned RNG outputs are a floor recompute cannot go under); "prefer" uses them
+before recomputing: the search then looks for the partition with the least recompute whose
+saved bytes, with every eligible tensor quantized, fit; "never" is recompute only. On the
+chosen partition the largest eligible saved tensors are quantized until the budget is met,
+and no more (memfit.partition_quant: custom operators `memfit::quantize_saved` /
+`memfit::dequantize_saved`, Triton on CUDA, which Inductor calls as extern kernels).
 
 Passing options. torch.compile forwards `options` to a named non-Inductor backend as the
 keyword `options=` (only when non-empty) and `mode=` (when not "default"); see
@@ -67,6 +77,7 @@ BACKEND_NAME = "memfit"
 DEFAULT_PASSES = ("fuse-conv-bn", "sdpa-attention")
 _CODEGENS = ("inductor", "eager")
 _ON_INFEASIBLE = ("warn", "error")
+_QUANTIZE = ("auto", "never", "prefer")
 
 
 class BackendError(MemfitError):
@@ -89,6 +100,11 @@ class BackendOptions:
     tolerance: stop searching once a feasible partition saves (1 - tolerance) of the target.
     on_infeasible: "warn" (log, keep the smallest partition found) or "error" (BudgetError).
     inductor_config: extra Inductor config patches, as (key, value) pairs.
+    quantize: saved tensors crossing to backward as quantized codes (lossy, see
+        memfit.partition_quant): "auto" (default) only when recompute alone cannot meet the
+        budget, "prefer" before recomputing, "never".
+    quantize_bits, quantize_group_size, quantize_min_bytes: the format (8/4/2 bits, one
+        float32 scale and zero per group) and the smallest tensor worth quantizing.
     """
 
     budget: Budget | None = None
@@ -99,6 +115,10 @@ class BackendOptions:
     tolerance: float = 0.1
     on_infeasible: str = "warn"
     inductor_config: tuple[tuple[str, Any], ...] = ()
+    quantize: str = "auto"
+    quantize_bits: int = 8
+    quantize_group_size: int = 256
+    quantize_min_bytes: int = 4096
 
     def __post_init__(self):
         if self.budget is not None and not isinstance(self.budget, Budget):
@@ -115,6 +135,15 @@ class BackendOptions:
             raise BackendError(f"search_steps must be a non-negative int, got {self.search_steps!r}")
         if not (0.0 <= self.tolerance < 1.0):
             raise BackendError(f"tolerance must be in [0, 1), got {self.tolerance!r}")
+        if self.quantize not in _QUANTIZE:
+            raise BackendError(f"quantize must be one of {_QUANTIZE}, got {self.quantize!r}")
+        from memfit.kernels.reference import check_args
+        try:
+            check_args(self.quantize_bits, self.quantize_group_size)
+        except ValueError as e:
+            raise BackendError(f"quantize_bits/quantize_group_size: {e}") from None
+        if not isinstance(self.quantize_min_bytes, int) or self.quantize_min_bytes < 0:
+            raise BackendError(f"quantize_min_bytes must be a non-negative int, got {self.quantize_min_bytes!r}")
         if isinstance(self.inductor_config, dict):
             object.__setattr__(self, "inductor_config", tuple(sorted(self.inductor_config.items())))
 
@@ -131,7 +160,9 @@ class BackendOptions:
         return {"budget": None if self.budget is None else str(self.budget), "passes": list(self.passes),
                 "codegen": self.codegen, "pin_rng": self.pin_rng, "search_steps": self.search_steps,
                 "tolerance": self.tolerance,
-                "on_infeasible": self.on_infeasible, "inductor_config": dict(self.inductor_config)}
+                "on_infeasible": self.on_infeasible, "inductor_config": dict(self.inductor_config),
+                "quantize": self.quantize, "quantize_bits": self.quantize_bits,
+                "quantize_group_size": self.quantize_group_size, "quantize_min_bytes": self.quantize_min_bytes}
 
 
 # ---------------------------------------------------------------------------------------
@@ -155,13 +186,22 @@ class PartitionReport:
     fits: bool
     rng_pinned: int                    # RNG ops marked MUST_SAVE
     trials: list[tuple[float, int]] = field(default_factory=list)  # (ratio, saved bytes)
+    quantized: list[str] = field(default_factory=list)  # saved tensors crossing as codes
+    quantized_bytes: int = 0           # their bytes before quantization
+    quantized_packed_bytes: int = 0    # and after (codes, flags, scales, zeros)
+    quantize_bits: int | None = None
+    quantize_skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (eligible: none)
 
     def __str__(self) -> str:
         tgt = "none" if self.target_bytes is None else format_bytes(self.target_bytes)
+        q = ""
+        if self.quantized:
+            q = (f", quantized {len(self.quantized)} saved tensors to {self.quantize_bits} bits "
+                 f"({format_bytes(self.quantized_bytes)} -> {format_bytes(self.quantized_packed_bytes)})")
         return (f"saved {format_bytes(self.baseline_saved_bytes)} -> {format_bytes(self.saved_bytes)} "
                 f"(target {tgt}, {'fits' if self.fits else 'DOES NOT FIT'}), "
                 f"recomputed ops {self.baseline_recomputed_nodes} -> {self.recomputed_nodes}, "
-                f"ratio {self.ratio if self.ratio is not None else 'default'}, rng pinned {self.rng_pinned}")
+                f"ratio {self.ratio if self.ratio is not None else 'default'}, rng pinned {self.rng_pinned}{q}")
 
 
 @dataclass
@@ -354,25 +394,60 @@ class MemfitPartitioner:
             return min_cut_rematerialization_partition(joint, joint_inputs, **kw)
         opts = self.options
         pinned = pin_rng_ops(joint) if opts.pin_rng else 0
-        fw, bw, base = self._partition(joint, joint_inputs, 1.0, **kw)
+        results: dict[float, tuple] = {}
+        trials: list[tuple[float, int]] = []
+
+        def trial(r: float) -> tuple:
+            if r not in results:
+                fw, bw, m = self._partition(joint, joint_inputs, r, **kw)
+                results[r] = (r, fw, bw, m)
+                trials.append((r, m["saved_bytes"]))
+            return results[r]
+
+        base = trial(1.0)[3]
         target = None if opts.budget is None else opts.budget.resolve(base["saved_bytes"])
-        best = (1.0, fw, bw, base)
-        trials = [(1.0, base["saved_bytes"])]
+        best, quant = results[1.0], False
         if target is not None and base["saved_bytes"] > target:
-            best = self._search(joint, joint_inputs, target, base["saved_bytes"], trials, kw)
+            plain = self._cost_fn(num_fwd_outputs, quantized=False)
+            qcost = self._cost_fn(num_fwd_outputs, quantized=True)
+            if opts.quantize == "prefer" and qcost(best) <= target:
+                quant = True
+            else:
+                if opts.quantize != "prefer":
+                    best = self._search(trial, target, base["saved_bytes"], plain)
+                if plain(best) > target and opts.quantize != "never":
+                    best, quant = self._search(trial, target, base["saved_bytes"], qcost), True
         ratio, fw, bw, m = best
+        picked, skipped, cands = [], {}, []
+        if quant:
+            from memfit.partition_quant import choose, quantize_saves, save_candidates
+
+            cands = save_candidates(fw, num_fwd_outputs, **self._qargs())
+            picked = choose(cands, max(0, m["saved_bytes"] - target))
+            quantize_saves(fw, bw, num_fwd_outputs, picked, bits=opts.quantize_bits,
+                           group_size=opts.quantize_group_size)
+            m = measure_partition(fw, bw, num_fwd_outputs)
+            for c in cands:
+                if c.reason is not None:
+                    skipped[c.reason] = skipped.get(c.reason, 0) + 1
         fits = target is None or m["saved_bytes"] <= target
+        chosen = {c.name: c for c in cands if c.name in picked}
         rep = PartitionReport(
             baseline_saved_bytes=base["saved_bytes"], saved_bytes=m["saved_bytes"], target_bytes=target,
             saved_input_bytes=m["saved_input_bytes"], baseline_saved_count=base["saved_count"],
             saved_count=m["saved_count"], recomputed_nodes=m["recomputed_nodes"],
             baseline_recomputed_nodes=base["recomputed_nodes"], ratio=None if ratio == 1.0 else ratio,
-            fits=fits, rng_pinned=pinned, trials=trials)
+            fits=fits, rng_pinned=pinned, trials=trials, quantized=list(picked),
+            quantized_bytes=sum(c.nbytes for c in chosen.values()),
+            quantized_packed_bytes=sum(c.packed_nbytes for c in chosen.values()),
+            quantize_bits=opts.quantize_bits if picked else None, quantize_skipped=skipped)
         self.report.partitions.append(rep)
         log.info("memfit partition: %s", rep)
         if not fits:
+            how = "by recompute alone" if opts.quantize == "never" else (
+                f"by recompute and {opts.quantize_bits}-bit saved tensors")
             msg = (f"memfit: the saved bytes of this graph cannot be brought under the budget "
-                   f"{opts.budget} ({format_bytes(target)}) by recompute alone: the least found is "
+                   f"{opts.budget} ({format_bytes(target)}) {how}: the least found is "
                    f"{format_bytes(m['saved_bytes'])} (default partition {format_bytes(base['saved_bytes'])}); "
                    f"raise the budget")
             if opts.on_infeasible == "error":
@@ -380,45 +455,67 @@ class MemfitPartitioner:
             log.warning("%s", msg)
         return fw, bw
 
-    def _search(self, joint, joint_inputs, target: int, base: int, trials: list, kw) -> tuple:
-        """The feasible partition saving the most, over trial ratios in (0, 1].
+    def _qargs(self) -> dict:
+        o = self.options
+        return {"bits": o.quantize_bits, "group_size": o.quantize_group_size, "min_bytes": o.quantize_min_bytes}
+
+    def _cost_fn(self, num_fwd_outputs: int, quantized: bool) -> Callable[[tuple], int]:
+        """Saved bytes of a trial partition: as partitioned, or the least reachable by
+        quantizing every eligible saved tensor of it."""
+        if not quantized:
+            return lambda entry: entry[3]["saved_bytes"]
+        from memfit.partition_quant import save_candidates
+
+        memo: dict[float, int] = {}
+
+        def cost(entry):
+            r, fw, _, m = entry
+            if r not in memo:
+                cands = save_candidates(fw, num_fwd_outputs, **self._qargs())
+                memo[r] = m["saved_bytes"] - sum(c.saving for c in cands)
+            return memo[r]
+        return cost
+
+    def _search(self, trial: Callable[[float], tuple], target: int, base: int,
+                cost: Callable[[tuple], int]) -> tuple:
+        """The feasible partition (cost <= target) with the highest cost, i.e. the least
+        recompute, over trial ratios in (0, 1]; `trial` caches partitions by ratio.
 
         Starts from the linear guess target/base, then bisects; stops once a feasible
-        partition saves at least (1 - tolerance) of the target. Ratio 1 is known infeasible.
+        partition reaches (1 - tolerance) of the target. Returns the lowest-cost
+        partition tried when none is feasible.
         """
         # Budget 0 returns "save the inputs only" and ignores MUST_SAVE marks (it would
         # recompute dropout), so the lowest trial is a small positive ratio.
         lo_ratio = 1e-4
-        results: dict[float, tuple] = {}
+        tried: dict[float, tuple] = {}
 
-        def trial(r):
-            if r not in results:
-                fw, bw, m = self._partition(joint, joint_inputs, r, **kw)
-                results[r] = (r, fw, bw, m)
-                trials.append((r, m["saved_bytes"]))
-            return results[r]
+        def run(r):
+            tried[r] = trial(r)
+            return cost(tried[r])
 
+        run(1.0)
         lo, hi = lo_ratio, 1.0
         r = min(max(target / base, lo_ratio), 1.0)
         last_feasible = None
         for _ in range(max(1, self.options.search_steps)):
-            saved = trial(r)[3]["saved_bytes"]
-            if saved <= target:
+            c = run(r)
+            if c <= target:
                 lo = r
                 # Close enough, or raising the ratio bought nothing (the curve has steps).
-                if saved >= (1.0 - self.options.tolerance) * target or saved == last_feasible:
+                if c >= (1.0 - self.options.tolerance) * target or c == last_feasible:
                     break
-                last_feasible = saved
+                last_feasible = c
             else:
                 hi = r
             r = (lo + hi) / 2
-        feasible = [x for x in results.values() if x[3]["saved_bytes"] <= target]
+        feasible = [x for x in tried.values() if cost(x) <= target]
         if not feasible:
-            trial(lo_ratio)
-            feasible = [x for x in results.values() if x[3]["saved_bytes"] <= target]
+            run(lo_ratio)
+            feasible = [x for x in tried.values() if cost(x) <= target]
         if feasible:
-            return max(feasible, key=lambda x: (x[3]["saved_bytes"], -x[3]["recomputed_nodes"]))
-        return min(results.values(), key=lambda x: x[3]["saved_bytes"])
+            return max(feasible, key=lambda x: (cost(x), -x[3]["recomputed_nodes"]))
+        return min(tried.values(), key=cost)
 
 
 def _inductor_partitioner(options: BackendOptions, report: BackendReport):
