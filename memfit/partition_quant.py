@@ -135,6 +135,59 @@ def dense_order(v: torch.Tensor):
     return perm
 
 
+_FREE_OPS = ("view", "_unsafe_view", "reshape", "permute", "t", "transpose", "expand", "squeeze", "unsqueeze",
+             "slice", "select", "alias", "detach", "as_strided", "split", "unbind", "getitem")
+
+
+def node_time_s(n: fx.Node, flops_per_s: float, bytes_per_s: float) -> float:
+    """Roofline time of one call_function node from its FakeTensor metadata:
+    max(FLOPs / flops_per_s, (input + output bytes) / bytes_per_s); views cost nothing."""
+    if n.op != "call_function":
+        return 0.0
+    name = getattr(getattr(n.target, "_overloadpacket", None), "__name__", getattr(n.target, "__name__", ""))
+    if name in _FREE_OPS:
+        return 0.0
+
+    def val(a):
+        return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+    def nbytes(v):
+        return _hint(v.numel()) * v.element_size() if isinstance(v, torch.Tensor) else 0
+
+    out = n.meta.get("val")
+    moved = sum(nbytes(val(a)) for a in n.all_input_nodes)
+    moved += sum(nbytes(v) for v in (out if isinstance(out, (tuple, list)) else (out,)))
+    flops = 0
+    packet = getattr(n.target, "_overloadpacket", None)
+    if packet is not None:
+        from torch.utils.flop_counter import flop_registry
+
+        f = flop_registry.get(packet)
+        if f is not None:
+            try:
+                args = fx.node.map_aggregate(n.args, val)
+                kwargs = fx.node.map_aggregate(n.kwargs, val)
+                flops = _hint(f(*args, out_val=out, **kwargs))
+            except Exception:  # a formula that does not take these arguments: bytes only
+                flops = 0
+    return max(flops / flops_per_s, moved / bytes_per_s)
+
+
+def recompute_time_s(fw: fx.GraphModule, bw: fx.GraphModule, flops_per_s: float, bytes_per_s: float) -> float:
+    """Roofline time of the forward ops that run again in backward (names present in both
+    graphs: partitioning keeps the joint graph's names)."""
+    fw_ops = {n.name for n in fw.graph.nodes if n.op == "call_function"}
+    return sum(node_time_s(n, flops_per_s, bytes_per_s) for n in bw.graph.nodes
+               if n.op == "call_function" and n.name in fw_ops)
+
+
+def quantize_time_s(candidates: list[SaveCandidate], names, bytes_per_s: float) -> float:
+    """Quantize reads the tensor and writes the packed form; dequantize reads the packed form
+    and writes the tensor (the same model as memfit.passes.quantize.price_candidates)."""
+    chosen = set(names)
+    return sum(2 * (c.nbytes + c.packed_nbytes) for c in candidates if c.name in chosen) / bytes_per_s
+
+
 def choose(candidates: list[SaveCandidate], excess: int | None) -> list[str]:
     """Names to quantize: the largest eligible first, until their savings cover `excess`
     bytes (all eligible ones when `excess` is None). Fewer, larger tensors mean fewer kernel

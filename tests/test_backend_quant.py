@@ -254,3 +254,40 @@ def test_inductor_runs_quantized_saves(reference_grads, blocks):
     (p,) = rep.partitions
     assert p.fits and p.quantized and measured == p.saved_bytes
     assert _min_cos(g, ref) >= 0.99
+
+
+def test_cheapest_picks_the_lower_predicted_time(blocks, reference_grads):
+    """quantize="cheapest" prices both plans (roofline) and keeps the cheaper; the report's
+    predicted extra time is that plan's."""
+    model, x = blocks
+    _, ref = reference_grads
+    _, g, rep, measured = _run(model, x, budget="20%", codegen="eager", passes=(), quantize="cheapest")
+    (p,) = rep.partitions
+    alt = p.alternatives_s
+    assert set(alt) == {"recompute", "quantize"} and p.fits and measured == p.saved_bytes
+    assert p.predicted_extra_s == pytest.approx(min(alt.values()))
+    assert bool(p.quantized) == (alt["quantize"] < alt["recompute"])
+    assert _min_cos(g, ref) >= 0.99
+
+
+def test_roofline_node_time():
+    """mm counts 2*m*n*k FLOPs (torch's flop formulas on the FakeTensor metadata); views are
+    free; a pointwise op costs its bytes."""
+    import torch.fx as fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    g = fx.Graph()
+    a, b = g.placeholder("a"), g.placeholder("b")
+    mm = g.call_function(torch.ops.aten.mm.default, (a, b))
+    v = g.call_function(torch.ops.aten.view.default, (mm, [-1]))
+    r = g.call_function(torch.ops.aten.relu.default, (v,))
+    with mode:
+        av, bv = torch.empty(64, 32), torch.empty(32, 16)
+        a.meta["val"], b.meta["val"] = av, bv
+        mm.meta["val"] = av @ bv
+        v.meta["val"] = mm.meta["val"].view(-1)
+        r.meta["val"] = torch.relu(v.meta["val"])
+    assert pq.node_time_s(mm, 1.0, 1e30) == 2 * 64 * 32 * 16
+    assert pq.node_time_s(v, 1.0, 1.0) == 0.0
+    assert pq.node_time_s(r, 1e30, 1.0) == 2 * 64 * 16 * 4
