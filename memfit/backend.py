@@ -540,7 +540,8 @@ class MemfitPartitioner:
 class _Timing:
     """Predicted extra time of a partition over the default one (roofline on the device's
     nominal rates, memfit.cost_models.memory.DeviceSpec): recomputed forward ops beyond the
-    default partition's, plus quantize/dequantize traffic of the tensors that would be chosen."""
+    default partition's, plus quantize/dequantize traffic of the tensors that would be chosen
+    (scaled by the kernels' traffic factor: the CPU reference is about 30x one pass)."""
 
     def __init__(self, joint: fx.GraphModule, base_entry: tuple, num_fwd_outputs: int, qargs: dict):
         from memfit.cost_models.memory import DeviceSpec
@@ -551,7 +552,10 @@ class _Timing:
             if isinstance(v, torch.Tensor):
                 dev = v.device
                 break
+        from memfit.kernels.dispatch import traffic_factor
+
         self.spec = DeviceSpec.for_device(dev)
+        self.qfactor = traffic_factor(dev)
         self.num_fwd_outputs, self.qargs = num_fwd_outputs, qargs
         self.base = self._recompute(base_entry)
 
@@ -565,7 +569,7 @@ class _Timing:
             from memfit.partition_quant import choose, quantize_time_s, save_candidates
             cands = save_candidates(entry[1], self.num_fwd_outputs, **self.qargs)
             names = choose(cands, max(0, entry[3]["saved_bytes"] - target))
-            t += quantize_time_s(cands, names, self.spec.bytes_per_s)
+            t += quantize_time_s(cands, names, self.spec.bytes_per_s, self.qfactor)
         return t
 
 

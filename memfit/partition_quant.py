@@ -181,11 +181,13 @@ def recompute_time_s(fw: fx.GraphModule, bw: fx.GraphModule, flops_per_s: float,
                if n.op == "call_function" and n.name in fw_ops)
 
 
-def quantize_time_s(candidates: list[SaveCandidate], names, bytes_per_s: float) -> float:
+def quantize_time_s(candidates: list[SaveCandidate], names, bytes_per_s: float, factor: float = 1.0) -> float:
     """Quantize reads the tensor and writes the packed form; dequantize reads the packed form
-    and writes the tensor (the same model as memfit.passes.quantize.price_candidates)."""
+    and writes the tensor (the same model as memfit.passes.quantize.price_candidates), times
+    `factor` (memfit.kernels.dispatch.traffic_factor: 1 for the Triton kernels, more for the
+    torch reference)."""
     chosen = set(names)
-    return sum(2 * (c.nbytes + c.packed_nbytes) for c in candidates if c.name in chosen) / bytes_per_s
+    return factor * sum(2 * (c.nbytes + c.packed_nbytes) for c in candidates if c.name in chosen) / bytes_per_s
 
 
 def choose(candidates: list[SaveCandidate], excess: int | None) -> list[str]:
