@@ -75,6 +75,13 @@ def test_backend_on_bert(quantize):
         assert _rel(g, g_ref) < 1e-5
     else:
         assert any(p.quantized for p in parts)
+        # The attention key biases get gradient 0 in exact arithmetic (softmax ignores a
+        # constant added to every score of a row): their reference is rounding noise
+        # (~1e-12), so a cosine there means nothing; they are held to an absolute bound.
+        top = max(v.norm().item() for v in g_ref.values())
+        tiny = {k for k in g_ref if g_ref[k].norm().item() < 1e-6 * top}
+        assert tiny == {f"bert.encoder.layer.{i}.attention.self.key.bias" for i in range(2)}
+        assert all(g[k].norm().item() < 1e-5 * top for k in tiny)
         cos = min(F.cosine_similarity(g[k].flatten().double(), g_ref[k].flatten().double(), 0).item()
-                  for k in g_ref if g_ref[k].abs().sum() > 0)
+                  for k in g_ref if k not in tiny)
         assert cos >= 0.99
