@@ -70,6 +70,8 @@ import torch.fx as fx
 
 from memfit.budget import Budget, format_bytes
 from memfit.errors import BudgetError, MemfitError, PassError
+from memfit.partition_quant import size_hint as _hint
+from memfit.runtime.quantized_save import storage_key as _storage_key
 
 log = logging.getLogger(__name__)
 
@@ -270,20 +272,6 @@ def clear_reports() -> None:
 
 # ---------------------------------------------------------------------------------------
 # measuring a partition
-
-
-def _hint(x) -> int:
-    if isinstance(x, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import optimization_hint
-        return int(optimization_hint(x, fallback=4096))
-    return int(x)
-
-
-def _storage_key(t: torch.Tensor):
-    try:
-        return t.untyped_storage()._cdata
-    except Exception:  # tensors without storage (sparse, some subclasses)
-        return id(t)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
+from memfit.runtime.quantized_save import storage_key
+
 QUANT_OUTPUTS = ("codes", "flags", "scale", "zero")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,18 +53,12 @@ class SaveCandidate:
         return self.nbytes - self.packed_nbytes if self.reason is None else 0
 
 
-def _hint(x) -> int:
+def size_hint(x) -> int:
+    """An int for a size that may be symbolic (its optimization hint)."""
     if isinstance(x, torch.SymInt):
         from torch.fx.experimental.symbolic_shapes import optimization_hint
         return int(optimization_hint(x, fallback=4096))
     return int(x)
-
-
-def _storage(t: torch.Tensor):
-    try:
-        return t.untyped_storage()._cdata
-    except Exception:  # tensors without storage
-        return id(t)
 
 
 def _outputs(g: fx.Graph) -> tuple[fx.Node, list]:
@@ -81,12 +77,12 @@ def save_candidates(fw: fx.GraphModule, num_fwd_outputs: int, *, bits: int = 8, 
     for p in fw.graph.find_nodes(op="placeholder"):
         v = p.meta.get("val")
         if isinstance(v, torch.Tensor):
-            inputs.add(_storage(v))
+            inputs.add(storage_key(v))
     users_of_storage: dict = {}
     for n in vals:
         v = n.meta.get("val") if isinstance(n, fx.Node) else None
         if isinstance(v, torch.Tensor):
-            users_of_storage[_storage(v)] = users_of_storage.get(_storage(v), 0) + 1
+            users_of_storage[storage_key(v)] = users_of_storage.get(storage_key(v), 0) + 1
     user_set = {n for n in user_outs if isinstance(n, fx.Node)}
     out: list[SaveCandidate] = []
     seen: set = set()
@@ -95,17 +91,17 @@ def save_candidates(fw: fx.GraphModule, num_fwd_outputs: int, *, bits: int = 8, 
         if not isinstance(v, torch.Tensor) or n in seen:
             continue
         seen.add(n)
-        numel = _hint(v.numel())
+        numel = size_hint(v.numel())
         nbytes = numel * v.element_size()
         packed = packed_bytes(numel, bits, group_size) if numel else nbytes
         reason = None
-        if n.op == "placeholder" or _storage(v) in inputs:
+        if n.op == "placeholder" or storage_key(v) in inputs:
             reason = "a graph input or a view of one"
         elif v.dtype not in FLOAT_DTYPES:
             reason = f"dtype {v.dtype}"
         elif n in user_set:
             reason = "also returned to the caller"
-        elif users_of_storage.get(_storage(v), 0) > 1:
+        elif users_of_storage.get(storage_key(v), 0) > 1:
             reason = "shares storage with another output"
         elif n.meta.get("saved_tensor_with_no_vc_check", False):
             reason = "saved without a version-counter check"
@@ -124,8 +120,8 @@ def dense_order(v: torch.Tensor):
     buffer) the dim order `perm` with v.permute(perm) contiguous; False otherwise."""
     if v.is_contiguous():
         return None
-    strides = [_hint(s) for s in v.stride()]
-    sizes = [_hint(s) for s in v.shape]
+    strides = [size_hint(s) for s in v.stride()]
+    sizes = [size_hint(s) for s in v.shape]
     perm = sorted(range(v.dim()), key=lambda d: (-strides[d], -sizes[d], d))
     expect = 1
     for d in reversed(perm):
@@ -152,7 +148,7 @@ def node_time_s(n: fx.Node, flops_per_s: float, bytes_per_s: float) -> float:
         return a.meta.get("val") if isinstance(a, fx.Node) else a
 
     def nbytes(v):
-        return _hint(v.numel()) * v.element_size() if isinstance(v, torch.Tensor) else 0
+        return size_hint(v.numel()) * v.element_size() if isinstance(v, torch.Tensor) else 0
 
     out = n.meta.get("val")
     moved = sum(nbytes(val(a)) for a in n.all_input_nodes)
@@ -167,7 +163,7 @@ def node_time_s(n: fx.Node, flops_per_s: float, bytes_per_s: float) -> float:
             try:
                 args = fx.node.map_aggregate(n.args, val)
                 kwargs = fx.node.map_aggregate(n.kwargs, val)
-                flops = _hint(f(*args, out_val=out, **kwargs))
+                flops = size_hint(f(*args, out_val=out, **kwargs))
             except Exception:  # a formula that does not take these arguments: bytes only
                 flops = 0
     return max(flops / flops_per_s, moved / bytes_per_s)

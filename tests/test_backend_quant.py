@@ -12,28 +12,13 @@ import memfit.backend as mb
 import memfit.partition_quant as pq
 from memfit.kernels import ops, reference
 from tests.models import Block
+from tests.test_backend import _grads, _rel
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _grads(model, fn, seed=0):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    out = fn()
-    out.float().pow(2).sum().backward()
-    g = [p.grad.detach().clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    return out.detach(), g
-
-
 def _min_cos(a, b):
     return min(F.cosine_similarity(x.flatten().double(), y.flatten().double(), 0).item() for x, y in zip(a, b))
-
-
-def _rel(a, b):
-    num = sum((x - y).pow(2).sum() for x, y in zip(a, b)).sqrt()
-    den = sum(y.pow(2).sum() for y in b).sqrt()
-    return (num / den).item()
 
 
 class SavedBytes:
