@@ -14,8 +14,8 @@ codes plus one float32 scale and zero per group of `group_size` elements. The op
 `memfit.kernels.ops` custom operators (Triton on CUDA, the torch reference elsewhere; the
 format and its error bound are in `memfit.kernels.reference`), opaque to Inductor.
 
-A saved tensor is eligible when it is a floating-point (fp32/fp16/bf16) contiguous tensor of
-at least `min_bytes`, computed in the forward graph (not a graph input, nor a view of one),
+A saved tensor is eligible when it is a floating-point (fp32/fp16/bf16) dense tensor of
+static shape and at least `min_bytes`, computed in the forward graph (not a graph input, nor a view of one),
 not returned to the user as well, not sharing storage with another output, and not stashed
 without a version-counter check (AOTAutograd orders those last). Everything else is kept.
 
@@ -105,6 +105,9 @@ def save_candidates(fw: fx.GraphModule, num_fwd_outputs: int, *, bits: int = 8, 
             reason = "shares storage with another output"
         elif n.meta.get("saved_tensor_with_no_vc_check", False):
             reason = "saved without a version-counter check"
+        elif any(isinstance(d, torch.SymInt) for d in v.shape):
+            # backward would need the size as a value of its own graph (a saved SymInt)
+            reason = "symbolic size (dynamic shapes)"
         elif dense_order(v) is False:
             reason = "not dense (overlapping or with gaps)"
         elif nbytes < min_bytes:

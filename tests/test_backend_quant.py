@@ -276,3 +276,19 @@ def test_roofline_node_time():
     assert pq.node_time_s(mm, 1.0, 1e30) == 2 * 64 * 32 * 16
     assert pq.node_time_s(v, 1.0, 1.0) == 0.0
     assert pq.node_time_s(r, 1e30, 1.0) == 2 * 64 * 16 * 4
+
+
+def test_dynamic_shapes_skip_quantization_with_a_reason(blocks, reference_grads):
+    """Under dynamic shapes a saved tensor's size is symbolic, and backward would need it as
+    a value of its own graph: such tensors are skipped with a reason, and the budget is met
+    by recompute (exact)."""
+    model, x = blocks
+    _, ref = reference_grads
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=True, backend=mb.make_backend(
+        "50%", codegen="eager", passes=(), quantize="prefer", quantize_min_bytes=1024))
+    _, g = _grads(model, lambda: compiled(x))
+    (p,) = mb.last_report().partitions
+    assert p.fits and not p.quantized
+    assert p.quantize_skipped.get("symbolic size (dynamic shapes)", 0) > 0
+    assert _rel(g, ref) < 1e-5
