@@ -404,24 +404,34 @@ class MemfitPartitioner:
         if target is not None and base["saved_bytes"] > target:
             plain = self._cost_fn(num_fwd_outputs, quantized=False)
             qcost = self._cost_fn(num_fwd_outputs, quantized=True)
+
+            def recompute_plan():
+                return self._search(trial, target, base["saved_bytes"], plain)
+
+            def quantize_plan():   # the least recompute at which quantizing can fit
+                default = results[1.0]
+                return default if qcost(default) <= target else self._search(
+                    trial, target, base["saved_bytes"], qcost)
+
             mode = opts.quantize
-            if mode in ("prefer", "cheapest") and qcost(best) <= target:
-                qbest = best
-            elif mode in ("prefer", "cheapest"):
-                qbest = self._search(trial, target, base["saved_bytes"], qcost)
-            if mode in ("never", "auto", "cheapest"):
-                best = self._search(trial, target, base["saved_bytes"], plain)
-            if mode == "auto" and plain(best) > target:
-                qbest = self._search(trial, target, base["saved_bytes"], qcost)
-                mode = "prefer"
-            if mode == "prefer":
-                best, quant = qbest, True
-            elif mode == "cheapest":
-                t_plain = timing.extra_s(best, target, quantized=False)
-                t_quant = timing.extra_s(qbest, target, quantized=True)
-                alternatives = {"recompute": t_plain, "quantize": t_quant}
-                if plain(best) > target or (qcost(qbest) <= target and t_quant < t_plain):
-                    best, quant = qbest, True
+            if mode == "never":
+                best = recompute_plan()
+            elif mode == "auto":       # exact first (DESIGN.md: lossy only when needed)
+                best = recompute_plan()
+                if plain(best) > target:
+                    best, quant = quantize_plan(), True
+            elif mode == "prefer":
+                best, quant = quantize_plan(), True
+            else:                      # "cheapest": price both plans
+                r_plan, q_plan = recompute_plan(), quantize_plan()
+                alternatives = {"recompute": timing.extra_s(r_plan, target, quantized=False),
+                                "quantize": timing.extra_s(q_plan, target, quantized=True)}
+                r_fits, q_fits = plain(r_plan) <= target, qcost(q_plan) <= target
+                if (q_fits and (not r_fits or alternatives["quantize"] < alternatives["recompute"])
+                        or not r_fits and qcost(q_plan) < plain(r_plan)):   # neither fits: the smaller
+                    best, quant = q_plan, True
+                else:
+                    best = r_plan
         predicted_extra = timing.extra_s(best, target, quantized=quant) if target is not None else 0.0
         ratio, fw, bw, m = best
         picked, skipped, cands = [], {}, []
@@ -533,15 +543,10 @@ class _Timing:
 
     def __init__(self, joint: fx.GraphModule, base_entry: tuple, num_fwd_outputs: int, qargs: dict):
         from memfit.cost_models.memory import DeviceSpec
-
-        dev = torch.device("cpu")
-        for n in joint.graph.find_nodes(op="placeholder"):
-            v = n.meta.get("val")
-            if isinstance(v, torch.Tensor):
-                dev = v.device
-                break
         from memfit.kernels.dispatch import traffic_factor
 
+        vals = (n.meta.get("val") for n in joint.graph.find_nodes(op="placeholder"))
+        dev = next((v.device for v in vals if isinstance(v, torch.Tensor)), torch.device("cpu"))
         self.spec = DeviceSpec.for_device(dev)
         self.qfactor = traffic_factor(dev)
         self.num_fwd_outputs, self.qargs = num_fwd_outputs, qargs
