@@ -438,7 +438,7 @@ class MemfitPartitioner:
         if quant:
             from memfit.partition_quant import choose, quantize_saves, save_candidates
 
-            cands = save_candidates(fw, num_fwd_outputs, **self._qargs())
+            cands = save_candidates(fw, num_fwd_outputs, bw=bw, **self._qargs())
             picked = choose(cands, max(0, m["saved_bytes"] - target))
             quantize_saves(fw, bw, num_fwd_outputs, picked, bits=opts.quantize_bits,
                            group_size=opts.quantize_group_size)
@@ -486,9 +486,9 @@ class MemfitPartitioner:
         memo: dict[float, int] = {}
 
         def cost(entry):
-            r, fw, _, m = entry
+            r, fw, bw, m = entry
             if r not in memo:
-                cands = save_candidates(fw, num_fwd_outputs, **self._qargs())
+                cands = save_candidates(fw, num_fwd_outputs, bw=bw, **self._qargs())
                 memo[r] = m["saved_bytes"] - sum(c.saving for c in cands)
             return memo[r]
         return cost
@@ -560,7 +560,7 @@ class _Timing:
         t = max(0.0, self._recompute(entry) - self.base)
         if quantized and target is not None:
             from memfit.partition_quant import choose, quantize_time_s, save_candidates
-            cands = save_candidates(entry[1], self.num_fwd_outputs, **self.qargs)
+            cands = save_candidates(entry[1], self.num_fwd_outputs, bw=entry[2], **self.qargs)
             names = choose(cands, max(0, entry[3]["saved_bytes"] - target))
             t += quantize_time_s(cands, names, self.spec.bytes_per_s, self.qfactor)
         return t

@@ -15,7 +15,8 @@ codes plus one float32 scale and zero per group of `group_size` elements. The op
 format and its error bound are in `memfit.kernels.reference`), opaque to Inductor.
 
 A saved tensor is eligible when it is a floating-point (fp32/fp16/bf16) dense tensor of
-static shape and at least `min_bytes`, computed in the forward graph (not a graph input, nor a view of one),
+at least `min_bytes` whose sizes backward can rebuild (ints, or sums of products of the
+SymInts it takes as inputs: dynamic shapes), computed in the forward graph (not a graph input, nor a view of one),
 not returned to the user as well, not sharing storage with another output, and not stashed
 without a version-counter check (AOTAutograd orders those last). Everything else is kept.
 
@@ -66,10 +67,16 @@ def _outputs(g: fx.Graph) -> tuple[fx.Node, list]:
     return out, list(out.args[0])
 
 
-def save_candidates(fw: fx.GraphModule, num_fwd_outputs: int, *, bits: int = 8, group_size: int = 256,
-                    min_bytes: int = 4096) -> list[SaveCandidate]:
-    """Every saved tensor of `fw` (the values after the first `num_fwd_outputs` outputs)."""
+def save_candidates(fw: fx.GraphModule, num_fwd_outputs: int, *, bw: fx.GraphModule | None = None,
+                    bits: int = 8, group_size: int = 256, min_bytes: int = 4096) -> list[SaveCandidate]:
+    """Every saved tensor of `fw` (the values after the first `num_fwd_outputs` outputs).
+
+    A tensor of symbolic size is eligible only if each size is a sum of products of
+    integers and symbols that `bw` takes as SymInt placeholders (the backward graph must
+    rebuild the shape for dequantize from values of its own)."""
     from memfit.kernels.reference import packed_bytes
+
+    symbols = _symbol_inputs(bw) if bw is not None else {}
 
     _, vals = _outputs(fw.graph)
     user_outs, saved = vals[:num_fwd_outputs], vals[num_fwd_outputs:]
@@ -105,9 +112,9 @@ def save_candidates(fw: fx.GraphModule, num_fwd_outputs: int, *, bits: int = 8, 
             reason = "shares storage with another output"
         elif n.meta.get("saved_tensor_with_no_vc_check", False):
             reason = "saved without a version-counter check"
-        elif any(isinstance(d, torch.SymInt) for d in v.shape):
+        elif not all(_expressible(d, symbols) for d in v.shape):
             # backward would need the size as a value of its own graph (a saved SymInt)
-            reason = "symbolic size (dynamic shapes)"
+            reason = "symbolic size (dynamic shapes) not available in backward"
         elif dense_order(v) is False:
             reason = "not dense (overlapping or with gaps)"
         elif nbytes < min_bytes:
@@ -132,6 +139,56 @@ def dense_order(v: torch.Tensor):
             return False
         expect *= sizes[d]
     return perm
+
+
+def _symbol_inputs(bw: fx.GraphModule) -> dict:
+    """sympy Symbol -> the backward placeholder holding it (SymInt inputs)."""
+    import sympy
+
+    out = {}
+    for p in bw.graph.find_nodes(op="placeholder"):
+        v = p.meta.get("val")
+        if isinstance(v, torch.SymInt) and isinstance(v.node.expr, sympy.Symbol):
+            out.setdefault(v.node.expr, p)
+    return out
+
+
+def _expressible(d, symbols: dict, expr=None) -> bool:
+    """Whether size `d` (int or SymInt) is built from ints and `symbols` by + and *."""
+    import sympy
+
+    if expr is None:
+        if not isinstance(d, torch.SymInt):
+            return True
+        expr = d.node.expr
+    if isinstance(expr, sympy.Integer):
+        return True
+    if isinstance(expr, sympy.Symbol):
+        return expr in symbols
+    if isinstance(expr, (sympy.Mul, sympy.Add)):
+        return all(_expressible(None, symbols, a) for a in expr.args)
+    return False
+
+
+def _size_node(graph: fx.Graph, expr, symbols: dict):
+    """An int, or an fx node computing sympy `expr` from the SymInt placeholders `symbols`
+    (operator.mul / operator.add nodes, inserted at the graph's current insert point, each
+    with its SymInt meta value)."""
+    import sympy
+
+    if isinstance(expr, sympy.Integer):
+        return int(expr)
+    if isinstance(expr, sympy.Symbol):
+        return symbols[expr]
+    op = operator.mul if isinstance(expr, sympy.Mul) else operator.add
+    parts = [_size_node(graph, a, symbols) for a in expr.args]
+    acc = parts[0]
+    for p in parts[1:]:
+        node = graph.call_function(op, (acc, p))
+        vals = [x.meta["val"] if isinstance(x, fx.Node) else x for x in (acc, p)]
+        node.meta["val"] = op(*vals)
+        acc = node
+    return acc
 
 
 _FREE_OPS = ("view", "_unsafe_view", "reshape", "permute", "t", "transpose", "expand", "squeeze", "unsqueeze",
@@ -233,6 +290,7 @@ def quantize_saves(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
     out, vals = _outputs(fw.graph)
     by_name = {n.name: n for n in vals[num_fwd_outputs:] if isinstance(n, fx.Node)}
     bw_ph = {p.name: p for p in bw.graph.find_nodes(op="placeholder")}
+    symbols = _symbol_inputs(bw)
     taken = {n.name for n in fw.graph.nodes} | set(bw_ph)
     new_vals = list(vals)
     done = 0
@@ -294,7 +352,9 @@ def quantize_saves(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
         first = min(p.users, key=border.__getitem__)
         shape = list(src_val.shape)
         with bw.graph.inserting_before(first):
-            dq = bw.graph.call_function(dqop, (*new_ph, shape, v.dtype, bits, group_size))
+            shape_args = [d if not isinstance(d, torch.SymInt) else _size_node(bw.graph, d.node.expr, symbols)
+                          for d in shape]
+            dq = bw.graph.call_function(dqop, (*new_ph, shape_args, v.dtype, bits, group_size))
         dq.name = f"{name}_mfdq"
         with mode if mode is not None else _null():
             dq_val = dqop(*fake_parts, shape, v.dtype, bits, group_size)
