@@ -28,6 +28,7 @@ order; the output node's per-output "desc" metadata is rebuilt to match the new 
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
 
@@ -314,14 +315,14 @@ def quantize_saves(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
         perm = dense_order(v)
         src, src_val = n, v
         if perm is not None:   # quantize the buffer's own (contiguous) order
-            with mode if mode is not None else _null():
+            with mode if mode is not None else contextlib.nullcontext():
                 src_val = v.permute(perm)
             with fw.graph.inserting_before(anchor.next):
                 src = fw.graph.call_function(torch.ops.aten.permute.default, (n, perm))
             src.name = f"{name}_mfperm"
             _set_meta(src, src_val)
             anchor = src
-        with mode if mode is not None else _null():
+        with mode if mode is not None else contextlib.nullcontext():
             fake_parts = qop(src_val, bits, group_size)
         with fw.graph.inserting_before(anchor.next):
             q = fw.graph.call_function(qop, (src, bits, group_size))
@@ -356,7 +357,7 @@ def quantize_saves(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
                           for d in shape]
             dq = bw.graph.call_function(dqop, (*new_ph, shape_args, v.dtype, bits, group_size))
         dq.name = f"{name}_mfdq"
-        with mode if mode is not None else _null():
+        with mode if mode is not None else contextlib.nullcontext():
             dq_val = dqop(*fake_parts, shape, v.dtype, bits, group_size)
         _set_meta(dq, dq_val)
         if perm is not None:   # back to the saved tensor's strides (a view)
@@ -364,7 +365,7 @@ def quantize_saves(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
             with bw.graph.inserting_before(first):
                 back = bw.graph.call_function(torch.ops.aten.permute.default, (dq, inv))
             back.name = f"{name}_mfunperm"
-            with mode if mode is not None else _null():
+            with mode if mode is not None else contextlib.nullcontext():
                 _set_meta(back, dq_val.permute(inv))
             dq = back
         p.replace_all_uses_with(dq)
@@ -376,14 +377,6 @@ def quantize_saves(fw: fx.GraphModule, bw: fx.GraphModule, num_fwd_outputs: int,
         g.graph.lint()
         g.recompile()
     return done
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _fix_output_meta(out: fx.Node, old: list, new: list, num_fwd_outputs: int) -> None:
