@@ -50,8 +50,8 @@ def shortest_prefix(cum: list, budget: int, peak_at: Callable[[int], int], peak_
     is not. cum[k]: bytes saved by the first k, ascending.
 
     Each probe interpolates the peak linearly in the bytes saved between the two known
-    bounds (regula falsi); after two probes moving the same bound it bisects instead, so a
-    bent curve cannot stall it. At most `max_sims` calls of peak_at. Returns (k, minimal,
+    bounds (regula falsi), kept to the middle third of the bracket; after two probes moving
+    the same bound it bisects instead, so a bent curve cannot stall it. At most `max_sims` calls of peak_at. Returns (k, minimal,
     calls): minimal is True when the prefix k - 1 is known over the budget (k == 1, or
     k - 1 was probed), i.e. dropping the last chosen one no longer fits. The peak is not
     monotone in k in general (a dequantized copy can raise a backward peak), but the k
@@ -66,6 +66,8 @@ def shortest_prefix(cum: list, budget: int, peak_at: Callable[[int], int], peak_
         else:
             x = cum[lo] + (plo - budget) / (plo - phi) * (cum[hi] - cum[lo])
             k = next((i for i in range(lo + 1, hi) if cum[i] >= x), hi - 1)
+            q = -(-(hi - lo) // 3)  # keep to the middle third: the bracket shrinks by a third at least
+            k = min(max(k, lo + q), hi - q)
         calls += 1
         p = peak_at(k)
         side = "hi" if p <= budget else "lo"
