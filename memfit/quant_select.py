@@ -51,11 +51,11 @@ def shortest_prefix(cum: list, budget: int, peak_at: Callable[[int], int], peak_
 
     Each probe interpolates the peak linearly in the bytes saved between the two known
     bounds (regula falsi), kept to the middle third of the bracket; after two probes moving
-    the same bound it bisects instead, so a bent curve cannot stall it. At most `max_sims` calls of peak_at. Returns (k, minimal,
-    calls): minimal is True when the prefix k - 1 is known over the budget (k == 1, or
-    k - 1 was probed), i.e. dropping the last chosen one no longer fits. The peak is not
-    monotone in k in general (a dequantized copy can raise a backward peak), but the k
-    returned was checked (or is n).
+    the same bound it bisects instead, so a bent curve cannot stall it. At most `max_sims`
+    calls of peak_at. Returns (k, minimal, calls): minimal is True when the prefix k - 1 is
+    known over the budget (k == 1, or k - 1 was probed), i.e. dropping the last chosen one
+    no longer fits. The peak is not monotone in k in general (a dequantized copy can raise a
+    backward peak), but the k returned was checked (or is n).
     """
     n = len(cum) - 1
     lo, hi, plo, phi = 0, n, peak_none, peak_all
@@ -91,6 +91,7 @@ class QuantChoice:
     nodes: tuple = ()         # node names chosen, ranked order
     eligible_nodes: int = 0
     tensors: int = 0          # saved tensors quantized (the pass's count)
+    wrapped: int = 0          # nodes the pass wrapped: `nodes` plus those saving the same storages
     eligible_tensors: int = 0
     extra_time_s: float = 0.0  # sum of the chosen candidates' predicted times
     minimal: bool = False     # the prefix one shorter was simulated over budget
@@ -103,8 +104,10 @@ class QuantChoice:
         if self.nodes and len(self.nodes) == self.eligible_nodes:
             which = f"all {self.tensors} eligible saved tensors ({self.eligible_nodes} nodes)"
         else:
+            extra = self.wrapped - len(self.nodes)
+            also = f", +{extra} saving the same storages" if extra > 0 else ""
             which = (f"{self.tensors} of {self.eligible_tensors} eligible saved tensors "
-                     f"({len(self.nodes)} of {self.eligible_nodes} nodes: {names})")
+                     f"({len(self.nodes)} of {self.eligible_nodes} nodes: {names}{also})")
         how = ("shortest prefix by bytes saved" if self.minimal
                else "a fitting prefix by bytes saved (search capped)")
         if self.nodes and len(self.nodes) == self.eligible_nodes and self.minimal:
@@ -166,6 +169,6 @@ def select_quantized(q, fresh: Callable, budget_bytes: int, peak_before: int, ca
     res = chosen["res"]
     stats = res.stats
     return QuantChoice(True, chosen["peak"], res.gm, nodes=tuple(order[:k]),
-                       tensors=int(stats.get(f"{name}.tensors", 0)),
+                       tensors=int(stats.get(f"{name}.tensors", 0)), wrapped=int(stats.get(f"{name}.nodes", 0)),
                        extra_time_s=float(stats.get(f"{name}.extra_time_us", 0)) * 1e-6,
                        minimal=minimal, simulations=1 + calls, **base)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import time
@@ -27,15 +28,25 @@ if ROOT not in sys.path:
 import memfit  # noqa: E402
 from examples import gpt2_like as gpt  # noqa: E402
 
-SIZE = dict(batch_size=8, seq_len=128, layers=2, d=64, heads=4, vocab=128, dropout=0.0)
+SIZE = dict(batch_size=8, seq_len=64, layers=2, d=64, heads=4, vocab=128, dropout=0.0)
 OPT = "sgd"
 
 
-def _tensors(om) -> int:
+def _nodes(om) -> int:
+    """Nodes the pass wrapped (the chosen prefix plus nodes saving the same storages)."""
     rt = getattr(om.graph_module, "memfit_quant", None)
-    if rt is None:
-        return 0
-    return sum(1 for _ in rt.children())
+    return 0 if rt is None else sum(1 for _ in rt.children())
+
+
+def _tensors(om) -> int:
+    """Saved tensors quantized, from the plan's decisions."""
+    for d in om.memfit_plan.decisions:
+        if d.target == "quantize-activations" and d.action == "tensors":  # explicit pipeline
+            return int(d.detail)
+        m = re.match(r"(\d+)-bit on (?:all )?(\d+)", d.detail)
+        if d.action.startswith("quantize-activations") and m:
+            return int(m.group(2))
+    return 0
 
 
 def _step(model, inputs):
@@ -48,9 +59,12 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--fractions", default="0.75,0.5,0.25",
                     help="budgets: all-8-bit peak + f x (unquantized peak - all-8-bit peak)")
+    ap.add_argument("--batch", type=int, default=SIZE["batch_size"])
+    ap.add_argument("--seq", type=int, default=SIZE["seq_len"])
     args = ap.parse_args(argv)
+    size = dict(SIZE, batch_size=args.batch, seq_len=args.seq)
     torch.manual_seed(0)
-    model, inputs = gpt.make(**SIZE)
+    model, inputs = gpt.make(**size)
     kw = dict(example_inputs=inputs, optimizer=OPT, loss_fn=gpt.loss_fn)
 
     t0 = time.perf_counter()
@@ -76,19 +90,19 @@ def main(argv=None):
             _step(m, inputs)
             times[name].append(time.perf_counter() - t0)
     ref = statistics.median(times["unquantized"])
-    eligible = _tensors(every)
-    print(f"gpt2_like {SIZE}, SGD, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+    eligible, eligible_nodes = _tensors(every), _nodes(every)
+    print(f"gpt2_like {size}, SGD, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.repeats} repeats")
     print()
-    print("| variant | nodes quantized | predicted peak | measured peak | within budget | step time | "
-          "vs unquantized | planning |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| variant | tensors quantized | nodes wrapped | predicted peak | measured peak | within budget | "
+          "step time | vs unquantized | planning |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, m, budget, pred, plan_s in variants:
         med = statistics.median(times[name])
-        n = _tensors(m) if m is not model else 0
+        t, n = (_tensors(m), _nodes(m)) if m is not model else (0, 0)
         ok = "-" if budget is None else ("yes" if measured[name] <= budget else "NO")
-        print(f"| {name} | {n} of {eligible} | {pred} B | {measured[name]} B | {ok} | {med * 1e3:.1f} ms | "
-              f"{med / ref:.2f}x | {plan_s:.1f} s |")
+        print(f"| {name} | {t} of {eligible} | {n} of {eligible_nodes} | {pred} B | {measured[name]} B | {ok} | "
+              f"{med * 1e3:.1f} ms | {med / ref:.2f}x | {plan_s:.1f} s |")
     for name, m, budget, *_ in variants[2:]:
         for d in m.memfit_plan.decisions:
             print(f"\n{name}: {d.action}: {d.detail}; predicted extra time {d.extra_time_s * 1e6:.0f} us")
