@@ -74,9 +74,6 @@ TECHNIQUES = {
     "sdpa": "sdpa-attention",
     "checkpoint": "checkpoint",
     "quantize": "quantize-activations",
-    # opt-in: also 4-bit (stochastic rounding) on the largest saved tensors when 8-bit on all
-    # of them cannot meet the budget (implies "quantize"; docs/quantization.md)
-    "quantize_4bit": "quantize-activations",
     "reversible": "reversible",
     "token_merge": "token-merge",
     "offload": None,  # designed for (DESIGN.md), not built yet
@@ -200,8 +197,7 @@ def _fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, verify):
         except BudgetError as e:
             first_error = e
     q = None
-    low_bits = "quantize_4bit" in allowed
-    if "quantize" in allowed or low_bits:
+    if "quantize" in allowed:
         try:
             q = get_pass(TECHNIQUES["quantize"])()
         except PassError as e:
@@ -226,58 +222,40 @@ def _fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, verify):
     # of `gm`. With recompute: the checkpoint plan applied again (a graph with outlined regions
     # cannot be copied by _copy_graph_module: the copy keeps only the submodules its own graph
     # names).
-    def copy():
-        return _copy_graph_module(gm)
-
-    def replay(spans, first=None):
-        graphs = iter([first] if first is not None else [])
-
-        def fresh():
-            g = next(graphs, None)
-            return g if g is not None else apply_spans(planner.cap.gm, planner.units, spans)[0]
-        return fresh
-
-    # 8 bits first: without recompute, then with frontier recompute plans (at most 6, spread
-    # from the fastest plan to the floor); on each graph, 8 bits on everything that stays
-    # saved is simulated first, and the shortest prefix is searched on the first that fits.
-    # Only then, with "quantize_4bit", the same graphs again with 4 bits on a prefix.
-    tried = []  # (target, fresh-graph factory for a later pass, peak before, 8-bit-everywhere peak, spans)
-    ch = select_quantized(q, copy, budget_bytes, peak, cap, pass_ctx, ctx.optimizer, ctx.loss_fn, verify=verify)
+    ch = select_quantized(q, lambda: _copy_graph_module(gm), budget_bytes, peak, cap, pass_ctx,
+                          ctx.optimizer, ctx.loss_fn, verify=verify)
     if ch.fits:
         return ch.gm, [decision("(model)", ch, peak)]
-    tried.append(("(model)", copy, peak, ch.peak, None))
     best = ch.peak
     if planner is not None:
         frontier = [p for p in planner.frontier if p.spans]
+        # At most 6 checkpoint plans, spread over the frontier from the fastest plan to the
+        # floor; for each, 8 bits on everything that stays saved first, and the shortest
+        # prefix of tensors only on the first plan where that fits.
         picks = sorted({round(i * (len(frontier) - 1) / 5) for i in range(6)}) if frontier else []
         for i in picks:
             spans = frontier[i].spans
             ck_peak, ckgm = planner.simulate(spans)
             planner._sim.pop(spans, None)  # noqa: SLF001 - ckgm is quantized in place below
-            ch = select_quantized(q, replay(spans, ckgm), budget_bytes, ck_peak, cap, pass_ctx, ctx.optimizer,
-                                  ctx.loss_fn, verify=verify)
+            graphs = iter([ckgm])
+
+            def fresh(spans=spans, graphs=graphs):
+                g = next(graphs, None)
+                return g if g is not None else apply_spans(planner.cap.gm, planner.units, spans)[0]
+
+            ch = select_quantized(q, fresh, budget_bytes, ck_peak, cap, pass_ctx, ctx.optimizer, ctx.loss_fn,
+                                  verify=verify)
             best = min(best, ch.peak)
             if ch.fits:
                 return ch.gm, planner.decisions_for(spans) + [
                     decision("(outside recomputed regions)", ch, ck_peak)]
-            tried.append(("(outside recomputed regions)", replay(spans), ck_peak, ch.peak, spans))
-    if low_bits:
-        for target, fresh, before, peak_all, spans in tried:
-            if peak_all >= before:  # nothing quantizable there
-                continue
-            ch = select_quantized(q, fresh, budget_bytes, before, cap, pass_ctx, ctx.optimizer, ctx.loss_fn,
-                                  verify=verify, low_bits=True, peak_all=peak_all)
-            best = min(best, ch.peak)
-            if ch.fits:
-                return ch.gm, (planner.decisions_for(spans) if spans else []) + [decision(target, ch, before)]
     if planner is not None:
         best = min(best, planner.floor_bytes())  # recompute alone can go lower than with 8-bit
     raise BudgetError(
         f"the budget {format_bytes(budget_bytes)} cannot be met: the lowest predicted peak with "
-        f"recomputation and/or {'8/4' if low_bits else '8'}-bit saved activations is {format_bytes(best)} "
-        f"(unoptimized {format_bytes(peak)}). What would lower it: "
-        + ("" if low_bits else "4-bit on the largest saved tensors (technique 'quantize_4bit'), ")
-        + f"2-bit activations (passes='quantize-activations{{bits=2}}'), a smaller batch or sequence, a lighter "
+        f"recomputation and/or 8-bit saved activations is {format_bytes(best)} (unoptimized "
+        f"{format_bytes(peak)}). What would lower it: 4- or 2-bit activations "
+        f"(passes='quantize-activations{{bits=4}}'), a smaller batch or sequence, a lighter "
         f"optimizer, or a budget of at least {format_bytes(best)}."
         + (f" Recompute alone: {first_error}" if first_error else ""))
 

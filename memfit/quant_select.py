@@ -96,9 +96,6 @@ class QuantChoice:
     extra_time_s: float = 0.0  # sum of the chosen candidates' predicted times
     minimal: bool = False     # the prefix one shorter was simulated over budget
     simulations: int = 0
-    low_nodes: tuple = ()     # of `nodes`, those stored in `low_bits` bits (the searched prefix then)
-    low_bits: int = 4
-    low_tensors: int = 0
 
     def detail(self, show: int = 5) -> str:
         names = ", ".join(self.nodes[:show])
@@ -113,104 +110,65 @@ class QuantChoice:
                      f"({len(self.nodes)} of {self.eligible_nodes} nodes: {names}{also})")
         how = ("shortest prefix by bytes saved" if self.minimal
                else "a fitting prefix by bytes saved (search capped)")
-        if self.low_nodes:
-            low = ", ".join(self.low_nodes[:show])
-            if len(self.low_nodes) > show:
-                low += f" and {len(self.low_nodes) - show} more"
-            return (f"{self.bits}-bit on {which}, of which {self.low_tensors} in {self.low_bits}-bit with "
-                    f"stochastic rounding ({len(self.low_nodes)} nodes: {low}); {self.low_bits}-bit nodes: "
-                    f"{how}, {self.simulations} simulations")
         if self.nodes and len(self.nodes) == self.eligible_nodes and self.minimal:
             how = "fewer do not fit"
         return f"{self.bits}-bit on {which}; {how}, {self.simulations} simulations"
 
 
 def select_quantized(q, fresh: Callable, budget_bytes: int, peak_before: int, cap, pass_ctx: Callable,
-                     optimizer=None, loss_fn=None, *, verify: bool = False, max_sims: int = 6,
-                     low_bits: bool = False, peak_all: int | None = None) -> QuantChoice:
+                     optimizer=None, loss_fn=None, *, verify: bool = False, max_sims: int = 6) -> QuantChoice:
     """The shortest ranked prefix of saved tensors whose quantization by pass `q` (a
     QuantizeActivations) brings the predicted step peak to `budget_bytes` or below.
 
     fresh(): a new graph to rewrite (the pass rewrites in place); pass_ctx(g): the
     PassContext for graph g; peak_before: the predicted peak of fresh() unquantized (over the
     budget). At most `max_sims` rewrites + analyze_step, the first with every candidate.
-
-    low_bits: when `q.bits` on every candidate is still over the budget, keep those and store
-    the shortest ranked prefix in `q.low_bits` bits instead (stochastic rounding): the second
-    simulation is every candidate at low bits, then the same prefix search. Never used when
-    `q.bits` everywhere fits. peak_all: the predicted peak with `q.bits` on every candidate,
-    when a first call (low_bits=False) found it over the budget: skips that simulation.
     """
     from memfit.cost_models.memory import analyze_step
     from memfit.passes import PassManager
     from memfit.passes.quantize import price_candidates
 
-    priced = {}
-
-    def trial(nodes=(), low=()):
+    def trial(nodes=None):
         g = fresh()
-        if not priced:  # on the first graph, before the pass rewrites it
-            priced["q"] = price_candidates(g, pass_ctx(g), q.config())
-            priced["low"] = price_candidates(g, pass_ctx(g), q.low_config()) if low_bits else []
-            priced["order"] = rank_nodes(priced["q"])
-        if low == "all":
-            low = priced["order"]
-        p = dataclasses.replace(q, nodes=tuple(nodes), low_nodes=tuple(low))
+        if nodes is None:
+            cands = price_candidates(g, pass_ctx(g), q.config())
+        p = q if nodes is None else dataclasses.replace(q, nodes=tuple(nodes))
         res = PassManager([p], verify=verify).run(g, pass_ctx(g))
         a = analyze_step(dataclasses.replace(cap, gm=res.gm), optimizer=optimizer, loss_fn=loss_fn,
                          symbolic=False)
-        return dict(res=res, peak=a.peak_bytes)
+        out = dict(res=res, peak=a.peak_bytes)
+        if nodes is None:
+            out["cands"] = cands
+        return out
 
-    if peak_all is None:
-        every = trial()
-        sims = 1
-        peak_all = every["peak"]
-    else:  # the caller simulated q.bits on every candidate already (over the budget)
-        every, sims = None, 0
-    low = False
-    before, last = peak_before, every
-    if every is not None and (not every["res"].modified or every["peak"] <= budget_bytes or not low_bits):
-        cands = priced["q"]
-        base = dict(bits=q.bits, eligible_nodes=len(priced["order"]), eligible_tensors=len(cands))
-        if not every["res"].modified or every["peak"] > budget_bytes:
-            return QuantChoice(False, every["peak"], simulations=sims, **base)
-    else:
-        if not low_bits:
-            raise ValueError("peak_all given without low_bits: nothing left to search")
-        last = trial(low="all")
-        sims, low, before = sims + 1, True, peak_all
-        cands = priced["q"]
-        base = dict(bits=q.bits, eligible_nodes=len(priced["order"]), eligible_tensors=len(cands))
-        if last["peak"] > budget_bytes or not last["res"].modified:
-            return QuantChoice(False, min(peak_all, last["peak"]), simulations=sims, **base)
-    order = priced["order"]
+    every = trial()
+    res = every["res"]
+    cands = every["cands"]
+    order = rank_nodes(cands)
+    stats = res.stats
+    name = q.name
+    base = dict(bits=q.bits, eligible_nodes=len(order), eligible_tensors=len(cands))
+    if every["peak"] > budget_bytes or not res.modified:
+        return QuantChoice(False, every["peak"], simulations=1, **base)
+
+    best = {len(order): every}
+
+    def peak_at(k):
+        best[k] = trial(order[:k])
+        return best[k]["peak"]
+
     saved_by_node: dict[str, int] = {}
     for c in cands:
         saved_by_node[c.node] = saved_by_node.get(c.node, 0) + c.bytes_saved
-    if low:
-        extra: dict[str, int] = {}
-        for c in priced["low"]:  # what low bits save beyond q.bits
-            extra[c.node] = extra.get(c.node, 0) + c.bytes_saved
-        saved_by_node = {n: max(0, extra.get(n, 0) - saved_by_node[n]) for n in order}
-
-    best = {len(order): last}
-
-    def peak_at(k):
-        best[k] = trial(low=order[:k]) if low else trial(nodes=order[:k])
-        return best[k]["peak"]
-
     cum = [0]
     for nm in order:
         cum.append(cum[-1] + saved_by_node[nm])
-    k, minimal, calls = shortest_prefix(cum, budget_bytes, peak_at, before, last["peak"],
-                                        max_sims=max_sims - sims)
+    k, minimal, calls = shortest_prefix(cum, budget_bytes, peak_at, peak_before, every["peak"],
+                                        max_sims=max_sims - 1)
     chosen = best[k]
     res = chosen["res"]
     stats = res.stats
-    name = q.name
-    return QuantChoice(True, chosen["peak"], res.gm, nodes=tuple(order if low else order[:k]),
-                       low_nodes=tuple(order[:k]) if low else (), low_bits=q.low_bits,
-                       low_tensors=int(stats.get(f"{name}.low_bits_tensors", 0)),
+    return QuantChoice(True, chosen["peak"], res.gm, nodes=tuple(order[:k]),
                        tensors=int(stats.get(f"{name}.tensors", 0)), wrapped=int(stats.get(f"{name}.nodes", 0)),
                        extra_time_s=float(stats.get(f"{name}.extra_time_us", 0)) * 1e-6,
-                       minimal=minimal, simulations=sims + calls, **base)
+                       minimal=minimal, simulations=1 + calls, **base)

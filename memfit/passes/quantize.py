@@ -75,20 +75,17 @@ class QuantRuntime(torch.nn.Module):
 class QuantizedCall(torch.nn.Module):
     """One wrapped node: runs the original call inside QuantizedSaves."""
 
-    def __init__(self, runtime: QuantRuntime, kind: str, target, name: str, heads: int | None,
-                 config: QuantConfig | None = None):
+    def __init__(self, runtime: QuantRuntime, kind: str, target, name: str, heads: int | None):
         super().__init__()
         object.__setattr__(self, "_runtime", runtime)  # not a child: no duplicate registration
         self.kind = kind
         self.target = target
         self.node_name = name
         self.heads = heads
-        self.config = config  # None: the runtime's (the pass's `bits`); else the low-bit one
 
     def forward(self, scope, *args, **kwargs):
         rt = self._runtime
-        cfg = self.config if self.config is not None else rt.config
-        with QuantizedSaves(cfg, state=rt.state, scope=scope, name=self.node_name, heads=self.heads):
+        with QuantizedSaves(rt.config, state=rt.state, scope=scope, name=self.node_name, heads=self.heads):
             if self.kind == "call_function":
                 return self.target(*args, **kwargs)
             if self.kind == "call_method":
@@ -98,8 +95,7 @@ class QuantizedCall(torch.nn.Module):
 
     def extra_repr(self) -> str:
         t = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", str(self.target))
-        return (f"{self.kind} {t}" + (f", heads={self.heads}" if self.heads else "")
-                + (f", bits={self.config.bits}" if self.config is not None else ""))
+        return f"{self.kind} {t}" + (f", heads={self.heads}" if self.heads else "")
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -269,9 +265,7 @@ class QuantizeActivations(Pass):
     Options: group_size (elements per row of codes), headwise (one range per head for
     attention tensors), ema (running ranges, as Mesa; false: per-step ranges), stochastic
     (unbiased rounding, seeded by `seed`), min_bytes (smaller saved tensors kept), nodes
-    (only these node names; empty: every node that saves a quantizable tensor), low_nodes
-    (of those, the ones stored in `low_bits` bits with stochastic rounding instead, as in the
-    4-bit parity run of docs/quantization.md; the planner's mixed-bits choice).
+    (only these node names; empty: every node that saves a quantizable tensor).
     """
 
     name: ClassVar[str] = "quantize-activations"
@@ -285,16 +279,9 @@ class QuantizeActivations(Pass):
     min_bytes: int = 4096
     seed: int = 0
     nodes: tuple[str, ...] = ()
-    low_bits: int = 4
-    low_nodes: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.config()  # validates (ValueError -> PassError in from_options)
-        self.low_config()
-
-    def low_config(self) -> QuantConfig:
-        """The configuration of `low_nodes`: `low_bits`, stochastic rounding, else as `config()`."""
-        return dataclasses.replace(self.config(), bits=self.low_bits, stochastic=True)
 
     def config(self) -> QuantConfig:
         return QuantConfig(bits=self.bits, group_size=self.group_size, headwise=self.headwise, ema=self.ema,
@@ -309,7 +296,7 @@ class QuantizeActivations(Pass):
         diags: list[Diagnostic] = []
         wanted = set(self.nodes)
         names = {n.name for n in gm.graph.nodes}
-        for w in sorted((wanted | set(self.low_nodes)) - names):
+        for w in sorted(wanted - names):
             diags.append(Diagnostic(self.name, f"no node named {w!r}", level="warning"))
         # A storage saved by several nodes is freed only if every one of them stores the
         # quantized copy: choosing one node chooses all nodes that share its saves.
@@ -327,14 +314,8 @@ class QuantizeActivations(Pass):
                 diags.append(Diagnostic(self.name, "also wrapped: it saves a storage a chosen node saves",
                                         node=extra))
             wanted = closure
-        low = set(self.low_nodes)
-        for first, members in groups.items():  # one storage, one form: same bits for all its savers
-            if members & low:
-                low |= members
-        if wanted:
-            wanted |= low
         chosen = []
-        tensors = headwise_tensors = low_tensors = 0
+        tensors = headwise_tensors = 0
         for n in gm.graph.nodes:
             recs = saved.get(n.name)
             if not recs or (wanted and n.name not in wanted):
@@ -352,18 +333,13 @@ class QuantizeActivations(Pass):
             chosen.append((n, heads))
             unique = [r for r in todo if r.shared_with is None]
             tensors += len(unique)
-            if n.name in low:
-                low_tensors += len(unique)
             if heads:
                 headwise_tensors += sum(1 for r in unique if _head_layout(r.shape, heads))
         if not chosen:
             return PassResult(gm, False, {"nodes": 0, "tensors": 0, "headwise_tensors": 0}, diags)
 
         chosen_names = {n.name for n, _ in chosen}
-        priced = [c for c in price_candidates(gm, ctx, cfg, saved=saved) if c.node in chosen_names - low]
-        if low:
-            priced += [c for c in price_candidates(gm, ctx, self.low_config(), saved=saved)
-                       if c.node in chosen_names & low]
+        priced = [c for c in price_candidates(gm, ctx, cfg, saved=saved) if c.node in chosen_names]
         extra_time_us = int(round(sum(c.time_cost_s for c in priced) * 1e6))
         bytes_saved = sum(c.bytes_saved for c in priced)
         runtime = QuantRuntime(cfg, gm)
@@ -376,18 +352,16 @@ class QuantizeActivations(Pass):
         scope_node.name = "memfit_quant_scope"
         for n, heads in chosen:
             sub = _safe(n.name)
-            own = self.low_config() if n.name in low else None
-            runtime.add_module(sub, QuantizedCall(runtime, n.op, n.target, n.name, heads, own))
+            runtime.add_module(sub, QuantizedCall(runtime, n.op, n.target, n.name, heads))
             n.op = "call_module"
             n.target = f"{RUNTIME_ATTR}.{sub}"
             n.args = (scope_node, *n.args)
-            n.meta["memfit_quant"] = {"bits": (own or cfg).bits, "heads": heads}
+            n.meta["memfit_quant"] = {"bits": cfg.bits, "heads": heads}
         gm.recompile()
         # extra_time_us / bytes_saved: the planner's pricing (price_candidates) of what was chosen.
-        stats_low = {"low_bits_tensors": low_tensors} if low else {}
         return PassResult(gm, True, {"nodes": len(chosen), "tensors": tensors,
                                      "headwise_tensors": headwise_tensors, "extra_time_us": extra_time_us,
-                                     "bytes_saved": bytes_saved, **stats_low}, diags)
+                                     "bytes_saved": bytes_saved}, diags)
 
 
 def _safe(name: str) -> str:
