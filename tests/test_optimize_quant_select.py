@@ -195,3 +195,22 @@ def test_rank_nodes_largest_first_then_by_bytes_per_second():
     cands = [c("small", 10, 1e-6), c("big_slow", 100, 2e-6), c("big_fast", 100, 1e-6), c("mid", 30, 1e-6),
              c("mid", 30, 1e-6)]
     assert rank_nodes(cands) == ["big_fast", "big_slow", "mid", "small"]
+
+
+def test_stochastic_rounding_can_be_predicted_and_leaves_the_seed_generator_alone():
+    # analyze_step used to fail here: drawing a seed on FakeTensors is data-dependent
+    from tests.models import MLP
+
+    torch.manual_seed(0)
+    model, x = MLP(), torch.randn(64, 64)
+    cap = capture(model, (x,), None, dynamic=False)
+    res = PassManager([QuantizeActivations(bits=4, stochastic=True)]).run(cap.gm, PassContext(captured=cap))
+    assert res.stats["quantize-activations.tensors"] > 0
+    gen = res.gm.memfit_quant.state.generator
+    before = gen.get_state().clone()
+    a = analyze_step(dataclasses.replace(cap, gm=res.gm), symbolic=False)
+    assert a.peak_bytes > 0
+    assert torch.equal(gen.get_state(), before)
+    out = res.gm(x)
+    (out[0] if isinstance(out, (tuple, list)) else out).sum().backward()
+    assert not torch.equal(gen.get_state(), before)  # real steps draw their seeds
