@@ -70,6 +70,8 @@ import torch.fx as fx
 
 from memfit.budget import Budget, format_bytes
 from memfit.errors import BudgetError, MemfitError, PassError
+from memfit.partition_quant import size_hint as _hint
+from memfit.runtime.quantized_save import storage_key as _storage_key
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ BACKEND_NAME = "memfit"
 DEFAULT_PASSES = ("fuse-conv-bn", "sdpa-attention")
 _CODEGENS = ("inductor", "eager")
 _ON_INFEASIBLE = ("warn", "error")
-_QUANTIZE = ("auto", "never", "prefer")
+_QUANTIZE = ("auto", "never", "prefer", "cheapest")
 
 
 class BackendError(MemfitError):
@@ -102,7 +104,8 @@ class BackendOptions:
     inductor_config: extra Inductor config patches, as (key, value) pairs.
     quantize: saved tensors crossing to backward as quantized codes (lossy, see
         memfit.partition_quant): "auto" (default) only when recompute alone cannot meet the
-        budget, "prefer" before recomputing, "never".
+        budget, "prefer" before recomputing, "cheapest" whichever of the two plans has the
+        lower predicted extra time (roofline), "never".
     quantize_bits, quantize_group_size, quantize_min_bytes: the format (8/4/2 bits, one
         float32 scale and zero per group) and the smallest tensor worth quantizing.
     """
@@ -191,6 +194,8 @@ class PartitionReport:
     quantized_packed_bytes: int = 0    # and after (codes, flags, scales, zeros)
     quantize_bits: int | None = None
     quantize_skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (eligible: none)
+    predicted_extra_s: float = 0.0     # roofline: more recompute than the default + quantize/dequantize
+    alternatives_s: dict[str, float] = field(default_factory=dict)  # quantize="cheapest": both plans
 
     def __str__(self) -> str:
         tgt = "none" if self.target_bytes is None else format_bytes(self.target_bytes)
@@ -201,7 +206,8 @@ class PartitionReport:
         return (f"saved {format_bytes(self.baseline_saved_bytes)} -> {format_bytes(self.saved_bytes)} "
                 f"(target {tgt}, {'fits' if self.fits else 'DOES NOT FIT'}), "
                 f"recomputed ops {self.baseline_recomputed_nodes} -> {self.recomputed_nodes}, "
-                f"ratio {self.ratio if self.ratio is not None else 'default'}, rng pinned {self.rng_pinned}{q}")
+                f"ratio {self.ratio if self.ratio is not None else 'default'}, rng pinned {self.rng_pinned}{q}, "
+                f"predicted extra {self.predicted_extra_s * 1e3:.3g} ms")
 
 
 @dataclass
@@ -266,20 +272,6 @@ def clear_reports() -> None:
 
 # ---------------------------------------------------------------------------------------
 # measuring a partition
-
-
-def _hint(x) -> int:
-    if isinstance(x, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import optimization_hint
-        return int(optimization_hint(x, fallback=4096))
-    return int(x)
-
-
-def _storage_key(t: torch.Tensor):
-    try:
-        return t.untyped_storage()._cdata
-    except Exception:  # tensors without storage (sparse, some subclasses)
-        return id(t)
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -407,16 +399,30 @@ class MemfitPartitioner:
         base = trial(1.0)[3]
         target = None if opts.budget is None else opts.budget.resolve(base["saved_bytes"])
         best, quant = results[1.0], False
+        timing = _Timing(joint, results[1.0], num_fwd_outputs, self._qargs())
+        alternatives: dict[str, float] = {}
         if target is not None and base["saved_bytes"] > target:
             plain = self._cost_fn(num_fwd_outputs, quantized=False)
             qcost = self._cost_fn(num_fwd_outputs, quantized=True)
-            if opts.quantize == "prefer" and qcost(best) <= target:
-                quant = True
-            else:
-                if opts.quantize != "prefer":
-                    best = self._search(trial, target, base["saved_bytes"], plain)
-                if plain(best) > target and opts.quantize != "never":
-                    best, quant = self._search(trial, target, base["saved_bytes"], qcost), True
+            mode = opts.quantize
+            if mode in ("prefer", "cheapest") and qcost(best) <= target:
+                qbest = best
+            elif mode in ("prefer", "cheapest"):
+                qbest = self._search(trial, target, base["saved_bytes"], qcost)
+            if mode in ("never", "auto", "cheapest"):
+                best = self._search(trial, target, base["saved_bytes"], plain)
+            if mode == "auto" and plain(best) > target:
+                qbest = self._search(trial, target, base["saved_bytes"], qcost)
+                mode = "prefer"
+            if mode == "prefer":
+                best, quant = qbest, True
+            elif mode == "cheapest":
+                t_plain = timing.extra_s(best, target, quantized=False)
+                t_quant = timing.extra_s(qbest, target, quantized=True)
+                alternatives = {"recompute": t_plain, "quantize": t_quant}
+                if plain(best) > target or (qcost(qbest) <= target and t_quant < t_plain):
+                    best, quant = qbest, True
+        predicted_extra = timing.extra_s(best, target, quantized=quant) if target is not None else 0.0
         ratio, fw, bw, m = best
         picked, skipped, cands = [], {}, []
         if quant:
@@ -440,7 +446,8 @@ class MemfitPartitioner:
             fits=fits, rng_pinned=pinned, trials=trials, quantized=list(picked),
             quantized_bytes=sum(c.nbytes for c in chosen.values()),
             quantized_packed_bytes=sum(c.packed_nbytes for c in chosen.values()),
-            quantize_bits=opts.quantize_bits if picked else None, quantize_skipped=skipped)
+            quantize_bits=opts.quantize_bits if picked else None, quantize_skipped=skipped,
+            predicted_extra_s=predicted_extra, alternatives_s=alternatives)
         self.report.partitions.append(rep)
         log.info("memfit partition: %s", rep)
         if not fits:
@@ -516,6 +523,42 @@ class MemfitPartitioner:
         if feasible:
             return max(feasible, key=lambda x: (cost(x), -x[3]["recomputed_nodes"]))
         return min(tried.values(), key=cost)
+
+
+class _Timing:
+    """Predicted extra time of a partition over the default one (roofline on the device's
+    nominal rates, memfit.cost_models.memory.DeviceSpec): recomputed forward ops beyond the
+    default partition's, plus quantize/dequantize traffic of the tensors that would be chosen
+    (scaled by the kernels' traffic factor: the CPU reference is about 30x one pass)."""
+
+    def __init__(self, joint: fx.GraphModule, base_entry: tuple, num_fwd_outputs: int, qargs: dict):
+        from memfit.cost_models.memory import DeviceSpec
+
+        dev = torch.device("cpu")
+        for n in joint.graph.find_nodes(op="placeholder"):
+            v = n.meta.get("val")
+            if isinstance(v, torch.Tensor):
+                dev = v.device
+                break
+        from memfit.kernels.dispatch import traffic_factor
+
+        self.spec = DeviceSpec.for_device(dev)
+        self.qfactor = traffic_factor(dev)
+        self.num_fwd_outputs, self.qargs = num_fwd_outputs, qargs
+        self.base = self._recompute(base_entry)
+
+    def _recompute(self, entry) -> float:
+        from memfit.partition_quant import recompute_time_s
+        return recompute_time_s(entry[1], entry[2], self.spec.flops_per_s, self.spec.bytes_per_s)
+
+    def extra_s(self, entry, target: int | None, quantized: bool) -> float:
+        t = max(0.0, self._recompute(entry) - self.base)
+        if quantized and target is not None:
+            from memfit.partition_quant import choose, quantize_time_s, save_candidates
+            cands = save_candidates(entry[1], self.num_fwd_outputs, **self.qargs)
+            names = choose(cands, max(0, entry[3]["saved_bytes"] - target))
+            t += quantize_time_s(cands, names, self.spec.bytes_per_s, self.qfactor)
+        return t
 
 
 def _inductor_partitioner(options: BackendOptions, report: BackendReport):

@@ -14,8 +14,8 @@ codes plus one float32 scale and zero per group of `group_size` elements. The op
 `memfit.kernels.ops` custom operators (Triton on CUDA, the torch reference elsewhere; the
 format and its error bound are in `memfit.kernels.reference`), opaque to Inductor.
 
-A saved tensor is eligible when it is a floating-point (fp32/fp16/bf16) contiguous tensor of
-at least `min_bytes`, computed in the forward graph (not a graph input, nor a view of one),
+A saved tensor is eligible when it is a floating-point (fp32/fp16/bf16) dense tensor of
+static shape and at least `min_bytes`, computed in the forward graph (not a graph input, nor a view of one),
 not returned to the user as well, not sharing storage with another output, and not stashed
 without a version-counter check (AOTAutograd orders those last). Everything else is kept.
 
@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+
+from memfit.runtime.quantized_save import storage_key
 
 QUANT_OUTPUTS = ("codes", "flags", "scale", "zero")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,18 +53,12 @@ class SaveCandidate:
         return self.nbytes - self.packed_nbytes if self.reason is None else 0
 
 
-def _hint(x) -> int:
+def size_hint(x) -> int:
+    """An int for a size that may be symbolic (its optimization hint)."""
     if isinstance(x, torch.SymInt):
         from torch.fx.experimental.symbolic_shapes import optimization_hint
         return int(optimization_hint(x, fallback=4096))
     return int(x)
-
-
-def _storage(t: torch.Tensor):
-    try:
-        return t.untyped_storage()._cdata
-    except Exception:  # tensors without storage
-        return id(t)
 
 
 def _outputs(g: fx.Graph) -> tuple[fx.Node, list]:
@@ -81,12 +77,12 @@ def save_candidates(fw: fx.GraphModule, num_fwd_outputs: int, *, bits: int = 8, 
     for p in fw.graph.find_nodes(op="placeholder"):
         v = p.meta.get("val")
         if isinstance(v, torch.Tensor):
-            inputs.add(_storage(v))
+            inputs.add(storage_key(v))
     users_of_storage: dict = {}
     for n in vals:
         v = n.meta.get("val") if isinstance(n, fx.Node) else None
         if isinstance(v, torch.Tensor):
-            users_of_storage[_storage(v)] = users_of_storage.get(_storage(v), 0) + 1
+            users_of_storage[storage_key(v)] = users_of_storage.get(storage_key(v), 0) + 1
     user_set = {n for n in user_outs if isinstance(n, fx.Node)}
     out: list[SaveCandidate] = []
     seen: set = set()
@@ -95,20 +91,23 @@ def save_candidates(fw: fx.GraphModule, num_fwd_outputs: int, *, bits: int = 8, 
         if not isinstance(v, torch.Tensor) or n in seen:
             continue
         seen.add(n)
-        numel = _hint(v.numel())
+        numel = size_hint(v.numel())
         nbytes = numel * v.element_size()
         packed = packed_bytes(numel, bits, group_size) if numel else nbytes
         reason = None
-        if n.op == "placeholder" or _storage(v) in inputs:
+        if n.op == "placeholder" or storage_key(v) in inputs:
             reason = "a graph input or a view of one"
         elif v.dtype not in FLOAT_DTYPES:
             reason = f"dtype {v.dtype}"
         elif n in user_set:
             reason = "also returned to the caller"
-        elif users_of_storage.get(_storage(v), 0) > 1:
+        elif users_of_storage.get(storage_key(v), 0) > 1:
             reason = "shares storage with another output"
         elif n.meta.get("saved_tensor_with_no_vc_check", False):
             reason = "saved without a version-counter check"
+        elif any(isinstance(d, torch.SymInt) for d in v.shape):
+            # backward would need the size as a value of its own graph (a saved SymInt)
+            reason = "symbolic size (dynamic shapes)"
         elif dense_order(v) is False:
             reason = "not dense (overlapping or with gaps)"
         elif nbytes < min_bytes:
@@ -124,8 +123,8 @@ def dense_order(v: torch.Tensor):
     buffer) the dim order `perm` with v.permute(perm) contiguous; False otherwise."""
     if v.is_contiguous():
         return None
-    strides = [_hint(s) for s in v.stride()]
-    sizes = [_hint(s) for s in v.shape]
+    strides = [size_hint(s) for s in v.stride()]
+    sizes = [size_hint(s) for s in v.shape]
     perm = sorted(range(v.dim()), key=lambda d: (-strides[d], -sizes[d], d))
     expect = 1
     for d in reversed(perm):
@@ -133,6 +132,61 @@ def dense_order(v: torch.Tensor):
             return False
         expect *= sizes[d]
     return perm
+
+
+_FREE_OPS = ("view", "_unsafe_view", "reshape", "permute", "t", "transpose", "expand", "squeeze", "unsqueeze",
+             "slice", "select", "alias", "detach", "as_strided", "split", "unbind", "getitem")
+
+
+def node_time_s(n: fx.Node, flops_per_s: float, bytes_per_s: float) -> float:
+    """Roofline time of one call_function node from its FakeTensor metadata:
+    max(FLOPs / flops_per_s, (input + output bytes) / bytes_per_s); views cost nothing."""
+    if n.op != "call_function":
+        return 0.0
+    name = getattr(getattr(n.target, "_overloadpacket", None), "__name__", getattr(n.target, "__name__", ""))
+    if name in _FREE_OPS:
+        return 0.0
+
+    def val(a):
+        return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+    def nbytes(v):
+        return size_hint(v.numel()) * v.element_size() if isinstance(v, torch.Tensor) else 0
+
+    out = n.meta.get("val")
+    moved = sum(nbytes(val(a)) for a in n.all_input_nodes)
+    moved += sum(nbytes(v) for v in (out if isinstance(out, (tuple, list)) else (out,)))
+    flops = 0
+    packet = getattr(n.target, "_overloadpacket", None)
+    if packet is not None:
+        from torch.utils.flop_counter import flop_registry
+
+        f = flop_registry.get(packet)
+        if f is not None:
+            try:
+                args = fx.node.map_aggregate(n.args, val)
+                kwargs = fx.node.map_aggregate(n.kwargs, val)
+                flops = size_hint(f(*args, out_val=out, **kwargs))
+            except Exception:  # a formula that does not take these arguments: bytes only
+                flops = 0
+    return max(flops / flops_per_s, moved / bytes_per_s)
+
+
+def recompute_time_s(fw: fx.GraphModule, bw: fx.GraphModule, flops_per_s: float, bytes_per_s: float) -> float:
+    """Roofline time of the forward ops that run again in backward (names present in both
+    graphs: partitioning keeps the joint graph's names)."""
+    fw_ops = {n.name for n in fw.graph.nodes if n.op == "call_function"}
+    return sum(node_time_s(n, flops_per_s, bytes_per_s) for n in bw.graph.nodes
+               if n.op == "call_function" and n.name in fw_ops)
+
+
+def quantize_time_s(candidates: list[SaveCandidate], names, bytes_per_s: float, factor: float = 1.0) -> float:
+    """Quantize reads the tensor and writes the packed form; dequantize reads the packed form
+    and writes the tensor (the same model as memfit.passes.quantize.price_candidates), times
+    `factor` (memfit.kernels.dispatch.traffic_factor: 1 for the Triton kernels, more for the
+    torch reference)."""
+    chosen = set(names)
+    return factor * sum(2 * (c.nbytes + c.packed_nbytes) for c in candidates if c.name in chosen) / bytes_per_s
 
 
 def choose(candidates: list[SaveCandidate], excess: int | None) -> list[str]:

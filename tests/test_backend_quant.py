@@ -12,28 +12,13 @@ import memfit.backend as mb
 import memfit.partition_quant as pq
 from memfit.kernels import ops, reference
 from tests.models import Block
+from tests.test_backend import _grads, _rel
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 
-def _grads(model, fn, seed=0):
-    model.zero_grad(set_to_none=True)
-    torch.manual_seed(seed)
-    out = fn()
-    out.float().pow(2).sum().backward()
-    g = [p.grad.detach().clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    return out.detach(), g
-
-
 def _min_cos(a, b):
     return min(F.cosine_similarity(x.flatten().double(), y.flatten().double(), 0).item() for x, y in zip(a, b))
-
-
-def _rel(a, b):
-    num = sum((x - y).pow(2).sum() for x, y in zip(a, b)).sqrt()
-    den = sum(y.pow(2).sum() for y in b).sqrt()
-    return (num / den).item()
 
 
 class SavedBytes:
@@ -254,3 +239,56 @@ def test_inductor_runs_quantized_saves(reference_grads, blocks):
     (p,) = rep.partitions
     assert p.fits and p.quantized and measured == p.saved_bytes
     assert _min_cos(g, ref) >= 0.99
+
+
+def test_cheapest_picks_the_lower_predicted_time(blocks, reference_grads):
+    """quantize="cheapest" prices both plans (roofline) and keeps the cheaper; the report's
+    predicted extra time is that plan's."""
+    model, x = blocks
+    _, ref = reference_grads
+    _, g, rep, measured = _run(model, x, budget="20%", codegen="eager", passes=(), quantize="cheapest")
+    (p,) = rep.partitions
+    alt = p.alternatives_s
+    assert set(alt) == {"recompute", "quantize"} and p.fits and measured == p.saved_bytes
+    assert p.predicted_extra_s == pytest.approx(min(alt.values()))
+    assert bool(p.quantized) == (alt["quantize"] < alt["recompute"])
+    assert _min_cos(g, ref) >= 0.99
+
+
+def test_roofline_node_time():
+    """mm counts 2*m*n*k FLOPs (torch's flop formulas on the FakeTensor metadata); views are
+    free; a pointwise op costs its bytes."""
+    import torch.fx as fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    g = fx.Graph()
+    a, b = g.placeholder("a"), g.placeholder("b")
+    mm = g.call_function(torch.ops.aten.mm.default, (a, b))
+    v = g.call_function(torch.ops.aten.view.default, (mm, [-1]))
+    r = g.call_function(torch.ops.aten.relu.default, (v,))
+    with mode:
+        av, bv = torch.empty(64, 32), torch.empty(32, 16)
+        a.meta["val"], b.meta["val"] = av, bv
+        mm.meta["val"] = av @ bv
+        v.meta["val"] = mm.meta["val"].view(-1)
+        r.meta["val"] = torch.relu(v.meta["val"])
+    assert pq.node_time_s(mm, 1.0, 1e30) == 2 * 64 * 32 * 16
+    assert pq.node_time_s(v, 1.0, 1.0) == 0.0
+    assert pq.node_time_s(r, 1e30, 1.0) == 2 * 64 * 16 * 4
+
+
+def test_dynamic_shapes_skip_quantization_with_a_reason(blocks, reference_grads):
+    """Under dynamic shapes a saved tensor's size is symbolic, and backward would need it as
+    a value of its own graph: such tensors are skipped with a reason, and the budget is met
+    by recompute (exact)."""
+    model, x = blocks
+    _, ref = reference_grads
+    torch._dynamo.reset()
+    compiled = torch.compile(model, dynamic=True, backend=mb.make_backend(
+        "50%", codegen="eager", passes=(), quantize="prefer", quantize_min_bytes=1024))
+    _, g = _grads(model, lambda: compiled(x))
+    (p,) = mb.last_report().partitions
+    assert p.fits and not p.quantized
+    assert p.quantize_skipped.get("symbolic size (dynamic shapes)", 0) > 0
+    assert _rel(g, ref) < 1e-5

@@ -87,3 +87,20 @@ def quantize(x: torch.Tensor, bits: int = 8, group_size: int = 256, **kw):
 def dequantize(codes, flags, scale, zero, shape, dtype, bits: int = 8, group_size: int = 256, **kw):
     """Inverse of `quantize`; see memfit.kernels.reference.dequantize."""
     return _impl(codes).dequantize(codes, flags, scale, zero, shape, dtype, bits, group_size, **kw)
+
+
+# Memory traffic of one quantize + dequantize pair relative to the bandwidth model's
+# 2 * (tensor bytes + packed bytes): the Triton kernels make one pass each (1.0); the torch
+# reference makes many full-size passes (float copy, finiteness, min/max, scale, round,
+# clamp, pack): measured 27x-50x the model at clone bandwidth for 2^18..2^22 fp32 elements
+# on a 2-core x86 CPU with one thread (torch 2.13), so 30.
+REFERENCE_TRAFFIC_FACTOR = 30.0
+
+
+def traffic_factor(device: torch.device | str) -> float:
+    """What `device`'s quantize/dequantize kernels cost relative to one pass each."""
+    dev = torch.device(device)
+    b = backend()
+    if b == "reference" or (b == "auto" and dev.type != "cuda") or _triton_module() is None:
+        return REFERENCE_TRAFFIC_FACTOR
+    return 1.0

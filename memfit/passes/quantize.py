@@ -226,14 +226,19 @@ def price_candidates(gm: torch.fx.GraphModule, ctx: PassContext | None = None,
 
     Time: quantize reads the tensor and writes the packed form, dequantize reads the packed
     form and writes the tensor; head-wise and running ranges read the tensor once more for
-    its min/max. Seconds = those bytes / `bytes_per_s` (DeviceSpec's nominal bandwidth).
+    its min/max. Seconds = those bytes / `bytes_per_s` (DeviceSpec's nominal bandwidth), times
+    the kernels' traffic factor (memfit.kernels.dispatch.traffic_factor: 1 for Triton, about
+    30 for the CPU reference).
     """
     from memfit.cost_models.memory import DeviceSpec
 
+    from memfit.kernels.dispatch import traffic_factor
+
     config = config or QuantConfig()
+    dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
     if bytes_per_s is None:
-        dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
         bytes_per_s = DeviceSpec.for_device(dev).bytes_per_s
+    factor = traffic_factor(dev)   # the CPU reference kernels make many passes
     saved = saved if saved is not None else saved_tensors_by_node(gm, ctx, config)
     nodes = {n.name: n for n in gm.graph.nodes}
     out = []
@@ -247,7 +252,7 @@ def price_candidates(gm: torch.fx.GraphModule, ctx: PassContext | None = None,
             moved = 2 * (r.nbytes + packed) + (r.nbytes if channel else 0)
             hw = bool(config.headwise and heads and packed and _head_layout(r.shape, heads))
             out.append(QuantCandidate(name, r.index, r.shape, str(r.dtype).replace("torch.", ""), r.nbytes,
-                                      packed, r.nbytes - packed, moved / bytes_per_s, hw))
+                                      packed, r.nbytes - packed, factor * moved / bytes_per_s, hw))
     return out
 
 

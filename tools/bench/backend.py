@@ -8,12 +8,14 @@ Variants, compiled in one process and timed alternately (medians of `--rounds` s
 
 - torch.compile default (Inductor's min-cut partition),
 - torch.compile with torch._functorch.config.activation_memory_budget = 0.5 and 0.2,
-- memfit backend, no budget and budgets 50% / 20% (of the default partition's saved bytes).
+- memfit backend, no budget and budgets 50% / 20% / 10% (of the default partition's saved
+  bytes), recompute only (the default: exact first) and with quantize="prefer" (8-bit saved
+  tensors before recomputing).
 
 Columns: saved activations measured with saved_tensors_hooks during a real step (storages
 de-duplicated, parameters and inputs excluded), step peak above parameters/inputs read
 from torch.profiler allocator events (memfit.measure), step time (forward + backward) and
-gradient error against torch.compile default at the same seed (compiled variants draw the
+gradient error (relative, whole model) against torch.compile default at the same seed (compiled variants draw the
 same dropout masks in forward; eager draws others, so it has no entry). With `--codegen eager` the torch.compile variants use
 aot_eager-style code (AOTAutograd with the same partitioners, no Inductor) so the run is
 fast; the memory decisions are the same kind, the times are not Inductor's.
@@ -103,6 +105,10 @@ def main(argv=None):
                     "1 = torch.compile default, ...); default all. Row 1 is the reference.")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    # Every variant is a separate backend on the same forward: Dynamo keeps one cache entry
+    # per backend, and past its recompile limit (8) it would silently run eager.
+    torch._dynamo.config.recompile_limit = 64
+    torch._dynamo.config.accumulated_recompile_limit = 256
     torch.manual_seed(0)
     model = GPTLike(args.layers, args.d)
     x = torch.randn(args.batch, args.seq, args.d)
@@ -116,6 +122,13 @@ def main(argv=None):
         ("memfit backend, no budget", mb.make_backend(None, codegen=args.codegen), "memfit"),
         ("memfit backend, budget 50%", mb.make_backend("50%", codegen=args.codegen), "memfit"),
         ("memfit backend, budget 20%", mb.make_backend("20%", codegen=args.codegen), "memfit"),
+        ("memfit backend, budget 50%, quantize=prefer",
+         mb.make_backend("50%", codegen=args.codegen, quantize="prefer"), "memfit"),
+        ("memfit backend, budget 20%, quantize=prefer",
+         mb.make_backend("20%", codegen=args.codegen, quantize="prefer"), "memfit"),
+        ("memfit backend, budget 10%", mb.make_backend("10%", codegen=args.codegen), "memfit"),
+        ("memfit backend, budget 10%, quantize=prefer",
+         mb.make_backend("10%", codegen=args.codegen, quantize="prefer"), "memfit"),
     ]
 
     if args.only:
@@ -147,6 +160,8 @@ def main(argv=None):
         fns.append(fn)
         print(f"compiled {name} in {compile_s:.1f} s", file=sys.stderr)
 
+    for row, fn in zip(rows, fns):  # warm-up (recompiles after the resets above), not timed
+        _step(fn, x, params)
     for _ in range(args.rounds):  # alternate variants; medians
         for row, fn in zip(rows, fns):
             t0 = time.perf_counter()
@@ -171,6 +186,10 @@ def main(argv=None):
             dec = (f"planned {format_bytes(p.saved_bytes)} of {format_bytes(p.baseline_saved_bytes)}, "
                    f"{p.recomputed_nodes} recomputed ops, ratio {p.ratio if p.ratio is not None else 1.0:.3g}, "
                    f"{len(p.trials)} trials")
+            if p.quantized:
+                dec += (f", {len(p.quantized)} saved tensors in {p.quantize_bits} bits "
+                        f"({format_bytes(p.quantized_bytes)} -> {format_bytes(p.quantized_packed_bytes)})")
+            dec += f", predicted extra {p.predicted_extra_s * 1e3:.2g} ms"
         print(f"| {row['name']} | {format_bytes(row['saved'])} | {row['saved'] / base_saved:.2f} "
               f"| {format_bytes(row['peak'])} | {t * 1e3:.1f} ms | {t / base:.2f} | {dec} | {row['err']:.1e} |")
 
