@@ -178,13 +178,16 @@ def _fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, verify):
     tensors left outside recomputed regions quantized. Returns (gm, decisions).
 
     Quantization runs after checkpointing, so it wraps only what stays saved: inside a
-    recomputed region nothing is kept, and quantizing there would only add work.
+    recomputed region nothing is kept, and quantizing there would only add work. On each
+    graph, 8 bits on every eligible saved tensor is simulated first; where that fits, only
+    the shortest prefix of tensors ranked by bytes saved that still meets the budget is
+    quantized (memfit/quant_select.py, at most 6 simulations per graph).
     """
     import dataclasses
 
     from memfit.budget import format_bytes
     from memfit.memory_plan import Decision
-    from memfit.passes import PassManager, get_pass
+    from memfit.passes import get_pass
 
     planner = None
     first_error = None

@@ -145,7 +145,6 @@ def select_quantized(q, fresh: Callable, budget_bytes: int, peak_before: int, ca
     res = every["res"]
     cands = every["cands"]
     order = rank_nodes(cands)
-    stats = res.stats
     name = q.name
     base = dict(bits=q.bits, eligible_nodes=len(order), eligible_tensors=len(cands))
     if every["peak"] > budget_bytes or not res.modified:
