@@ -178,13 +178,16 @@ def _fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, verify):
     tensors left outside recomputed regions quantized. Returns (gm, decisions).
 
     Quantization runs after checkpointing, so it wraps only what stays saved: inside a
-    recomputed region nothing is kept, and quantizing there would only add work.
+    recomputed region nothing is kept, and quantizing there would only add work. On each
+    graph, 8 bits on every eligible saved tensor is simulated first; where that fits, only
+    the shortest prefix of tensors ranked by bytes saved that still meets the budget is
+    quantized (memfit/quant_select.py, at most 6 simulations per graph).
     """
     import dataclasses
 
     from memfit.budget import format_bytes
     from memfit.memory_plan import Decision
-    from memfit.passes import PassManager, get_pass
+    from memfit.passes import get_pass
 
     planner = None
     first_error = None
@@ -209,36 +212,46 @@ def _fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, verify):
                           f"and neither 'checkpoint' nor 'quantize' is among the allowed techniques "
                           f"{list(allowed)}")
 
-    def quantized(g, copy: bool = True):
-        if copy:
-            # The pass rewrites in place; the planner keeps `gm` as it was. (Not for graphs
-            # with outlined regions: a copy keeps only the submodules its own graph names.)
-            from memfit.passes.checkpoint import _copy_graph_module
-            g = _copy_graph_module(g)
-        res = PassManager([q], verify=verify).run(g, dataclasses.replace(
-            ctx, captured=dataclasses.replace(cap, gm=g), history=[]))
-        a = analyze_step(dataclasses.replace(cap, gm=res.gm), optimizer=ctx.optimizer, loss_fn=ctx.loss_fn,
-                         symbolic=False)
-        counts = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in res.stats.items())
-        return res.gm, a.peak_bytes, counts, float(res.stats.get(f"{q.name}.extra_time_us", 0)) * 1e-6
+    from memfit.passes.checkpoint import _copy_graph_module, apply_spans
+    from memfit.quant_select import select_quantized
 
-    qgm, qpeak, counts, qtime = quantized(gm)
-    if qpeak <= budget_bytes:
-        return qgm, [Decision("(model)", q.to_text(), peak - qpeak, qtime, counts)]
-    best = qpeak
+    def pass_ctx(g):
+        return dataclasses.replace(ctx, captured=dataclasses.replace(cap, gm=g), history=[])
+
+    def decision(target, ch, before):
+        return Decision(target, q.to_text(), before - ch.peak, ch.extra_time_s, ch.detail())
+
+    # The pass rewrites in place, so every trial gets a fresh graph. Without recompute: a copy
+    # of `gm`. With recompute: the checkpoint plan applied again (a graph with outlined regions
+    # cannot be copied by _copy_graph_module: the copy keeps only the submodules its own graph
+    # names).
+    ch = select_quantized(q, lambda: _copy_graph_module(gm), budget_bytes, peak, cap, pass_ctx,
+                          ctx.optimizer, ctx.loss_fn, verify=verify)
+    if ch.fits:
+        return ch.gm, [decision("(model)", ch, peak)]
+    best = ch.peak
     if planner is not None:
         frontier = [p for p in planner.frontier if p.spans]
-        # At most 6 simulations, spread over the frontier from the fastest plan to the floor.
+        # At most 6 checkpoint plans, spread over the frontier from the fastest plan to the
+        # floor; for each, 8 bits on everything that stays saved first, and the shortest
+        # prefix of tensors only on the first plan where that fits.
         picks = sorted({round(i * (len(frontier) - 1) / 5) for i in range(6)}) if frontier else []
         for i in picks:
             spans = frontier[i].spans
             ck_peak, ckgm = planner.simulate(spans)
             planner._sim.pop(spans, None)  # noqa: SLF001 - ckgm is quantized in place below
-            qgm, qpeak, counts, qtime = quantized(ckgm, copy=False)
-            best = min(best, qpeak)
-            if qpeak <= budget_bytes:
-                return qgm, planner.decisions_for(spans) + [
-                    Decision("(outside recomputed regions)", q.to_text(), ck_peak - qpeak, qtime, counts)]
+            graphs = iter([ckgm])
+
+            def fresh(spans=spans, graphs=graphs):
+                g = next(graphs, None)
+                return g if g is not None else apply_spans(planner.cap.gm, planner.units, spans)[0]
+
+            ch = select_quantized(q, fresh, budget_bytes, ck_peak, cap, pass_ctx, ctx.optimizer, ctx.loss_fn,
+                                  verify=verify)
+            best = min(best, ch.peak)
+            if ch.fits:
+                return ch.gm, planner.decisions_for(spans) + [
+                    decision("(outside recomputed regions)", ch, ck_peak)]
     if planner is not None:
         best = min(best, planner.floor_bytes())  # recompute alone can go lower than with 8-bit
     raise BudgetError(

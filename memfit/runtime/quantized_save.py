@@ -295,7 +295,9 @@ class QuantizedSaves:
                 lo, hi = self._update_ema(slot, lo, hi)
             scale, zero = reference.scale_zero(lo, hi, qmax)
             kw = dict(scale=scale, zero=zero, ch_div=ch_div)
-        seed = reference.draw_seed(self.state.generator) if cfg.stochastic else 0
+        # On FakeTensors (analyze_step) no seed is drawn: the generator is left as the real
+        # steps will find it, and a draw would be a data-dependent value there.
+        seed = reference.draw_seed(self.state.generator) if cfg.stochastic and not fake else 0
         codes, flags, scale, zero = dispatch.quantize(x, cfg.bits, cfg.group_size, stochastic=cfg.stochastic,
                                                       seed=seed, **kw)
         p = _Packed()
