@@ -139,8 +139,10 @@ def quantize(x: torch.Tensor, bits: int = 8, group_size: int = 256, *, scale: to
     valid = (torch.arange(M * G, device=x.device) < N).view(M, G) if pad else None
     fin = _finite(xf)
     flags = (~fin).any(dim=1)          # padding is 0.0: finite
-    # Real tensors without NaN/Inf skip the special-value work; FakeTensors take every op.
-    special = _is_fake(x) or bool(flags.any())
+    # Tensors without NaN/Inf skip the special-value work. FakeTensors (the cost model's
+    # simulation) cannot tell, and take the common path: predictions count the memory of a
+    # finite tensor; with NaN/Inf present the real step also holds a few mask temporaries.
+    special = not _is_fake(x) and bool(flags.any())
     qf = torch.where(flags, qmax - 3, qmax).to(torch.float32)            # (M,)
     if scale is None:
         use = fin & valid if valid is not None else fin
@@ -202,7 +204,7 @@ def dequantize(codes: torch.Tensor, flags: torch.Tensor, scale: torch.Tensor, ze
         c = codes.to(torch.int32)
         q = torch.stack([(c >> (k * bits)) & qmax for k in range(P)], dim=2).view(M, G)
     qf = q.to(torch.float32)
-    special = _is_fake(codes) or bool(flags.any())
+    special = not _is_fake(codes) and bool(flags.any())   # as in quantize
     if not special:
         del q
     if per_row:
