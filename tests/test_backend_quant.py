@@ -312,3 +312,24 @@ def test_symbolic_size_not_in_backward_is_skipped():
     assert not pq._expressible(None, {s0: object()}, s0 * s1)
     assert not pq._expressible(None, {s0: object()}, sympy.floor(s0 / 2))
     assert pq._expressible(7, {})
+
+
+def test_triton_kernels_inside_the_compiled_graph(blocks):
+    """The custom operators dispatch to the Triton kernels where they run (CUDA; here the
+    interpreter, forced): same gradients, bit for bit, as with the torch reference."""
+    import os
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU without TRITON_INTERPRET=1 (tools/run_tests.sh sets it)")
+    from memfit.kernels import dispatch
+    if dispatch._triton_module() is None:  # noqa: SLF001
+        pytest.skip("Triton unavailable")
+    model, x = blocks
+    opts = dict(budget="50%", codegen="eager", passes=(), quantize="prefer")
+    with dispatch.force_backend("reference"):
+        _, g_ref, rep_ref, _ = _run(model, x, **opts)
+    with dispatch.force_backend("triton"):
+        _, g_tri, rep_tri, _ = _run(model, x, **opts)
+    assert rep_ref.partitions[0].quantized == rep_tri.partitions[0].quantized != []
+    for a, b in zip(g_tri, g_ref):
+        assert torch.equal(a, b)
