@@ -8,24 +8,11 @@ import pytest
 import torch
 
 import memfit.backend as mb
+from tests.grad_utils import param_grads, rel_error
 from examples import gpt2_like, resnet_like, vit_like
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 pytestmark = pytest.mark.slow
-
-
-def _grads(model, loss):
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    g = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return g
-
-
-def _rel(a, b):
-    num = sum((a[k] - b[k]).pow(2).sum() for k in b).sqrt()
-    den = sum(v.pow(2).sum() for v in b.values()).sqrt()
-    return (num / den).item()
 
 
 def _compile(model, budget, **kw):
@@ -49,14 +36,14 @@ def test_transformer_examples_exact_under_budget(name, make, kw):
     torch.manual_seed(0)
     model, inputs = make(**kw)
     mod = gpt2_like if name == "gpt2_like" else vit_like
-    ref = _grads(model, mod.loss_fn(model(*inputs)))
+    ref = param_grads(model, mod.loss_fn(model(*inputs)))
     compiled = _compile(model, "30%")
-    g = _grads(model, mod.loss_fn(compiled(*inputs)))
+    g = param_grads(model, mod.loss_fn(compiled(*inputs)))
     parts = _partitions()
     assert parts and all(p.fits and p.saved_bytes <= p.target_bytes < p.baseline_saved_bytes for p in parts)
     assert not any(p.quantized for p in parts)
     assert any(r.pass_stats.get("sdpa-attention.rewritten", 0) > 0 for r in mb.reports())
-    assert g.keys() == ref.keys() and _rel(g, ref) < 1e-5
+    assert g.keys() == ref.keys() and rel_error(g, ref) < 1e-5
 
 
 def test_resnet_example_batchnorm_statistics_update_once():
@@ -66,12 +53,12 @@ def test_resnet_example_batchnorm_statistics_update_once():
     torch.manual_seed(0)
     model, (x,) = resnet_like.make(batch_size=4, image_size=32, width=8)
     eager = copy.deepcopy(model)
-    ref = _grads(eager, resnet_like.loss_fn(eager(x)))
+    ref = param_grads(eager, resnet_like.loss_fn(eager(x)))
     compiled = _compile(model, "30%")
-    g = _grads(model, resnet_like.loss_fn(compiled(x)))
+    g = param_grads(model, resnet_like.loss_fn(compiled(x)))
     parts = _partitions()
     assert parts and all(p.fits for p in parts)
     assert any(p.recomputed_nodes > p.baseline_recomputed_nodes for p in parts)
-    assert _rel(g, ref) < 1e-4
+    assert rel_error(g, ref) < 1e-4
     for (k, b), (_, b_ref) in zip(model.named_buffers(), eager.named_buffers()):
         torch.testing.assert_close(b, b_ref, rtol=1e-5, atol=1e-6, msg=k)

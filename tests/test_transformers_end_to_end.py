@@ -9,26 +9,13 @@ import torch.nn.functional as F
 
 import memfit
 import memfit.backend as mb
+from tests.grad_utils import param_grads, rel_error
 
 pytest.importorskip("transformers")
 from examples import hf_models  # noqa: E402
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 pytestmark = pytest.mark.slow
-
-
-def _grads(model, loss):
-    model.zero_grad(set_to_none=True)
-    loss.backward()
-    g = {k: p.grad.detach().clone() for k, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad(set_to_none=True)
-    return g
-
-
-def _rel(a, b):
-    num = sum((a[k] - b[k]).pow(2).sum() for k in b).sqrt()
-    den = sum(v.pow(2).sum() for v in b.values()).sqrt()
-    return (num / den).item()
 
 
 def test_optimize_gpt2_meets_budget_measured_and_exact():
@@ -44,10 +31,10 @@ def test_optimize_gpt2_meets_budget_measured_and_exact():
     assert m.peak_bytes <= p.budget_bytes
     assert abs(p.peak_bytes - m.peak_bytes) <= 0.05 * m.peak_bytes
     torch.manual_seed(1)
-    g_opt = _grads(om, hf_models.loss_fn(om(*inputs)))
+    g_opt = param_grads(om, hf_models.loss_fn(om(*inputs)))
     torch.manual_seed(1)
-    g_ref = _grads(model, hf_models.loss_fn(model(*inputs)))
-    assert g_opt.keys() == g_ref.keys() and _rel(g_opt, g_ref) < 1e-5
+    g_ref = param_grads(model, hf_models.loss_fn(model(*inputs)))
+    assert g_opt.keys() == g_ref.keys() and rel_error(g_opt, g_ref) < 1e-5
 
 
 @pytest.mark.parametrize("quantize", ["never", "prefer"])
@@ -60,19 +47,19 @@ def test_backend_on_bert(quantize):
     for mod in model.modules():
         if isinstance(mod, torch.nn.Dropout):
             mod.p = 0.0
-    g_ref = _grads(model, hf_models.loss_fn(model(ids)))
+    g_ref = param_grads(model, hf_models.loss_fn(model(ids)))
     torch._dynamo.reset()
     mb.clear_reports()
     compiled = torch.compile(model, backend=mb.make_backend("40%", codegen="eager", quantize=quantize,
                                                             quantize_min_bytes=1024))
-    g = _grads(model, hf_models.loss_fn(compiled(ids)))
+    g = param_grads(model, hf_models.loss_fn(compiled(ids)))
     parts = [p for r in mb.reports() for p in r.partitions]
     assert parts and all(p.fits and p.saved_bytes <= p.target_bytes for p in parts)
     assert sum(p.saved_bytes for p in parts) < sum(p.baseline_saved_bytes for p in parts)
     assert g.keys() == g_ref.keys()
     if quantize == "never":
         assert not any(p.quantized for p in parts)
-        assert _rel(g, g_ref) < 1e-5
+        assert rel_error(g, g_ref) < 1e-5
     else:
         assert any(p.quantized for p in parts)
         # The attention key biases get gradient 0 in exact arithmetic (softmax ignores a
