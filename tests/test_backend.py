@@ -249,3 +249,27 @@ def test_builtin_structural_passes_on_dynamo_graph(blocks):
     _, _, rep0 = _compile_grads(model, x, codegen="eager", passes=())
     assert p.baseline_saved_bytes < rep0.partitions[0].baseline_saved_bytes
     assert _rel(g, ref) < RTOL
+
+
+def test_structural_passes_on_a_dynamic_graph_skip_cleanly():
+    """torch.compile(dynamic=True) traces Python floats (dropout p) as inputs: sdpa-attention
+    must skip such a match with a diagnostic, not fail (it raised TypeError before)."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(Block(32, 4, dropout=0.1)), torch.randn(2, 16, 32)
+    _, ref = _unbudgeted_dropout_free(model, x)
+    torch._dynamo.reset()
+    mb.clear_reports()
+    compiled = torch.compile(model, dynamic=True, backend=mb.make_backend(None, codegen="eager"))
+    model.eval()   # dropout off: eager and compiled agree exactly
+    _, g = _grads(model, lambda: compiled(x))
+    model.train()
+    reps = mb.reports()
+    assert reps and all("sdpa-attention" not in dict(r.passes_skipped) for r in reps)
+    assert _rel(g, ref) < RTOL
+
+
+def _unbudgeted_dropout_free(model, x):
+    model.eval()
+    out = _grads(model, lambda: model(x))
+    model.train()
+    return out

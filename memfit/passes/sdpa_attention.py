@@ -224,7 +224,14 @@ class SDPAAttention(Pass):
                                         "matches in distribution only; pass allow_dropout=true to accept")
                         dropout_module = u.target
                 else:
-                    p = float(_arg(u, 1, "p", 0.5))
+                    p = _arg(u, 1, "p", 0.5)
+                    if isinstance(p, torch.fx.Node):  # Dynamo with dynamic=True: floats are inputs too
+                        p = _val(p)
+                        if not isinstance(p, (int, float)):
+                            raise _Skip("attention dropout probability is symbolic (torch.compile "
+                                        "dynamic=True traces Python floats as inputs), so whether "
+                                        "dropout is active cannot be told")
+                    p = float(p)
                     train = _arg(u, 2, "train", _arg(u, 2, "training", True))
                     if train and p > 0:
                         if not self.allow_dropout:
