@@ -53,3 +53,41 @@ class Block(nn.Module):
         y = (att @ v).transpose(1, 2).reshape(B, T, D)
         x = x + self.proj(y)
         return x + self.mlp(self.ln2(x))
+
+
+class BlockStack(nn.Module):
+    """`n` transformer Blocks in a ModuleList and a linear head (the reversible pass's case)."""
+
+    def __init__(self, n=4, d=16):
+        super().__init__()
+        self.blocks = nn.ModuleList([Block(d, 2) for _ in range(n)])
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+class ResBlock(nn.Module):
+    """conv-bn-relu-conv with a residual connection (shape-preserving)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.bn = nn.BatchNorm2d(c)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv2(torch.relu(self.bn(self.conv1(x))))
+
+
+class Down(nn.Module):
+    """Stride-2 convolution doubling the channels (changes the shape)."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))

@@ -12,7 +12,7 @@ from memfit.errors import PassError
 from memfit.passes import PassManager, get_pass, parse_pipeline
 from memfit.passes.reversible import Reversible, ReversibleStack, make_reversible
 from memfit.runtime.reversible import Coupling, ReconstructionReport, ReconstructionWarning, reversible_stack
-from tests.models import Block
+from tests.models import Block, Down, ResBlock
 
 
 def rel(a, b):
@@ -204,26 +204,6 @@ class Stack(nn.Module):
         for b in self.blocks:
             x = b(x)
         return self.head(x)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.bn = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return x + self.conv2(torch.relu(self.bn(self.conv1(x))))
-
-
-class Down(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return torch.relu(self.conv(x))
 
 
 class ConvNet(nn.Module):

@@ -12,7 +12,7 @@ from torch import nn  # noqa: E402
 
 from memfit.passes.printer import format_graph  # noqa: E402
 from memfit.passes.reversible import make_reversible  # noqa: E402
-from tests.models import Block  # noqa: E402
+from tests.models import BlockStack as Stack, Down, ResBlock  # noqa: E402
 
 torch.manual_seed(0)
 
@@ -31,18 +31,6 @@ def show(rev):
     print(format_graph(rev.gm, name="main", saved=False, children=False))
     for s in rev.stacks:
         print("stack:", s.extra_repr(), "names:", ",".join(s.names))
-
-
-class Stack(nn.Module):
-    def __init__(self, n=4, d=16):
-        super().__init__()
-        self.blocks = nn.ModuleList([Block(d, 2) for _ in range(n)])
-        self.head = nn.Linear(d, 3)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = b(x)
-        return self.head(x)
 
 
 # CHECK-LABEL: // CASE: transformer_pairs
@@ -66,26 +54,6 @@ def transformer_pairs():
 @case
 def transformer_meft_anchors():
     show(make_reversible(Stack(), (torch.randn(2, 5, 16),), mode="meft", lam=0.05, anchor_every=2, aux="delta"))
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.bn = nn.BatchNorm2d(c)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x):
-        return x + self.conv2(torch.relu(self.bn(self.conv1(x))))
-
-
-class Down(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, 2 * c, 3, stride=2, padding=1)
-
-    def forward(self, x):
-        return torch.relu(self.conv(x))
 
 
 class ConvNet(nn.Module):
