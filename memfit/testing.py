@@ -72,3 +72,37 @@ def opt_text(model, example_inputs, passes="", *, method: str = "auto", analysis
     lines.append(f"// stats: {stats or '(none)'}")
     lines += [f"// {d}" for d in res.diagnostics]
     return "\n".join(lines)
+
+
+def show_calls(model, example_inputs, passes="", method: str = "auto") -> None:
+    """Capture `model` (static shapes), run `passes`, and print one line per call node,
+    `  %name = op target(args)`, then `// stats:` (non-zero counts) and one `// <diagnostic>`
+    line each: a compact listing for CHECK lines about which calls a pass put in."""
+    import torch
+
+    from memfit.capture import capture
+    from memfit.passes import PassContext, PassManager
+
+    if not isinstance(example_inputs, tuple):
+        example_inputs = (example_inputs,)
+    cap = capture(model, example_inputs, method=method, dynamic=False)
+    res = PassManager(passes).run(cap.gm, PassContext(captured=cap))
+
+    def fmt(a):
+        return f"%{a.name}" if isinstance(a, torch.fx.Node) else repr(a)
+
+    for n in res.gm.graph.nodes:
+        if n.op not in ("call_function", "call_module", "call_method"):
+            continue
+        if isinstance(n.target, str):
+            target = n.target
+        elif isinstance(n.target, torch._ops.OpOverload):
+            target = str(n.target)
+        else:
+            target = getattr(n.target, "__module__", "") + "." + getattr(n.target, "__name__", str(n.target))
+        args = ", ".join([fmt(a) for a in n.args] + [f"{k}={fmt(v)}" for k, v in n.kwargs.items()])
+        print(f"  %{n.name} = {n.op} {target}({args})")
+    print("// stats: " + " ".join(f"{k}={v}" for k, v in sorted(res.stats.items()) if v))
+    for d in res.diagnostics:
+        print(f"// {d}")
+    sys.stdout.flush()

@@ -2,36 +2,11 @@
 # sdpa-attention: explicit attention becomes one scaled_dot_product_attention node.
 import torch
 
-from memfit.capture import capture
-from memfit.passes import PassContext, PassManager
+from memfit.testing import run, show_calls as show
 from tests.models import Block
 from tests.test_sdpa_attention import Attention
 
 torch.manual_seed(0)
-
-
-def run(fn):
-    print(f"TEST: {fn.__name__}")
-    fn()
-    print()
-    return fn
-
-
-def show(model, x, pipeline, method):
-    cap = capture(model, x if isinstance(x, tuple) else (x,), method=method, dynamic=False)
-    res = PassManager(pipeline).run(cap.gm, PassContext(captured=cap))
-    for n in res.gm.graph.nodes:
-        if n.op in ("call_function", "call_module", "call_method"):
-            target = n.target if isinstance(n.target, str) else getattr(n.target, "__module__", "") + "." + \
-                getattr(n.target, "__name__", str(n.target))
-            if isinstance(n.target, torch._ops.OpOverload):
-                target = str(n.target)
-            fmt = lambda a: f"%{a.name}" if isinstance(a, torch.fx.Node) else repr(a)  # noqa: E731
-            args = ", ".join([fmt(a) for a in n.args] + [f"{k}={fmt(v)}" for k, v in n.kwargs.items()])
-            print(f"  %{n.name} = {n.op} {target}({args})")
-    print("// stats: " + " ".join(f"{k}={v}" for k, v in sorted(res.stats.items()) if v))
-    for d in res.diagnostics:
-        print(f"// {d}")
 
 
 @run
