@@ -6,16 +6,10 @@ import torch
 
 from memfit.capture import capture
 from memfit.passes import PassContext, PassManager
+from memfit.testing import run
 from tests.models import MLP, Block
 
 torch.manual_seed(0)
-
-
-def run(fn):
-    print(f"TEST: {fn.__name__}")
-    fn()
-    print()
-    return fn
 
 
 def show(model, x, pipeline, method="auto"):
