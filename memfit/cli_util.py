@@ -7,6 +7,7 @@ import importlib.util
 import os
 import re
 import sys
+import types
 import time
 from contextlib import contextmanager
 
@@ -57,6 +58,27 @@ def parse_kv(items) -> dict:
     return out
 
 
+def import_file(path: str, what: str = "") -> types.ModuleType:
+    """Import the Python file `path` as a module (registered in sys.modules under a name
+    derived from its absolute path, so a second call returns the same module). Errors are
+    UsageErrors: "{what}no such file: {path}" or "{what}importing {path} failed: ...";
+    a module that failed to import is not left in sys.modules."""
+    name = "_memfit_user_" + re.sub(r"\W", "_", os.path.abspath(path))
+    if name in sys.modules:
+        return sys.modules[name]
+    if not os.path.isfile(path):
+        raise UsageError(f"{what}no such file: {path}")
+    loader_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(loader_spec)
+    sys.modules[name] = module
+    try:
+        loader_spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise UsageError(f"{what}importing {path} failed: {type(e).__name__}: {e}") from e
+    return module
+
+
 def load_factory(spec: str, inputs: list[str] | None = None, factory_kwargs: dict | None = None):
     """Load 'path/file.py:factory' (or 'package.module:factory') and call it.
 
@@ -68,16 +90,7 @@ def load_factory(spec: str, inputs: list[str] | None = None, factory_kwargs: dic
         raise UsageError(f"malformed model spec {spec!r}: expected FILE.py:FACTORY, e.g. examples/gpt2_like.py:make")
     path, _, name = spec.rpartition(":")
     if path.endswith(".py") or os.sep in path:
-        if not os.path.isfile(path):
-            raise UsageError(f"no such file: {path}")
-        mod_name = "_memfit_user_" + re.sub(r"\W", "_", os.path.abspath(path))
-        loader_spec = importlib.util.spec_from_file_location(mod_name, path)
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[mod_name] = module
-        try:
-            loader_spec.loader.exec_module(module)
-        except Exception as e:
-            raise UsageError(f"importing {path} failed: {type(e).__name__}: {e}") from e
+        module = import_file(path)
     else:
         try:
             module = importlib.import_module(path)

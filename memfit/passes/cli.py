@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import importlib.util
 import os
-import re
-import sys
 
 
 def add_subcommands(sub) -> None:
@@ -49,23 +46,11 @@ def add_subcommands(sub) -> None:
 
 def load_pass_modules(specs) -> None:
     """Import each module name or .py file (their import registers passes)."""
-    from memfit.cli_util import UsageError
+    from memfit.cli_util import UsageError, import_file
 
     for spec in specs or ():
         if spec.endswith(".py") or os.sep in spec:
-            if not os.path.isfile(spec):
-                raise UsageError(f"--load: no such file: {spec}")
-            name = "_memfit_user_" + re.sub(r"\W", "_", os.path.abspath(spec))
-            if name in sys.modules:
-                continue
-            loader = importlib.util.spec_from_file_location(name, spec)
-            module = importlib.util.module_from_spec(loader)
-            sys.modules[name] = module
-            try:
-                loader.loader.exec_module(module)
-            except Exception as e:
-                del sys.modules[name]
-                raise UsageError(f"--load {spec}: {type(e).__name__}: {e}") from e
+            import_file(spec, what="--load: ")
         else:
             try:
                 importlib.import_module(spec)
