@@ -91,3 +91,21 @@ class Down(nn.Module):
 
     def forward(self, x):
         return torch.relu(self.conv(x))
+
+
+class ConvNet(nn.Module):
+    """A stem, `before` ResBlocks, a Down block, `after` ResBlocks at twice the channels and
+    a linear head on the pooled features (the reversible pass's convolutional case)."""
+
+    def __init__(self, c=4, before=2, after=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.layers = nn.ModuleList([*(ResBlock(c) for _ in range(before)), Down(c),
+                                     *(ResBlock(2 * c) for _ in range(after))])
+        self.head = nn.Linear(2 * c, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x.mean(dim=(2, 3)))

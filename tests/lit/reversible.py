@@ -12,7 +12,7 @@ from torch import nn  # noqa: E402
 
 from memfit.passes.printer import format_graph  # noqa: E402
 from memfit.passes.reversible import make_reversible  # noqa: E402
-from tests.models import BlockStack as Stack, Down, ResBlock  # noqa: E402
+from tests.models import BlockStack as Stack, ConvNet  # noqa: E402
 
 torch.manual_seed(0)
 
@@ -54,21 +54,6 @@ def transformer_pairs():
 @case
 def transformer_meft_anchors():
     show(make_reversible(Stack(), (torch.randn(2, 5, 16),), mode="meft", lam=0.05, anchor_every=2, aux="delta"))
-
-
-class ConvNet(nn.Module):
-    def __init__(self, c=4):
-        super().__init__()
-        self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.layers = nn.ModuleList([ResBlock(c), ResBlock(c), Down(c), ResBlock(2 * c), ResBlock(2 * c),
-                                     ResBlock(2 * c)])
-        self.head = nn.Linear(2 * c, 5)
-
-    def forward(self, x):
-        x = self.stem(x)
-        for layer in self.layers:
-            x = layer(x)
-        return self.head(x.mean(dim=(2, 3)))
 
 
 # Two stacks around a downsampling block, which is skipped with a reason.
