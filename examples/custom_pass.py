@@ -13,7 +13,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from memfit.passes import Diagnostic, Pass, PassResult, register_pass
-from memfit.passes.regions import module_regions, outline_region
+from memfit.passes.infra.regions import module_regions, outline_region
 
 
 class Checkpointed(torch.nn.Module):

@@ -13,18 +13,18 @@ _LAZY = {
     "optimize": "memfit.api:optimize",
     "optimize_": "memfit.api:optimize_",
     "plan": "memfit.api:plan",
-    "OptimizedModule": "memfit.module:OptimizedModule",
-    "Pass": "memfit.passes.base:Pass",
-    "PassResult": "memfit.passes.base:PassResult",
-    "PassContext": "memfit.passes.base:PassContext",
-    "PassManager": "memfit.passes.manager:PassManager",
-    "register_pass": "memfit.passes.registry:register_pass",
-    "measure": "memfit.measure:measure",
-    "Measurement": "memfit.measure:Measurement",
+    "OptimizedModule": "memfit.ir.module:OptimizedModule",
+    "Pass": "memfit.passes.infra.base:Pass",
+    "PassResult": "memfit.passes.infra.base:PassResult",
+    "PassContext": "memfit.passes.infra.base:PassContext",
+    "PassManager": "memfit.passes.infra.manager:PassManager",
+    "register_pass": "memfit.passes.infra.registry:register_pass",
+    "measure": "memfit.cost_models.measure:measure",
+    "Measurement": "memfit.cost_models.measure:Measurement",
     "Budget": "memfit.budget:Budget",
     "MemoryPlan": "memfit.memory_plan:MemoryPlan",
-    "capture": "memfit.capture:capture",
-    "Captured": "memfit.capture:Captured",
+    "capture": "memfit.ir.capture:capture",
+    "Captured": "memfit.ir.capture:Captured",
     "MemfitError": "memfit.errors:MemfitError",
     "CaptureError": "memfit.errors:CaptureError",
     "BudgetError": "memfit.errors:BudgetError",
@@ -46,12 +46,3 @@ def __getattr__(name: str):  # noqa: D103 - the lazy half of the public API
 
 def __dir__():
     return sorted(list(globals()) + list(_LAZY))
-
-
-# `measure` and `capture` are both functions and submodules. Importing a submodule sets the
-# package attribute to the module (`import memfit.measure` anywhere would turn
-# `memfit.measure(...)` into "module is not callable"), so these two are bound eagerly,
-# after their submodules are loaded: later imports find the modules in sys.modules and
-# leave the attributes alone.
-from memfit.capture import capture  # noqa: E402
-from memfit.measure import measure  # noqa: E402

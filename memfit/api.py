@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from memfit.budget import Budget
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.cost_models.memory import analyze_step
 from memfit.errors import BudgetError, PassError
 from memfit.memory_plan import MemoryPlan, downsample_timeline, module_rows
@@ -118,7 +118,7 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
     import dataclasses
 
     from memfit.memory_plan import Decision
-    from memfit.module import OptimizedModule
+    from memfit.ir.module import OptimizedModule
     from memfit.passes import PassContext, PassManager, get_pass
 
     if mode != "train":
@@ -213,7 +213,7 @@ def _fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, verify):
                           f"{list(allowed)}")
 
     from memfit.passes.checkpoint import _copy_graph_module, apply_spans
-    from memfit.quant_select import select_quantized
+    from memfit.planning.quantize import select_quantized
 
     def pass_ctx(g):
         return dataclasses.replace(ctx, captured=dataclasses.replace(cap, gm=g), history=[])

@@ -54,9 +54,9 @@ def opt_text(model, example_inputs, passes="", *, method: str = "auto", analysis
     followed by `// stats:` and one `// <diagnostic>` line each (the `memfit opt` layout)."""
     import torch
 
-    from memfit.capture import capture
+    from memfit.ir.capture import capture
     from memfit.passes import PassContext, PassManager
-    from memfit.passes.printer import format_graph
+    from memfit.passes.infra.printer import format_graph
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
@@ -80,7 +80,7 @@ def show_calls(model, example_inputs, passes="", method: str = "auto") -> None:
     line each: a compact listing for CHECK lines about which calls a pass put in."""
     import torch
 
-    from memfit.capture import capture
+    from memfit.ir.capture import capture
     from memfit.passes import PassContext, PassManager
 
     if not isinstance(example_inputs, tuple):

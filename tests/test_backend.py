@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-import memfit.backend as mb
+import memfit.compile as mb
 from memfit.errors import BudgetError
 from tests.models import MLP, Block
 
@@ -174,8 +174,8 @@ def test_unpinned_rng_recompute_redraws_masks(dropout_blocks):
 
 
 def test_structural_pass_hook_runs_registered_and_skips_missing():
-    from memfit.passes.base import PassResult
-    from memfit.passes.registry import register_pass
+    from memfit.passes.infra.base import PassResult
+    from memfit.passes.infra.registry import register_pass
 
     seen = []
 

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-import memfit.backend as mb
+import memfit.compile as mb
 from tests.grad_utils import param_grads, rel_error
 from examples import gpt2_like, resnet_like, vit_like
 

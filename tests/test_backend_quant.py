@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import memfit.backend as mb
-import memfit.partition_quant as pq
+import memfit.compile as mb
+import memfit.compile.quantized_saves as pq
 from memfit.kernels import ops, reference
 from tests.models import Block
 from tests.test_backend import _grads, _rel

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from memfit.capture import capture, node_module_path
+from memfit.ir.capture import capture, node_module_path
 from memfit.errors import CaptureError
 from tests.models import MLP, Block
 

@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.cost_models.memory import analyze_step, default_loss
 from memfit.errors import BudgetError, PassError
-from memfit.passes.base import PassContext
+from memfit.passes.infra.base import PassContext
 from memfit.passes.checkpoint import Checkpoint, apply_spans, plan_checkpoint
-from memfit.passes.registry import parse_pipeline
+from memfit.passes.infra.registry import parse_pipeline
 from tests.models import MLP, Block, ConvBN
 
 

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.errors import BudgetError
-from memfit.measure import measure
+from memfit.cost_models.measure import measure
 from memfit.passes.checkpoint import CheckpointPlanner, GraphModel, plan_checkpoint
 from tests.test_checkpoint import Stack
 

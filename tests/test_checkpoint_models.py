@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.cost_models.memory import analyze_step
 from memfit.passes.checkpoint import GraphModel, apply_spans, call_nodes, discover_runs, price_units
 

@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.cli import main
-from memfit.measure import measure
+from memfit.cost_models.measure import measure
 from memfit.passes import PassContext, PassManager, get_pass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -10,12 +10,12 @@ import torch
 
 import examples.gpt2_like as gpt
 import memfit
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.cost_models.memory import analyze_step
 from memfit.passes import PassContext, PassManager
 from memfit.passes.checkpoint import CheckpointPlanner, _copy_graph_module, apply_spans
 from memfit.passes.quantize import QuantizeActivations, price_candidates
-from memfit.quant_select import rank_nodes, select_quantized, shortest_prefix
+from memfit.planning.quantize import rank_nodes, select_quantized, shortest_prefix
 
 KW = dict(batch_size=4, seq_len=64, layers=2, d=64, heads=4, vocab=128, dropout=0.0)
 OPT = "sgd"
@@ -139,7 +139,7 @@ def test_selection_on_a_checkpointed_graph_gets_a_fresh_graph_per_trial():
     assert len({id(g) for g in made}) == ch.simulations  # never a graph rewritten twice
     assert any(n.name.startswith("memfit_ckpt_") for n in ch.gm.graph.nodes)
     # the chosen graph runs and its gradients stay close to the unmodified model's
-    from memfit.module import OptimizedModule
+    from memfit.ir.module import OptimizedModule
     om = OptimizedModule(model, dataclasses.replace(cap, gm=ch.gm), ch.gm)
     g_ref = _grads(model, inputs)
     g_opt = _grads(om, inputs)

@@ -7,8 +7,8 @@ import sys
 
 def test_functions_are_not_shadowed_by_submodules():
     import memfit
-    importlib.import_module("memfit.measure")
-    importlib.import_module("memfit.capture")
+    importlib.import_module("memfit.cost_models.measure")
+    importlib.import_module("memfit.ir.capture")
     assert callable(memfit.measure) and memfit.measure.__name__ == "measure"
     assert callable(memfit.capture) and memfit.capture.__name__ == "capture"
     assert callable(memfit.plan) and callable(memfit.optimize)

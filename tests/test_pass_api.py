@@ -9,11 +9,11 @@ from typing import ClassVar
 import pytest
 import torch
 
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.errors import PassError
 from memfit.passes import (Pass, PassContext, PassManager, PassResult, as_passes, format_pipeline, get_pass,
                            list_passes, parse_pipeline, register_pass)
-from memfit.passes import registry
+from memfit.passes.infra import registry
 from tests.models import MLP
 
 

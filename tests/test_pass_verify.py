@@ -9,10 +9,10 @@ from typing import ClassVar
 import pytest
 import torch
 
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.errors import PassError
 from memfit.passes import Pass, PassContext, PassManager, PassResult, Promise, VerificationError
-from memfit.passes.regions import module_regions, outline_region
+from memfit.passes.infra.regions import module_regions, outline_region
 from tests.models import MLP, ConvBN
 from tests.test_regions import Tower
 

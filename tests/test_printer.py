@@ -2,10 +2,10 @@
 
 import torch
 
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.cost_models.memory import analyze_step
-from memfit.passes.printer import format_graph, format_type
-from memfit.passes.regions import module_regions, outline_region
+from memfit.passes.infra.printer import format_graph, format_type
+from memfit.passes.infra.regions import module_regions, outline_region
 from tests.models import MLP
 from tests.test_regions import Tower
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.errors import PassError
 from memfit.passes import PassContext, PassManager, get_pass, parse_pipeline
 from memfit.passes.quantize import QuantizeActivations, price_candidates, quantize_stats

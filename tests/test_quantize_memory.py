@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import memfit
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.cost_models.memory import analyze_step
 from memfit.passes import PassContext
 from memfit.passes.quantize import QuantizeActivations

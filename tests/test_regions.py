@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.errors import PassError
-from memfit.passes.regions import REGION_META, borrowed_modules, module_regions, outline_region
+from memfit.passes.infra.regions import REGION_META, borrowed_modules, module_regions, outline_region
 from tests.models import Block, ConvBN
 
 

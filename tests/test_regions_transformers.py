@@ -8,10 +8,10 @@ import os
 import pytest
 import torch
 
-from memfit.capture import capture
-from memfit.measure import measure
+from memfit.ir.capture import capture
+from memfit.cost_models.measure import measure
 from memfit.passes import PassContext, PassManager
-from memfit.passes.regions import module_regions
+from memfit.passes.infra.regions import module_regions
 
 transformers = pytest.importorskip("transformers")
 

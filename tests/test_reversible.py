@@ -298,7 +298,7 @@ def test_min_blocks_and_registry_text_form():
 
 
 def test_pass_through_pass_manager():
-    from memfit.capture import capture
+    from memfit.ir.capture import capture
 
     m = Stack(4)
     x = torch.randn(2, 5, 16)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from memfit.measure import measure
+from memfit.cost_models.measure import measure
 from memfit.passes.reversible import make_reversible
 from tests.models import BlockStack
 

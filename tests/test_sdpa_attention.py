@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.cost_models.memory import analyze_step
 from memfit.passes import PassContext, PassManager, parse_pipeline
 from tests.models import Block

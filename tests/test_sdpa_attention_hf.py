@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from tests.test_sdpa_attention import check_exact, run_pass
 
 tf = pytest.importorskip("transformers")

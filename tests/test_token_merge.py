@@ -7,7 +7,7 @@ from torch import nn
 
 from memfit.errors import PassError
 from memfit.passes import PassContext, PassManager, parse_pipeline
-from memfit.passes.token_merge import (TokenMerge, apply_token_merging, find_blocks, model_tokens_per_layer,
+from memfit.rewrites.token_merge import (TokenMerge, apply_token_merging, find_blocks, model_tokens_per_layer,
                                        token_merge_pass_info)
 from memfit.runtime.token_merge import (attention_bias, bipartite_soft_matching, merge_wavg, merged_r,
                                         r_schedule, token_merge_step, tokens_per_layer, unmerge, unmerge_all)
@@ -218,7 +218,7 @@ def test_checkpoint_recompute_gives_identical_merges():
 
 
 def test_hf_activation_checkpointing_composes(monkeypatch):
-    import memfit.passes.token_merge as tm
+    import memfit.rewrites.token_merge as tm
 
     m = _hf("vit", "eager")
     mc = _hf("vit", "eager")
@@ -319,7 +319,7 @@ def test_bad_input_gives_clear_errors():
 # --- the pass ---------------------------------------------------------------------------------
 
 def test_token_merge_pass_on_captured_vit():
-    from memfit.capture import capture
+    from memfit.ir.capture import capture
 
     m = SmallViT()
     x = torch.randn(2, 3, 32, 32)
@@ -342,7 +342,7 @@ def test_token_merge_pass_on_captured_vit():
 
 
 def test_passes_run_before_are_replayed_on_the_merged_graph():
-    from memfit.capture import capture
+    from memfit.ir.capture import capture
 
     m = SmallViT(layers=2)
     x = torch.randn(2, 3, 32, 32)
@@ -357,7 +357,7 @@ def test_passes_run_before_are_replayed_on_the_merged_graph():
 
 
 def test_unsupported_block_layout_is_a_diagnostic():
-    from memfit.capture import capture
+    from memfit.ir.capture import capture
 
     class DropPath(nn.Module):
         def forward(self, x):

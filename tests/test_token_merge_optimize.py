@@ -3,7 +3,7 @@
 import torch
 
 import memfit
-from memfit.passes.token_merge import apply_token_merging
+from memfit.rewrites.token_merge import apply_token_merging
 from tests.tome_vit import SmallViT
 
 

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import memfit
-import memfit.backend as mb
+import memfit.compile as mb
 from tests.grad_utils import param_grads, rel_error
 
 pytest.importorskip("transformers")

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from memfit.capture import capture
-from memfit.cli_util import load_factory
+from memfit.ir.capture import capture
+from memfit.cli.util import load_factory
 from memfit.passes import PassContext, PassManager
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

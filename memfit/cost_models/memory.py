@@ -30,7 +30,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from memfit.capture import Captured, node_module_path
+from memfit.ir.capture import Captured, node_module_path
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ the torch reference elsewhere; format in `memfit.kernels.reference`), wrapped wi
 that AOTAutograd and Inductor compile: Inductor calls them as opaque kernels and never
 decomposes them, and FakeTensor propagation gets exact output shapes, also for symbolic
 sizes. The torch.compile backend inserts them around saved tensors
-(`memfit.partition_quant`).
+(`memfit.compile.quantized_saves`).
 
 Importing this module registers the operators (once per process).
 """

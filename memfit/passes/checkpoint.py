@@ -36,10 +36,10 @@ from typing import Any, ClassVar
 import torch
 import torch.fx
 
-from memfit.capture import Captured, node_module_path
+from memfit.ir.capture import Captured, node_module_path
 from memfit.errors import BudgetError, PassError
-from memfit.passes.base import Diagnostic, Pass, PassContext, PassResult
-from memfit.passes.registry import register_pass
+from memfit.passes.infra.base import Diagnostic, Pass, PassContext, PassResult
+from memfit.passes.infra.registry import register_pass
 
 log = logging.getLogger(__name__)
 

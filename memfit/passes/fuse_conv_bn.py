@@ -30,8 +30,8 @@ import torch
 import torch.fx
 from torch import nn
 
-from memfit.passes.base import EXACT, Diagnostic, Pass, PassContext, PassResult, Promise
-from memfit.passes.registry import register_pass
+from memfit.passes.infra.base import EXACT, Diagnostic, Pass, PassContext, PassResult, Promise
+from memfit.passes.infra.registry import register_pass
 from memfit.runtime.conv_bn import conv_bn_module_call, conv_bn_tune, fold_conv_bn, fold_conv_bn_weights
 
 aten = torch.ops.aten

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from memfit.errors import PassError
-from memfit.passes.base import Diagnostic, Pass, PassResult
-from memfit.passes.regions import module_regions, outline_region
-from memfit.passes.registry import register_pass
+from memfit.passes.infra.base import Diagnostic, Pass, PassResult
+from memfit.passes.infra.regions import module_regions, outline_region
+from memfit.passes.infra.registry import register_pass
 
 
 @register_pass

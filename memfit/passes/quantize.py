@@ -29,8 +29,8 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from memfit.errors import PassError
-from memfit.passes.base import Diagnostic, Pass, PassContext, PassResult, Promise
-from memfit.passes.registry import register_pass
+from memfit.passes.infra.base import Diagnostic, Pass, PassContext, PassResult, Promise
+from memfit.passes.infra.registry import register_pass
 from memfit.runtime.quantized_save import (QuantConfig, QuantizedSaves, QuantState, StepScope,
                                            quantized_nbytes, share_key, skip_reason, storage_key)
 

@@ -34,8 +34,8 @@ import torch
 import torch.fx
 
 from memfit.errors import PassError
-from memfit.passes.base import Diagnostic, Pass, PassContext, PassResult, Promise
-from memfit.passes.registry import register_pass
+from memfit.passes.infra.base import Diagnostic, Pass, PassContext, PassResult, Promise
+from memfit.passes.infra.registry import register_pass
 from memfit.runtime.reversible import Coupling, ReconstructionReport, reversible_stack
 
 _COMPUTE = ("call_function", "call_method", "call_module")
@@ -89,7 +89,7 @@ def find_blocks(gm: torch.fx.GraphModule, pattern: str = "") -> "OrderedDict[str
         pattern = _auto_pattern([q for q in map(node_path, nodes) if q]) or ""  # best candidate only
         if not pattern:
             return OrderedDict()
-    from memfit.passes.regions import group_by_pattern
+    from memfit.passes.infra.regions import group_by_pattern
     return group_by_pattern(nodes, pattern, node_path)
 
 
@@ -135,7 +135,7 @@ def _has_rng(gm, nodes) -> bool:
 
 
 def _convex(nodes, order) -> bool:
-    from memfit.passes.regions import convexity_violation
+    from memfit.passes.infra.regions import convexity_violation
     return convexity_violation(nodes, order) is None
 
 
@@ -537,7 +537,7 @@ def make_reversible(model: torch.nn.Module, example_inputs=(), example_kwargs=No
     """Capture `model` and run the reversible pass on it; returns a new module sharing the
     model's parameters (the model itself is not modified). `options`: fields of Reversible.
     The result's `.result` holds the pass's stats and diagnostics."""
-    from memfit.capture import capture
+    from memfit.ir.capture import capture
 
     pass_ = Reversible(blocks=blocks, mode=mode, **options)
     cap = capture(model, example_inputs, example_kwargs, method=capture_method, dynamic=dynamic)

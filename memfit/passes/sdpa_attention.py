@@ -44,8 +44,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from memfit.passes.base import EXACT, Diagnostic, Pass, PassContext, PassResult, Promise
-from memfit.passes.registry import register_pass
+from memfit.passes.infra.base import EXACT, Diagnostic, Pass, PassContext, PassResult, Promise
+from memfit.passes.infra.registry import register_pass
 from memfit.runtime.attention import sdpa_with_dropout_module
 
 aten = torch.ops.aten

@@ -1,17 +1,18 @@
-"""Budget solvers: pure functions over plain lists of bytes and seconds (no torch).
+"""Planning: what to keep, recompute or quantize so one training step fits a budget.
 
-- `chain`: a chain of segments (units in forward order); recompute spans of consecutive
-  units (rotor/Rockmate-style dynamic program over a simple, conservative peak model).
-- `knapsack`: independent regions of a general graph, each recomputed or kept.
+- `solvers/`: pure functions over plain lists of bytes and seconds (no torch): the chain DP,
+  the knapsack, the Pareto frontier and the one budget search (`first_fit`).
+- `checkpoint`: recompute units of a captured graph, their pricing and the CheckpointPlanner.
+- `quantize`: which saved tensors to quantize (eligibility, pricing and ranking shared by the
+  eager path and the torch.compile backend).
+- `strategy`: the planner `memfit.optimize` calls: recompute first, quantized saves only
+  where recompute alone cannot meet the budget.
 
-Both return the Pareto frontier of plans (extra time ascending, predicted peak
-descending) and pick from it with `pick`, so a lower budget never gives a higher
-predicted peak (the frontier does not depend on the budget).
+Importing this package imports only the pure solvers.
 """
 
-from memfit.planning.chain import ChainPlan, chain_frontier, chain_peak, solve_chain
-from memfit.planning.knapsack import KnapsackPlan, knapsack_frontier, knapsack_peak, solve_knapsack
-from memfit.planning.frontier import pareto, pick
+from memfit.planning.solvers import (ChainPlan, KnapsackPlan, chain_frontier, chain_peak, knapsack_frontier,
+                                     knapsack_peak, pareto, pick, solve_chain, solve_knapsack)
 
 __all__ = ["ChainPlan", "chain_frontier", "chain_peak", "solve_chain", "KnapsackPlan",
            "knapsack_frontier", "knapsack_peak", "solve_knapsack", "pareto", "pick"]

@@ -11,7 +11,7 @@ from torch import nn
 from torch._dynamo.backends.common import aot_autograd
 from torch._inductor.decomposition import select_decomp_table
 
-import memfit.backend as mb
+import memfit.compile as mb
 
 warnings.filterwarnings("ignore")
 torch.manual_seed(0)

@@ -9,7 +9,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from memfit.capture import capture  # noqa: E402
+from memfit.ir.capture import capture  # noqa: E402
 from memfit.errors import BudgetError  # noqa: E402
 from memfit.passes.checkpoint import plan_checkpoint  # noqa: E402
 

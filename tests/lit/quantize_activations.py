@@ -4,7 +4,7 @@
 # their head count; skipped saves are diagnostics.
 import torch
 
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.passes import PassContext, PassManager
 from memfit.testing import run
 from tests.models import MLP, Block

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from memfit.passes.printer import format_graph  # noqa: E402
+from memfit.passes.infra.printer import format_graph  # noqa: E402
 from memfit.passes.reversible import make_reversible  # noqa: E402
 from tests.models import BlockStack as Stack, ConvNet  # noqa: E402
 

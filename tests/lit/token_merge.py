@@ -5,7 +5,7 @@ import re
 
 import torch
 
-from memfit.capture import capture
+from memfit.ir.capture import capture
 from memfit.errors import PassError
 from memfit.passes import PassContext, PassManager
 from tests.tome_vit import SmallViT

@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 import memfit  # noqa: E402
-import memfit.backend as mb  # noqa: E402
+import memfit.compile as mb  # noqa: E402
 from memfit.budget import format_bytes  # noqa: E402
 from tests.models import Block  # noqa: E402
 

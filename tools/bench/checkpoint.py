@@ -30,9 +30,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from memfit.budget import format_bytes  # noqa: E402
-from memfit.capture import capture  # noqa: E402
+from memfit.ir.capture import capture  # noqa: E402
 from memfit.errors import BudgetError  # noqa: E402
-from memfit.measure import measure  # noqa: E402
+from memfit.cost_models.measure import measure  # noqa: E402
 from memfit.passes.checkpoint import CheckpointPlanner, GraphModel  # noqa: E402
 
 

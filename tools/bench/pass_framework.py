@@ -28,9 +28,9 @@ def _load(path, name):
 
 
 def main() -> None:
-    from memfit.capture import capture
-    from memfit.cli_util import load_factory
-    from memfit.measure import measure
+    from memfit.ir.capture import capture
+    from memfit.cli.util import load_factory
+    from memfit.cost_models.measure import measure
     from memfit.passes import PassContext, PassManager
 
     import logging

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from memfit.api import plan_captured  # noqa: E402
-from memfit.capture import capture  # noqa: E402
+from memfit.ir.capture import capture  # noqa: E402
 
 
 def hf_gpt2_small():

@@ -23,7 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from memfit.capture import capture  # noqa: E402
+from memfit.ir.capture import capture  # noqa: E402
 from memfit.passes import PassContext  # noqa: E402
 from memfit.passes.quantize import QuantizeActivations  # noqa: E402
 

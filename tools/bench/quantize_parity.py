@@ -83,7 +83,7 @@ def train(bits: int | None, steps: int = 150, seed: int = 0, batch: int = 16, bl
 
     Returns {"train": [loss per step], "eval": [(step, held-out loss)], "seconds": wall}.
     """
-    from memfit.capture import capture
+    from memfit.ir.capture import capture
     from memfit.passes import PassContext
     from memfit.passes.quantize import QuantizeActivations
 

@@ -32,8 +32,8 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 from memfit.budget import format_bytes as fb  # noqa: E402
-from memfit.measure import measure  # noqa: E402
-from memfit.capture import capture  # noqa: E402
+from memfit.cost_models.measure import measure  # noqa: E402
+from memfit.ir.capture import capture  # noqa: E402
 from memfit.passes import PassContext  # noqa: E402
 from memfit.passes.reversible import Reversible, ReversibleModel, make_reversible  # noqa: E402
 from memfit.runtime.reversible import ReconstructionWarning  # noqa: E402

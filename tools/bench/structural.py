@@ -28,9 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from examples import gpt2_like, resnet_like  # noqa: E402
 from memfit.budget import format_bytes as fb  # noqa: E402
-from memfit.capture import capture  # noqa: E402
+from memfit.ir.capture import capture  # noqa: E402
 from memfit.cost_models.memory import analyze_step  # noqa: E402
-from memfit.measure import measure  # noqa: E402
+from memfit.cost_models.measure import measure  # noqa: E402
 from memfit.passes import PassContext, PassManager  # noqa: E402
 
 

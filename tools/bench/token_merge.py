@@ -28,8 +28,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from memfit.measure import measure
-from memfit.passes.token_merge import apply_token_merging, model_tokens_per_layer
+from memfit.cost_models.measure import measure
+from memfit.rewrites.token_merge import apply_token_merging, model_tokens_per_layer
 from tests.tome_vit import SmallViT
 
 

@@ -123,7 +123,7 @@ def _bytes(n: float) -> str:
 
 def format_node(node: torch.fx.Node, *, saved: bool = True, module: bool = True) -> str:
     """One line for `node` (without indentation)."""
-    from memfit.passes.regions import module_path
+    from memfit.passes.infra.regions import module_path
 
     if node.op == "output":
         return "return " + _arg(node.args[0])

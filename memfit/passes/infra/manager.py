@@ -37,8 +37,8 @@ import torch
 import torch.fx
 
 from memfit.errors import PassError
-from memfit.passes.base import Pass, PassContext, PassResult, Promise
-from memfit.passes.registry import as_passes
+from memfit.passes.infra.base import Pass, PassContext, PassResult, Promise
+from memfit.passes.infra.registry import as_passes
 
 log = logging.getLogger(__name__)
 

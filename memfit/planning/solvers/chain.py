@@ -40,7 +40,7 @@ from typing import Sequence
 
 import numpy as np
 
-from memfit.planning.frontier import pareto, pick
+from memfit.planning.solvers.frontier import pareto, pick
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dataclasses import is_dataclass
 from importlib.metadata import entry_points
 
 from memfit.errors import PassError
-from memfit.passes.base import EXACT, Pass, Promise, function_pass
+from memfit.passes.infra.base import EXACT, Pass, Promise, function_pass
 
 ENTRY_POINT_GROUP = "memfit.passes"
 
@@ -28,7 +28,7 @@ _BUILTIN.update({
     "sdpa-attention": "memfit.passes.sdpa_attention:SDPAAttention",
     "quantize-activations": "memfit.passes.quantize:QuantizeActivations",
     "reversible": "memfit.passes.reversible:Reversible",
-    "token-merge": "memfit.passes.token_merge:TokenMerge",
+    "token-merge": "memfit.rewrites.token_merge:TokenMerge",
 })
 
 _REGISTRY: dict[str, type[Pass]] = {}

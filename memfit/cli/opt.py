@@ -1,11 +1,11 @@
-"""`memfit opt` and `memfit passes` (added to the `memfit` command by memfit/cli.py).
+"""`memfit opt` and `memfit passes`.
 
     memfit opt FILE.py:FACTORY --passes "a,b{x=1}" [--print-after-all] [--verify]
                [--input DTYPE[SHAPE]] [-D KEY=VALUE] [--load MODULE_OR_FILE]
     memfit passes [--load MODULE_OR_FILE]
 
 `opt` captures the model, runs the pipeline and prints the rewritten graph in the text form
-of memfit.passes.printer, then `//` comment lines: the pipeline, the rewrite counts, the
+of memfit.passes.infra.printer, then `//` comment lines: the pipeline, the rewrite counts, the
 diagnostics, and the predicted step peak and saved activations before and after.
 `passes` lists every registered pass (built-in, entry points, `--load`ed) with its promise,
 its one-line doc and its options.
@@ -20,10 +20,10 @@ import os
 
 def add_subcommands(sub) -> None:
     """Add `opt` and `passes` to the `memfit` argument subparsers."""
-    from memfit.cli import _add_model_args
+    from memfit.cli.util import add_model_args
 
     o = sub.add_parser("opt", help="run a pass pipeline on a model and print the rewritten graph")
-    _add_model_args(o)
+    add_model_args(o)
     o.add_argument("--passes", default="", metavar="PIPELINE",
                    help='pass pipeline, e.g. "checkpoint-blocks{pattern=blocks.*},other"')
     o.add_argument("--print-after-all", action="store_true", help="print the graph after every pass")
@@ -46,7 +46,7 @@ def add_subcommands(sub) -> None:
 
 def load_pass_modules(specs) -> None:
     """Import each module name or .py file (their import registers passes)."""
-    from memfit.cli_util import UsageError, import_file
+    from memfit.cli.util import UsageError, import_file
 
     for spec in specs or ():
         if spec.endswith(".py") or os.sep in spec:
@@ -60,12 +60,11 @@ def load_pass_modules(specs) -> None:
 
 def cmd_opt(args) -> int:
     from memfit.budget import format_bytes
-    from memfit.capture import capture
-    from memfit.cli import _optimizer
-    from memfit.cli_util import Progress, load_factory, parse_kv
+    from memfit.ir.capture import capture
+    from memfit.cli.util import Progress, load_factory, optimizer_arg, parse_kv
     from memfit.cost_models.memory import analyze_step
     from memfit.passes import PassContext, PassManager, format_pipeline, parse_pipeline
-    from memfit.passes.printer import format_graph
+    from memfit.passes.infra.printer import format_graph
 
     load_pass_modules(args.load)
     progress = Progress(not args.quiet)
@@ -74,7 +73,7 @@ def cmd_opt(args) -> int:
     # Parse after loading: the model file may register the passes it uses.
     pipeline = parse_pipeline(args.passes)
     name = type(model).__name__
-    opt = _optimizer(args.optimizer)
+    opt = optimizer_arg(args.optimizer)
     with progress.stage(f"capturing {name}"):
         cap = capture(model, inputs, kwargs, dynamic=args.dynamic)
 

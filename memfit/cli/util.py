@@ -155,3 +155,21 @@ class Progress:
         if self.enabled:
             self.stream.write(f" {time.perf_counter() - t0:.1f} s\n")
             self.stream.flush()
+
+
+def add_model_args(p) -> None:
+    """The arguments every model command takes: the factory, inputs, factory options, optimizer."""
+    p.add_argument("model", help="FILE.py:FACTORY (the factory returns model, example_inputs)")
+    p.add_argument("--input", action="append", metavar="DTYPE[SHAPE]",
+                   help="example input, e.g. float32[8,3,224,224]; repeat for several")
+    p.add_argument("-D", dest="factory_args", action="append", metavar="KEY=VALUE",
+                   help="keyword argument for the factory, e.g. -D batch_size=4")
+    p.add_argument("--optimizer", default="adamw",
+                   help="sgd, sgd-momentum, adam, adamw or none (default adamw)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def optimizer_arg(name: str):
+    """--optimizer NAME as memfit takes it: None for 'none'."""
+    return None if name.lower() == "none" else name

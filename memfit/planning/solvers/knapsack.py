@@ -2,7 +2,7 @@
 
 Region r saves `saved[r]` bytes of activations when recomputed, keeps `boundary[r]`
 bytes (its inputs) instead, and costs `time[r]` seconds more. Peak model (bytes), as for
-the chain (see memfit.planning.chain):
+the chain (see memfit.planning.solvers.chain):
 
     peak = max(floor, fixed + sum(saved of kept regions) + sum(boundary of recomputed)
                             + max(saved of recomputed regions))
@@ -21,8 +21,8 @@ from typing import Sequence
 
 import numpy as np
 
-from memfit.planning.chain import _useful_cells
-from memfit.planning.frontier import pareto, pick
+from memfit.planning.solvers.chain import _useful_cells
+from memfit.planning.solvers.frontier import pareto, pick
 
 
 @dataclass(frozen=True)

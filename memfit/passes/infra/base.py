@@ -1,7 +1,7 @@
 """The pass API: Pass, PassResult, PassContext, Diagnostic, Promise.
 
 A pass is a frozen dataclass with a class-level `name` and typed option fields; its text form
-`name{opt=val,...}` round-trips (`Pass.to_text`, `memfit.passes.registry.parse_pipeline`), so
+`name{opt=val,...}` round-trips (`Pass.to_text`, `memfit.passes.infra.registry.parse_pipeline`), so
 the CLI, tests and the registry share one spelling (the xDSL convention).
 
 A pass rewrites the captured GraphModule (`memfit.capture.Captured.gm`: flat placeholders, a

@@ -1,0 +1,67 @@
+"""`memfit plan`: predict the memory of one training step; over budget, show what
+`memfit.optimize` would decide."""
+
+from __future__ import annotations
+
+import sys
+
+
+def add_subcommand(sub) -> None:
+    from memfit.cli.util import add_model_args
+
+    p = sub.add_parser("plan", help="predict the memory of one training step")
+    add_model_args(p)
+    p.add_argument("--budget", help="bytes, e.g. 6GiB, 800MB, or a percentage such as 50%%")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.add_argument("--plot", metavar="PNG", help="write the memory timeline, stacked by category")
+    p.add_argument("--depth", type=int, default=2, help="module depth of the table (default 2)")
+    p.add_argument("--static", action="store_true",
+                   help="static shapes: faster, but no batch-size expression or largest batch")
+    p.add_argument("--techniques", default=None,
+                   help="comma-separated techniques the planner may use when over budget "
+                        "(checkpoint,quantize,fuse_conv_bn,sdpa,reversible,token_merge)")
+    p.add_argument("--no-optimize", action="store_true",
+                   help="over budget: only report, do not plan passes")
+    p.set_defaults(func=cmd_plan)
+
+
+def cmd_plan(args) -> int:
+    from memfit.api import optimize, plan_captured
+    from memfit.budget import Budget
+    from memfit.ir.capture import capture
+    from memfit.cli.util import Progress, factory_loss_fn, load_factory, optimizer_arg, parse_kv
+
+    budget = Budget.parse(args.budget) if args.budget is not None else None
+    if args.plot:
+        _require_matplotlib()
+    progress = Progress(not args.quiet)
+    with progress.stage(f"loading {args.model}"):
+        model, inputs, kwargs = load_factory(args.model, args.input, parse_kv(args.factory_args))
+        loss_fn = factory_loss_fn(args.model)
+    opt = optimizer_arg(args.optimizer)
+    with progress.stage(f"capturing {type(model).__name__}"):
+        cap = capture(model, inputs, kwargs, dynamic=not args.static)
+    with progress.stage("simulating one training step on fake tensors"):
+        p = plan_captured(cap, budget, optimizer=opt, loss_fn=loss_fn, symbolic=not args.static)
+    if p.fits is False and not args.no_optimize:
+        # Over budget: show what optimize() would do (the same planner and decisions).
+        with progress.stage(f"planning passes to fit {args.budget} (techniques: {args.techniques or 'default'})"):
+            p = optimize(model, args.budget, example_inputs=inputs, example_kwargs=kwargs, optimizer=opt,
+                         loss_fn=loss_fn, techniques=args.techniques).memfit_plan
+    if args.json:
+        print(p.to_json(indent=2))
+    else:
+        print(p.format_table(depth=args.depth))
+    if args.plot:
+        from memfit.cli.plotting import plot_timeline
+        plot_timeline(p, args.plot)
+        print(f"timeline written to {args.plot}", file=sys.stderr)
+    return 0
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        from memfit.cli.util import UsageError
+        raise UsageError("--plot needs matplotlib: pip install 'memfit[plot]'") from e
