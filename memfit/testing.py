@@ -54,19 +54,15 @@ def opt_text(model, example_inputs, passes="", *, method: str = "auto", analysis
     followed by `// stats:` and one `// <diagnostic>` line each (the `memfit opt` layout)."""
     import torch
 
-    from memfit.ir.capture import capture
-    from memfit.passes import PassContext, PassManager
+    from memfit.passes.infra.pipeline import run_pipeline
     from memfit.passes.infra.printer import format_graph
 
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    cap = capture(model, tuple(example_inputs), method=method, dynamic=False)
-    res = PassManager(passes, verify=verify).run(cap.gm, PassContext(captured=cap, config={"model": model}))
+    cap, res = run_pipeline(model, tuple(example_inputs), None, passes, method=method, verify=verify)
     if analysis:
-        import dataclasses
-
         from memfit.cost_models.memory import analyze_step
-        analyze_step(dataclasses.replace(cap, gm=res.gm), symbolic=False)
+        analyze_step(cap, symbolic=False)
     lines = [format_graph(res.gm, name=name or type(model).__name__, saved=analysis)]
     stats = ", ".join(f"{k}={v}" for k, v in sorted(res.stats.items()))
     lines.append(f"// stats: {stats or '(none)'}")
@@ -80,13 +76,11 @@ def show_calls(model, example_inputs, passes="", method: str = "auto") -> None:
     line each: a compact listing for CHECK lines about which calls a pass put in."""
     import torch
 
-    from memfit.ir.capture import capture
-    from memfit.passes import PassContext, PassManager
+    from memfit.passes.infra.pipeline import run_pipeline
 
     if not isinstance(example_inputs, tuple):
         example_inputs = (example_inputs,)
-    cap = capture(model, example_inputs, method=method, dynamic=False)
-    res = PassManager(passes).run(cap.gm, PassContext(captured=cap))
+    _, res = run_pipeline(model, example_inputs, None, passes, method=method)
 
     def fmt(a):
         return f"%{a.name}" if isinstance(a, torch.fx.Node) else repr(a)

@@ -180,7 +180,7 @@ def test_structural_pass_hook_runs_registered_and_skips_missing():
     seen = []
 
     def count_linears(gm, ctx):
-        seen.append(ctx.config.get("frontend"))
+        seen.append(ctx.frontend)
         n = sum(1 for node in gm.graph.nodes if "linear" in str(node.target))
         return PassResult(gm, modified=False, stats={"linears": n})
 

@@ -1,4 +1,4 @@
-"""Quantized saved tensors in the torch.compile backend (memfit/partition_quant.py,
+"""Quantized saved tensors in the torch.compile backend (memfit/compile/quantized_saves.py,
 memfit/kernels/ops.py, MemfitPartitioner's quantize option)."""
 
 import warnings
@@ -10,6 +10,7 @@ from torch import nn
 
 import memfit.compile as mb
 import memfit.compile.quantized_saves as pq
+import memfit.cost_models.roofline as roofline
 from memfit.kernels import ops, reference
 from tests.models import Block
 from tests.test_backend import _grads, _rel
@@ -273,9 +274,9 @@ def test_roofline_node_time():
         mm.meta["val"] = av @ bv
         v.meta["val"] = mm.meta["val"].view(-1)
         r.meta["val"] = torch.relu(v.meta["val"])
-    assert pq.node_time_s(mm, 1.0, 1e30) == 2 * 64 * 32 * 16
-    assert pq.node_time_s(v, 1.0, 1.0) == 0.0
-    assert pq.node_time_s(r, 1e30, 1.0) == 2 * 64 * 16 * 4
+    assert roofline.node_time_s(mm, 1.0, 1e30) == 2 * 64 * 32 * 16
+    assert roofline.node_time_s(v, 1.0, 1.0) == 0.0
+    assert roofline.node_time_s(r, 1e30, 1.0) == 2 * 64 * 16 * 4
 
 
 def test_dynamic_shapes(blocks, reference_grads):

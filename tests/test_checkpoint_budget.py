@@ -6,7 +6,8 @@ import torch
 from memfit.ir.capture import capture
 from memfit.errors import BudgetError
 from memfit.cost_models.measure import measure
-from memfit.passes.checkpoint import CheckpointPlanner, GraphModel, plan_checkpoint
+from memfit.ir.module import OptimizedModule
+from memfit.passes.checkpoint import CheckpointPlanner, plan_checkpoint
 from tests.test_checkpoint import Stack
 
 
@@ -25,7 +26,7 @@ def test_budget_sweep_monotone_and_measured_within_budget():
             failed_at = failed_at or pct
             continue
         assert failed_at is None, f"{pct}% planned although {failed_at}% could not be"
-        m = measure(GraphModel(cap, p.gm), example_inputs=inputs)
+        m = measure(OptimizedModule(model, cap, p.gm), example_inputs=inputs)
         rows.append((pct, p.budget_bytes, p.peak_bytes, m.peak_bytes, len(p.spans), p.extra_time_s))
     assert failed_at is not None, "some budget in the sweep should be under the floor"
     assert len(rows) >= 4, rows

@@ -7,7 +7,8 @@ import torch
 
 from memfit.ir.capture import capture
 from memfit.cost_models.memory import analyze_step
-from memfit.passes.checkpoint import GraphModel, apply_spans, call_nodes, discover_runs, price_units
+from memfit.ir.module import OptimizedModule
+from memfit.passes.checkpoint import apply_spans, call_nodes, discover_runs, price_units
 
 
 def _build(name):
@@ -44,7 +45,7 @@ def test_all_units_recomputed_exact(name):
     spans = tuple((k, k + 1) for k in range(len(units)))
     new, made = apply_spans(cap.gm, units, spans)
     assert len(made) == len(units)
-    wrapped = GraphModel(cap, new)
+    wrapped = OptimizedModule(model, cap, new)
     params = list(model.parameters())
     torch.manual_seed(3)
     l_ref = loss_fn(ref(*inputs))

@@ -1,5 +1,5 @@
 """memfit.optimize quantizes only the shortest ranked prefix of saved tensors that meets the
-budget (memfit/quant_select.py): fewer tensors than all, budget met when predicted and
+budget (memfit/planning/quantize.py): fewer tensors than all, budget met when predicted and
 measured, minimal prefix, gradients close to the unmodified model's."""
 
 import dataclasses
@@ -13,7 +13,8 @@ import memfit
 from memfit.ir.capture import capture
 from memfit.cost_models.memory import analyze_step
 from memfit.passes import PassContext, PassManager
-from memfit.passes.checkpoint import CheckpointPlanner, _copy_graph_module, apply_spans
+from memfit.ir.fx_utils import copy_graph_module
+from memfit.passes.checkpoint import CheckpointPlanner, apply_spans
 from memfit.passes.quantize import QuantizeActivations, price_candidates
 from memfit.planning.quantize import rank_nodes, select_quantized, shortest_prefix
 
@@ -39,7 +40,7 @@ def setup():
     model, inputs = _model()
     cap = capture(model, inputs, None, dynamic=False)
     base = analyze_step(cap, optimizer=OPT, loss_fn=gpt.loss_fn, symbolic=False).peak_bytes
-    q_all, res = _quantized_peak(cap, _copy_graph_module(cap.gm))
+    q_all, res = _quantized_peak(cap, copy_graph_module(cap.gm))
     assert q_all < base
     eligible = res.stats["quantize-activations.tensors"]
     return model, inputs, cap, base, q_all, eligible, (base + q_all) // 2
@@ -90,16 +91,16 @@ def test_chosen_prefix_is_minimal(setup):
     def pass_ctx(g):
         return PassContext(captured=dataclasses.replace(cap, gm=g), optimizer=OPT, loss_fn=gpt.loss_fn)
 
-    ch = select_quantized(QuantizeActivations(), lambda: _copy_graph_module(cap.gm), budget, base, cap, pass_ctx,
+    ch = select_quantized(QuantizeActivations(), lambda: copy_graph_module(cap.gm), budget, base, cap, pass_ctx,
                           OPT, gpt.loss_fn)
     assert ch.fits and ch.minimal and ch.simulations <= 6
     assert ch.peak <= budget and 1 <= len(ch.nodes) < ch.eligible_nodes
     order = rank_nodes(price_candidates(cap.gm, pass_ctx(cap.gm), QuantizeActivations().config()))
     assert list(ch.nodes) == order[:len(ch.nodes)]
     # re-running the pass: the chosen set fits, one fewer does not
-    assert _quantized_peak(cap, _copy_graph_module(cap.gm), ch.nodes)[0] <= budget
+    assert _quantized_peak(cap, copy_graph_module(cap.gm), ch.nodes)[0] <= budget
     if len(ch.nodes) > 1:
-        assert _quantized_peak(cap, _copy_graph_module(cap.gm), ch.nodes[:-1])[0] > budget
+        assert _quantized_peak(cap, copy_graph_module(cap.gm), ch.nodes[:-1])[0] > budget
 
 
 def test_all_quantized_over_budget_reports_no_fit(setup):
@@ -108,7 +109,7 @@ def test_all_quantized_over_budget_reports_no_fit(setup):
     def pass_ctx(g):
         return PassContext(captured=dataclasses.replace(cap, gm=g), optimizer=OPT, loss_fn=gpt.loss_fn)
 
-    ch = select_quantized(QuantizeActivations(), lambda: _copy_graph_module(cap.gm), q_all - 1, base, cap,
+    ch = select_quantized(QuantizeActivations(), lambda: copy_graph_module(cap.gm), q_all - 1, base, cap,
                           pass_ctx, OPT, gpt.loss_fn)
     assert not ch.fits and ch.peak == q_all and ch.simulations == 1 and ch.gm is None
 
@@ -120,7 +121,6 @@ def test_selection_on_a_checkpointed_graph_gets_a_fresh_graph_per_trial():
     planner = CheckpointPlanner(cap, optimizer=OPT, loss_fn=gpt.loss_fn)
     spans = next(p.spans for p in planner.frontier if p.spans)
     ck_peak, ckgm = planner.simulate(spans)
-    planner._sim.pop(spans, None)  # noqa: SLF001 - quantized in place below
     made = []
 
     def fresh():

@@ -236,8 +236,8 @@ def test_verify_without_inputs_is_a_clear_error():
     cap = capture(MLP(), (torch.randn(2, 64),))
     with pytest.raises(PassError, match="verify mode needs example inputs"):
         PassManager([Identity()], verify=True).run(cap.gm, PassContext())
-    # config['verify_inputs'] works without a Captured
-    PassManager([Identity()], verify=True).run(cap.gm, PassContext(config={"verify_inputs": [torch.randn(2, 64)]}))
+    # explicit inputs work without a Captured
+    PassManager([Identity()], verify=True).run(cap.gm, PassContext(inputs=[torch.randn(2, 64)]))
 
 
 def test_non_tensor_nodes_need_no_metadata():

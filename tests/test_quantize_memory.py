@@ -7,6 +7,7 @@ import torch
 
 import memfit
 from memfit.ir.capture import capture
+from memfit.ir.module import OptimizedModule
 from memfit.cost_models.memory import analyze_step
 from memfit.passes import PassContext
 from memfit.passes.quantize import QuantizeActivations
@@ -21,18 +22,6 @@ SIZES = {
 LIMIT = {torch.float32: 0.30, torch.bfloat16: 0.55}
 
 
-class _Run(torch.nn.Module):
-    """The captured graph as a module taking the model's inputs and returning its output."""
-
-    def __init__(self, cap):
-        super().__init__()
-        self.gm = cap.gm
-        self.cap = cap
-
-    def forward(self, *args):
-        return self.cap.unflatten_output(self.gm(*self.cap.flat_inputs(args, {})))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("name", sorted(SIZES))
 def test_saved_bytes_ratio_and_prediction(name, dtype):
@@ -42,11 +31,11 @@ def test_saved_bytes_ratio_and_prediction(name, dtype):
     model = model.to(dtype)
     inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
     cap = capture(model, inputs, dynamic=False)
-    base = memfit.measure(_Run(cap), example_inputs=inputs, loss_fn=mod.loss_fn)
+    base = memfit.measure(OptimizedModule(model, cap), example_inputs=inputs, loss_fn=mod.loss_fn)
     res = QuantizeActivations().run(cap.gm, PassContext(captured=cap))
     assert res.stats["headwise_tensors"] > 0
     cap.gm = res.gm
-    meas = memfit.measure(_Run(cap), example_inputs=inputs, loss_fn=mod.loss_fn)
+    meas = memfit.measure(OptimizedModule(model, cap), example_inputs=inputs, loss_fn=mod.loss_fn)
     pred = analyze_step(cap, loss_fn=mod.loss_fn, symbolic=False).totals["saved_activations"]
     ratio = meas.saved_activations / base.saved_activations
     assert ratio <= LIMIT[dtype], (name, dtype, base.saved_activations, meas.saved_activations)

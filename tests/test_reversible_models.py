@@ -6,8 +6,9 @@ import torch
 from torch import nn
 
 from memfit.cost_models.measure import measure
-from memfit.passes.reversible import make_reversible
+from memfit.passes.reversible import make_reversible, stacks
 from tests.models import BlockStack
+from tests.test_reversible import grad_pair
 
 
 def Stack(n=4):  # noqa: N802 - reads like the model class it builds
@@ -57,9 +58,9 @@ def test_meft_gpt2_start_point_and_gradients():
     with torch.no_grad():
         ref = g(input_ids=ids).logits
     rev = make_reversible(g, (ids,), mode="meft", lam=0.1, dynamic=False)
-    assert rev.result.stats["blocks_converted"] == 3
+    assert rev.pass_result.stats["blocks_converted"] == 3
     assert list(rev.state_dict()) == list(g.state_dict())
-    (stack,) = rev.stacks
+    (stack,) = stacks(rev)
     diffs = {}
     for lam in (0.1, 0.01):
         stack.set_scaling(lam=lam)
@@ -70,13 +71,8 @@ def test_meft_gpt2_start_point_and_gradients():
     assert 5 < diffs[0.1] / diffs[0.01] < 20
     # Gradients through reconstruction against the same couplings with stored activations.
     stack.set_scaling(lam=0.1)
-    out = []
-    for rc in (False, True):
-        rev.set_recompute(rc)
-        g.zero_grad(set_to_none=True)
-        rev(ids).logits.square().mean().backward()
-        out.append([p.grad.clone() for p in g.parameters()])
-    assert max(rel(a, b) for a, b in zip(out[1], out[0])) < 1e-4
+    ref_g, got = grad_pair(rev, g, (ids,), loss=lambda out: out.logits.square().mean())
+    assert max(rel(a, b) for a, b in zip(got, ref_g)) < 1e-4
 
 
 def test_pairs_gpt2_like_with_dropout_gradients_match_stored():
@@ -87,17 +83,11 @@ def test_pairs_gpt2_like_with_dropout_gradients_match_stored():
     torch.manual_seed(0)
     model, inputs = make(batch_size=2, seq_len=16, layers=4, d=32, heads=2, vocab=64, dropout=0.1)
     rev = make_reversible(model, inputs, dynamic=False)
-    assert rev.result.stats == {"stacks": 1, "blocks_converted": 4, "blocks_skipped": 0, "couplings": 2}
-    assert rev.stacks[0].preserve_rng
+    assert rev.pass_result.stats == {"stacks": 1, "blocks_converted": 4, "blocks_skipped": 0, "couplings": 2}
+    assert stacks(rev)[0].preserve_rng
     assert list(rev.state_dict()) == list(model.state_dict())
-    out = []
-    for rc in (False, True):
-        rev.set_recompute(rc)
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(5)
-        loss_fn(rev(*inputs)).backward()
-        out.append([p.grad.clone() for p in model.parameters()])
-    assert max(rel(a, b) for a, b in zip(out[1], out[0])) < 1e-4
+    ref, got = grad_pair(rev, model, inputs, loss=loss_fn)
+    assert max(rel(a, b) for a, b in zip(got, ref)) < 1e-4
 
 
 def test_saved_activation_bytes_flat_in_depth():
@@ -140,14 +130,9 @@ def test_resnet_like_auto_detects_blocks_inside_stages():
     torch.manual_seed(0)
     model, inputs = make(batch_size=2, image_size=32, width=8, freeze_bn=True)
     rev = make_reversible(model, inputs)
-    assert rev.result.stats == {"stacks": 1, "blocks_converted": 2, "blocks_skipped": 6, "couplings": 1}
-    assert rev.stacks[0].names == ["stages.0.0", "stages.0.1"]
-    msgs = [d.message for d in rev.result.diagnostics]
+    assert rev.pass_result.stats == {"stacks": 1, "blocks_converted": 2, "blocks_skipped": 6, "couplings": 1}
+    assert stacks(rev)[0].names == ["stages.0.0", "stages.0.1"]
+    msgs = [d.message for d in rev.pass_result.diagnostics]
     assert sum("changes the shape" in m for m in msgs) == 3
-    out = []
-    for rc in (False, True):
-        rev.set_recompute(rc)
-        model.zero_grad(set_to_none=True)
-        rev(*inputs).square().mean().backward()
-        out.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
-    assert max(rel(a, b) for a, b in zip(out[1], out[0])) < 1e-4
+    ref, got = grad_pair(rev, model, inputs)
+    assert max(rel(a, b) for a, b in zip(got, ref)) < 1e-4

@@ -7,6 +7,7 @@ from torch import nn
 
 from memfit.errors import PassError
 from memfit.passes import PassContext, PassManager, parse_pipeline
+from memfit.passes.infra.pipeline import run_pipeline
 from memfit.rewrites.token_merge import (TokenMerge, apply_token_merging, find_blocks, model_tokens_per_layer,
                                        token_merge_pass_info)
 from memfit.runtime.token_merge import (attention_bias, bipartite_soft_matching, merge_wavg, merged_r,
@@ -323,42 +324,34 @@ def test_token_merge_pass_on_captured_vit():
 
     m = SmallViT()
     x = torch.randn(2, 3, 32, 32)
-    cap = capture(m, (x,), method="symbolic_trace")
-    ctx = PassContext(captured=cap, config={"model": m})
-    res = PassManager("token-merge{r=8}").run(cap.gm, ctx)
+    cap, res = run_pipeline(m, (x,), None, "token-merge{r=8}", method="symbolic_trace")
     assert res.stats == {"token-merge.blocks_patched": 4, "token-merge.tokens_merged": 32}
     assert token_merge_pass_info(res.gm)["tokens_per_layer"] == [65, 57, 49, 41, 33]
     n_merge = sum(1 for n in res.gm.graph.nodes if n.op == "call_function" and n.target is
                   __import__("memfit.runtime.token_merge", fromlist=["x"]).token_merge_step)
     assert n_merge == 4
     torch.testing.assert_close(res.gm(x)[0], apply_token_merging(m, 8)(x), rtol=1e-6, atol=1e-6)
-    assert ctx.captured.gm is res.gm
-    # r = 0: graph untouched; other passes first: refused; no model: refused
-    cap0 = capture(m, (x,), method="symbolic_trace")
-    res0 = TokenMerge(r=0).run(cap0.gm, PassContext(captured=cap0, config={"model": m}))
-    assert res0.gm is cap0.gm and not res0.modified
+    assert cap.gm is res.gm
+    # r = 0: model untouched; on a captured graph: refused (a source rewrite runs before capture)
+    res0 = TokenMerge(r=0).apply(m, (x,))
+    assert res0.model is m and not res0.modified
     with pytest.raises(PassError, match="source module"):
-        TokenMerge().run(cap.gm, PassContext(captured=cap))
+        TokenMerge().run(cap.gm, PassContext(captured=capture(m, (x,), method="symbolic_trace")))
 
 
-def test_passes_run_before_are_replayed_on_the_merged_graph():
-    from memfit.ir.capture import capture
-
+def test_graph_passes_named_before_run_on_the_merged_graph():
     m = SmallViT(layers=2)
     x = torch.randn(2, 3, 32, 32)
-    cap = capture(m, (x,), method="symbolic_trace")
-    res = PassManager("sdpa-attention,token-merge{r=8}").run(cap.gm, PassContext(captured=cap, config={"model": m}))
+    _, res = run_pipeline(m, (x,), None, "sdpa-attention,token-merge{r=8}", method="symbolic_trace")
     targets = [n.target for n in res.gm.graph.nodes if n.op == "call_function"]
-    assert targets.count(F.scaled_dot_product_attention) == 2       # replayed on the new graph
+    assert targets.count(F.scaled_dot_product_attention) == 2       # on the merged graph
     assert sum(getattr(t, "__name__", "") == "token_merge_step" for t in targets) == 2
     assert res.stats["token-merge.blocks_patched"] == 2
-    assert any("replayed" in d.message for d in res.diagnostics)
+    assert any("before capture" in d.message for d in res.diagnostics)
     torch.testing.assert_close(res.gm(x)[0], apply_token_merging(m, 8)(x), rtol=1e-5, atol=1e-5)
 
 
 def test_unsupported_block_layout_is_a_diagnostic():
-    from memfit.ir.capture import capture
-
     class DropPath(nn.Module):
         def forward(self, x):
             return x
@@ -366,14 +359,13 @@ def test_unsupported_block_layout_is_a_diagnostic():
     m = SmallViT(layers=2)
     m.blocks[1].drop_path = DropPath()  # a module our forward would not replay
     x = torch.randn(1, 3, 32, 32)
-    cap = capture(m, (x,), method="symbolic_trace")
-    res = TokenMerge(r=4).run(cap.gm, PassContext(captured=cap, config={"model": m}))
+    res = TokenMerge(r=4).apply(m, (x,))
     assert res.stats["blocks_patched"] == 1
     assert any(d.node == "blocks.1" and "unsupported" in d.message for d in res.diagnostics)
-    res = TokenMerge(rs=(24, 24)).run(cap.gm, PassContext(captured=cap, config={"model": SmallViT(layers=2)}))
+    res = TokenMerge(rs=(24, 24)).apply(SmallViT(layers=2), (x,))
     clamped = [d for d in res.diagnostics if "asked" in d.message]
     assert [d.node for d in clamped] == ["blocks.1"]  # 65 -> 41, then at most 20 of 40
-    assert token_merge_pass_info(res.gm)["tokens_per_layer"] == [65, 41, 21]
+    assert res.meta["token_merge"]["tokens_per_layer"] == [65, 41, 21]
 
 
 def test_pass_text_form_round_trips():

@@ -63,7 +63,8 @@ def cmd_opt(args) -> int:
     from memfit.ir.capture import capture
     from memfit.cli.util import Progress, load_factory, optimizer_arg, parse_kv
     from memfit.cost_models.memory import analyze_step
-    from memfit.passes import PassContext, PassManager, format_pipeline, parse_pipeline
+    from memfit.passes import format_pipeline, parse_pipeline
+    from memfit.passes.infra.pipeline import run_pipeline
     from memfit.passes.infra.printer import format_graph
 
     load_pass_modules(args.load)
@@ -74,14 +75,14 @@ def cmd_opt(args) -> int:
     pipeline = parse_pipeline(args.passes)
     name = type(model).__name__
     opt = optimizer_arg(args.optimizer)
-    with progress.stage(f"capturing {name}"):
-        cap = capture(model, inputs, kwargs, dynamic=args.dynamic)
 
     def analyze(c):
         if args.no_analysis:
             return None
         return analyze_step(c, optimizer=opt, symbolic=args.dynamic)
 
+    with progress.stage(f"capturing {name}"):
+        cap = capture(model, inputs, kwargs, dynamic=args.dynamic)
     with progress.stage("simulating one training step on fake tensors"):
         before = analyze(cap)
 
@@ -91,11 +92,10 @@ def cmd_opt(args) -> int:
             print(f"// -----// IR after {p.to_text()} //----- //")
             print(format_graph(res.gm, name=name))
 
-    ctx = PassContext(captured=cap, optimizer=opt, config={"model": model})  # token-merge rewrites the module
     with progress.stage(f"running {format_pipeline(pipeline) or 'no passes'}"
                         + (" with verification" if args.verify else "")):
-        res = PassManager(pipeline, verify=args.verify, after_pass=after_pass).run(cap.gm, ctx)
-    final = dataclasses.replace(cap, gm=res.gm)
+        final, res = run_pipeline(model, inputs, kwargs, pipeline, dynamic=args.dynamic, optimizer=opt,
+                                  verify=args.verify, after_pass=after_pass, captured=cap)
     with progress.stage("simulating the rewritten step"):
         after = analyze(final)
     if args.print_after_all:

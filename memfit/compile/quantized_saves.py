@@ -35,10 +35,14 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from memfit.runtime.quantized_save import storage_key
+from memfit.ir.fx_utils import size_hint
+from memfit.runtime.quantized_save import QuantConfig, StepScope, skip_reason, storage_key
 
 QUANT_OUTPUTS = ("codes", "flags", "scale", "zero")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# the runtime gate's reasons (memfit.runtime.quantized_save.skip_reason), as the report says them
+_REASONS = {"non_float": "dtype {dtype}", "layout": "not a dense strided tensor",
+            "tiny": "smaller than {min_bytes} bytes", "parameter_buffer_or_input": "a graph input or a view of one",
+            "overlapping_or_strided": "not dense (overlapping or with gaps)"}
 
 
 @dataclass(frozen=True)
@@ -53,14 +57,6 @@ class SaveCandidate:
     @property
     def saving(self) -> int:
         return self.nbytes - self.packed_nbytes if self.reason is None else 0
-
-
-def size_hint(x) -> int:
-    """An int for a size that may be symbolic (its optimization hint)."""
-    if isinstance(x, torch.SymInt):
-        from torch.fx.experimental.symbolic_shapes import optimization_hint
-        return int(optimization_hint(x, fallback=4096))
-    return int(x)
 
 
 def _outputs(g: fx.Graph) -> tuple[fx.Node, list]:
@@ -92,6 +88,8 @@ def save_candidates(fw: fx.GraphModule, num_fwd_outputs: int, *, bw: fx.GraphMod
         if isinstance(v, torch.Tensor):
             users_of_storage[storage_key(v)] = users_of_storage.get(storage_key(v), 0) + 1
     user_set = {n for n in user_outs if isinstance(n, fx.Node)}
+    scope = StepScope()
+    scope.excluded |= inputs
     out: list[SaveCandidate] = []
     seen: set = set()
     for n in saved:
@@ -102,11 +100,10 @@ def save_candidates(fw: fx.GraphModule, num_fwd_outputs: int, *, bw: fx.GraphMod
         numel = size_hint(v.numel())
         nbytes = numel * v.element_size()
         packed = packed_bytes(numel, bits, group_size) if numel else nbytes
+        # graph-level reasons first, then the runtime's gate (the eager path's, the same rules)
         reason = None
         if n.op == "placeholder" or storage_key(v) in inputs:
             reason = "a graph input or a view of one"
-        elif v.dtype not in FLOAT_DTYPES:
-            reason = f"dtype {v.dtype}"
         elif n in user_set:
             reason = "also returned to the caller"
         elif users_of_storage.get(storage_key(v), 0) > 1:
@@ -116,12 +113,12 @@ def save_candidates(fw: fx.GraphModule, num_fwd_outputs: int, *, bw: fx.GraphMod
         elif not all(_expressible(d, symbols) for d in v.shape):
             # backward would need the size as a value of its own graph (a saved SymInt)
             reason = "symbolic size (dynamic shapes) not available in backward"
-        elif dense_order(v) is False:
-            reason = "not dense (overlapping or with gaps)"
-        elif nbytes < min_bytes:
-            reason = f"smaller than {min_bytes} bytes"
-        elif packed >= nbytes:
-            reason = "would not shrink"
+        else:
+            why = skip_reason(v, QuantConfig(bits=bits, group_size=group_size, min_bytes=min_bytes), scope)
+            if why is not None:
+                reason = _REASONS.get(why, why).format(dtype=v.dtype, min_bytes=min_bytes)
+            elif packed >= nbytes:
+                reason = "would not shrink"
         out.append(SaveCandidate(n.name, nbytes, packed, reason))
     return out
 
@@ -192,72 +189,24 @@ def _size_node(graph: fx.Graph, expr, symbols: dict):
     return acc
 
 
-_FREE_OPS = ("view", "_unsafe_view", "reshape", "permute", "t", "transpose", "expand", "squeeze", "unsqueeze",
-             "slice", "select", "alias", "detach", "as_strided", "split", "unbind", "getitem")
-
-
-def node_time_s(n: fx.Node, flops_per_s: float, bytes_per_s: float) -> float:
-    """Roofline time of one call_function node from its FakeTensor metadata:
-    max(FLOPs / flops_per_s, (input + output bytes) / bytes_per_s); views cost nothing."""
-    if n.op != "call_function":
-        return 0.0
-    name = getattr(getattr(n.target, "_overloadpacket", None), "__name__", getattr(n.target, "__name__", ""))
-    if name in _FREE_OPS:
-        return 0.0
-
-    def val(a):
-        return a.meta.get("val") if isinstance(a, fx.Node) else a
-
-    def nbytes(v):
-        return size_hint(v.numel()) * v.element_size() if isinstance(v, torch.Tensor) else 0
-
-    out = n.meta.get("val")
-    moved = sum(nbytes(val(a)) for a in n.all_input_nodes)
-    moved += sum(nbytes(v) for v in (out if isinstance(out, (tuple, list)) else (out,)))
-    flops = 0
-    packet = getattr(n.target, "_overloadpacket", None)
-    if packet is not None:
-        from torch.utils.flop_counter import flop_registry
-
-        f = flop_registry.get(packet)
-        if f is not None:
-            try:
-                args = fx.node.map_aggregate(n.args, val)
-                kwargs = fx.node.map_aggregate(n.kwargs, val)
-                flops = size_hint(f(*args, out_val=out, **kwargs))
-            except Exception:  # a formula that does not take these arguments: bytes only
-                flops = 0
-    return max(flops / flops_per_s, moved / bytes_per_s)
-
-
-def recompute_time_s(fw: fx.GraphModule, bw: fx.GraphModule, flops_per_s: float, bytes_per_s: float) -> float:
-    """Roofline time of the forward ops that run again in backward (names present in both
-    graphs: partitioning keeps the joint graph's names)."""
-    fw_ops = {n.name for n in fw.graph.nodes if n.op == "call_function"}
-    return sum(node_time_s(n, flops_per_s, bytes_per_s) for n in bw.graph.nodes
-               if n.op == "call_function" and n.name in fw_ops)
-
-
 def quantize_time_s(candidates: list[SaveCandidate], names, bytes_per_s: float, factor: float = 1.0) -> float:
-    """Quantize reads the tensor and writes the packed form; dequantize reads the packed form
-    and writes the tensor (the same model as memfit.passes.quantize.price_candidates), times
-    `factor` (memfit.kernels.dispatch.traffic_factor: 1 for the Triton kernels, more for the
-    torch reference)."""
+    """Predicted seconds of quantizing the saved tensors `names` (memfit.planning.quantize.
+    quant_time_s, the eager path's pricing)."""
+    from memfit.planning.quantize import quant_time_s
+
     chosen = set(names)
-    return factor * sum(2 * (c.nbytes + c.packed_nbytes) for c in candidates if c.name in chosen) / bytes_per_s
+    return sum(quant_time_s(c.nbytes, c.packed_nbytes, bytes_per_s=bytes_per_s, factor=factor)
+               for c in candidates if c.name in chosen)
 
 
 def choose(candidates: list[SaveCandidate], excess: int | None) -> list[str]:
-    """Names to quantize: the largest eligible first, until their savings cover `excess`
-    bytes (all eligible ones when `excess` is None). Fewer, larger tensors mean fewer kernel
-    launches for the same saving."""
-    picked, got = [], 0
-    for c in sorted((c for c in candidates if c.reason is None), key=lambda c: (-c.saving, c.name)):
-        if excess is not None and got >= excess:
-            break
-        picked.append(c.name)
-        got += c.saving
-    return picked
+    """Names to quantize: the shortest prefix of the eligible ones ranked as on the eager path
+    (memfit.planning.quantize.choose_prefix: most bytes saved first) whose savings cover
+    `excess` bytes (all eligible ones when `excess` is None)."""
+    from memfit.planning.quantize import choose_prefix
+
+    return choose_prefix([(c.name, c.saving, float(c.nbytes + c.packed_nbytes)) for c in candidates
+                          if c.reason is None], excess)
 
 
 def _set_meta(node: fx.Node, val) -> None:

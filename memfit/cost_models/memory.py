@@ -18,9 +18,7 @@ symbolic (sympy) during the run, so every byte count is also an expression in B 
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,15 +26,19 @@ import sympy
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from memfit.ir.capture import Captured, node_module_path
+from memfit.cost_models.optimizers import default_loss, make_optimizer  # noqa: F401 - also imported from here
+from memfit.cost_models.roofline import DeviceSpec
+from memfit.cost_models.tracker import _expr_and_hint, _Store, _Tracker
+from memfit.ir.capture import Captured
+from memfit.ir.fx_utils import fake_state, fetch_attr, module_path
 
 log = logging.getLogger(__name__)
 
 CATEGORIES = ("parameters", "buffers", "inputs", "gradients", "optimizer_state",
               "saved_activations", "transient")
 PHASES = ("start", "forward", "loss", "backward", "optimizer")
+_PREEXISTING = ("parameters", "buffers", "inputs", "optimizer_state")
 
 
 # ----------------------------------------------------------------------------- records
@@ -56,37 +58,6 @@ class NodeCost:
     def to_dict(self) -> dict:
         return {"name": self.name, "module": self.module, "output_bytes": self.output_bytes,
                 "saved_bytes": self.saved_bytes, "flops": self.flops, "est_time_s": self.est_time_s}
-
-
-@dataclass(frozen=True)
-class DeviceSpec:
-    """Nominal rates for time estimates; a roofline, not a measurement."""
-
-    name: str
-    flops_per_s: float
-    bytes_per_s: float
-
-    @classmethod
-    def for_device(cls, device: torch.device) -> "DeviceSpec":
-        if device.type == "cuda":
-            # H100 SXM datasheet: 989 TFLOP/s dense bf16 (we assume half of it is reached),
-            # 3.35 TB/s HBM3.
-            return cls("cuda", 0.5 * 989e12, 3.35e12)
-        # A 2-core x86 CPU with AVX2: about 50 GFLOP/s fp32 and 10 GB/s are reachable.
-        return cls("cpu", 50e9, 10e9)
-
-
-@dataclass
-class _Store:
-    """One storage (allocation) seen during the simulated step."""
-
-    nbytes: int
-    expr: Any
-    phase: str
-    node: str | None
-    category: str | None = None     # fixed at the start for pre-existing storages
-    saved: bool = False
-    freed_at: int | None = None
 
 
 @dataclass
@@ -129,173 +100,24 @@ class StepAnalysis:
         return int(best) if best >= 1 else None
 
 
-# ----------------------------------------------------------------------------- the mode
-
-class _Tracker(TorchDispatchMode):
-    """Records each operator's new output storages and (via weakref) their release."""
-
-    def __init__(self, shape_env):
-        super().__init__()
-        self.shape_env = shape_env
-        self.stores: list[_Store] = []
-        self.events: list[tuple[int, _Store, str]] = []   # (+1 alloc / -1 free, store, phase)
-        self.by_storage: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-        self._refs: list[weakref.ref] = []
-        self.phase = "start"
-        self.node: str | None = None
-        self.flops_expr: Any = 0
-        self.node_flops: dict[str, int] = {}
-        from torch.utils.flop_counter import flop_registry
-        self._flop_registry = flop_registry
-
-    def register(self, t: torch.Tensor, category: str | None = None) -> _Store | None:
-        st = t.untyped_storage()
-        s = self.by_storage.get(st)
-        if s is not None:
-            return s
-        nb = st.nbytes()
-        expr, hint = _expr_and_hint(nb)
-        s = _Store(nbytes=hint, expr=expr, phase=self.phase, node=self.node, category=category)
-        self.by_storage[st] = s
-        self.stores.append(s)
-        self.events.append((1, s, self.phase))
-        self._refs.append(weakref.ref(st, self._make_free(s)))
-        return s
-
-    def _make_free(self, s: _Store):
-        def _free(_ref):
-            s.freed_at = len(self.events)
-            self.events.append((-1, s, self.phase))
-        return _free
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        packet = getattr(func, "_overloadpacket", None)
-        if packet in self._flop_registry and self.phase == "forward" and self.node is not None:
-            try:
-                f = self._flop_registry[packet](*args, **kwargs, out_val=out)
-                _, fh = _expr_and_hint(f)
-                self.node_flops[self.node] = self.node_flops.get(self.node, 0) + fh
-            except Exception:  # noqa: BLE001 - FLOPs are an estimate; never fail the step
-                pass
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.register(t)
-        scratch = _kernel_scratch_bytes(func, args, out)
-        if scratch:
-            # Scratch lives while the kernel runs, beside its outputs, then goes.
-            s = _Store(nbytes=scratch, expr=sympy.Integer(scratch), phase=self.phase,
-                       node=self.node, category="transient")
-            self.stores.append(s)
-            self.events.append((1, s, self.phase))
-            self.events.append((-1, s, self.phase))
-        return out
-
-
-def _kernel_scratch_bytes(func, args, out) -> int:
-    """Bytes a kernel allocates and frees inside itself, where we know them.
-
-    CPU convolutions (oneDNN) reorder activations and weights into blocked layouts in
-    temporary buffers. Measured with the profiler's allocation events on torch 2.13 CPU
-    (3x3 and 1x1 convs, 3-64 channels, 16x16 and 32x32 images): forward scratch was the
-    output bytes plus the weight bytes (within 1% on 3 of 5 shapes, up to +14% on a 7x7
-    kernel), backward scratch the input + grad_output + weight bytes (within 2% on 3 of 5;
-    -35% on a 3-channel stem, +49% on a 7x7 kernel), except for kernels larger than their
-    input (below). CUDA scratch (cuDNN workspaces) is not modelled.
-    """
-    packet = getattr(func, "_overloadpacket", None)
-    if packet is torch.ops.aten.convolution:
-        x, w = args[0], args[1]
-        if x.device.type != "cpu" or not isinstance(out, torch.Tensor):
-            return 0
-        return _expr_and_hint(out.numel())[1] * out.element_size() + _expr_and_hint(w.numel())[1] * w.element_size()
-    if packet is torch.ops.aten.convolution_backward:
-        g, x, w = args[0], args[1], args[2]
-        if x.device.type != "cpu":
-            return 0
-        nbytes = [_expr_and_hint(t.numel())[1] * t.element_size() for t in (g, x, w)]
-        spatial = [_expr_and_hint(s)[1] for s in x.shape[2:]]
-        kernel = [_expr_and_hint(s)[1] for s in w.shape[2:]]
-        if any(s < k for s, k in zip(spatial, kernel)):
-            # A kernel larger than its input (3x3 on 2x2 or 1x1 maps, the last stage of a
-            # ResNet on small images): oneDNN's weight-gradient then keeps 4 weight-sized
-            # buffers per thread. Measured on torch 2.13 CPU, 64-512 channels, B=4-16:
-            # 4.00-4.02 x weight bytes at 1 thread, 8.00-8.13 x at 2 threads.
-            return nbytes[0] + nbytes[1] + 4 * torch.get_num_threads() * nbytes[2]
-        return sum(nbytes)
-    return 0
-
-
-def _expr_and_hint(v) -> tuple[Any, int]:
-    if isinstance(v, torch.SymInt):
-        node = v.node
-        hint = node.hint if node.hint is not None else node.shape_env.size_hint(node.expr)
-        return node.expr, int(hint)
-    return sympy.Integer(int(v)), int(v)
-
-
-# ----------------------------------------------------------------------------- optimizers
-
-OPTIMIZERS = {
-    "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-3),
-    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9),
-    "momentum": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9),
-    "adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
-    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3),
-}
-
-
-def make_optimizer(spec, params: list[torch.Tensor], original_params: list[torch.Tensor] | None = None):
-    """An optimizer over `params` matching `spec` (None, a name, or an instance).
-
-    An instance is mirrored: same class, hyperparameters and parameter groups, with each of
-    its parameters replaced by the tensor at the same position in `params` (which lines up
-    with `original_params`). Parameters the instance does not hold get no state.
-    """
-    if spec is None:
-        return None
-    if isinstance(spec, str):
-        key = spec.lower().replace("_", "-")
-        if key not in OPTIMIZERS:
-            raise ValueError(f"unknown optimizer {spec!r}; choose one of {', '.join(sorted(OPTIMIZERS))} "
-                             "or pass a torch.optim.Optimizer instance")
-        return OPTIMIZERS[key](params)
-    if isinstance(spec, torch.optim.Optimizer):
-        if original_params is None:
-            raise ValueError("mirroring an optimizer instance needs the original parameters")
-        index = {id(p): i for i, p in enumerate(original_params)}
-        groups = []
-        for g in spec.param_groups:
-            mapped = [params[index[id(p)]] for p in g["params"] if id(p) in index]
-            groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": mapped})
-        return type(spec)(groups, **spec.defaults)
-    raise TypeError(f"optimizer must be None, a name or a torch.optim.Optimizer, got {type(spec).__name__}")
-
-
-def default_loss(output) -> torch.Tensor:
-    """Scalar loss for models whose output is not one: the mean of every float output."""
-    leaves = [t for t in pytree.tree_leaves(output)
-              if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not leaves:
-        raise ValueError("the model returned no floating-point tensor; pass loss_fn=")
-    if len(leaves) == 1 and leaves[0].dim() == 0:
-        return leaves[0]
-    # For ModelOutput-like results only the first field (logits / last_hidden_state) is
-    # used, which is what a task loss would read.
-    return leaves[0].float().mean()
-
-
 # ----------------------------------------------------------------------------- simulation
 
 def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = None,
                  symbolic: bool = True, device_spec: DeviceSpec | None = None,
-                 model_params: list[torch.Tensor] | None = None) -> StepAnalysis:
+                 model_params: list[torch.Tensor] | None = None,
+                 on_save: Callable[[str, torch.Tensor, bool], None] | None = None,
+                 forward_only: bool = False) -> StepAnalysis | None:
     """Simulate one training step of `cap` on FakeTensors and return its memory profile.
 
     Writes a NodeCost into node.meta['memfit'] of every call node of `cap.gm`.
     `optimizer`: None (forward+backward only), a name, or an instance built on the model's
     parameters (`model_params` lists them in the model's named_parameters order).
+
+    The saved-tensor probe: `on_save(node name, tensor, preexisting)` is called for every
+    tensor autograd saves in the forward, attributed to the graph node that saved it;
+    `preexisting` is True for storages of parameters, buffers and inputs. With `forward_only`
+    only the forward runs (no loss, backward, optimizer) and None is returned: what the
+    quantize pass needs (memfit.passes.quantize.saved_tensors_by_node).
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
@@ -307,26 +129,23 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
     tracker = _Tracker(fm.shape_env)
 
     # Parameters and buffers: static shapes, ties kept (tied embeddings count once).
-    fakes: dict[str, torch.Tensor] = {}
-    by_id: dict[int, torch.Tensor] = {}
+    fakes = fake_state(gm, fm)
     param_fakes: list[torch.Tensor] = []
     param_real: list[torch.Tensor] = []
+    seen: set[int] = set()
     named = [(n, t, "parameters") for n, t in gm.named_parameters(remove_duplicate=False)]
     named += [(n, t, "buffers") for n, t in gm.named_buffers(remove_duplicate=False)]
     for name, t, cat in named:
-        if id(t) not in by_id:
-            f = fm.from_tensor(t.detach(), static_shapes=True)
+        if id(t) not in seen:
+            seen.add(id(t))
             if cat == "parameters" and t.requires_grad:
-                f.requires_grad_(True)
-                param_fakes.append(f)
+                param_fakes.append(fakes[name])
                 param_real.append(t)
-            by_id[id(t)] = f
-            tracker.register(f, cat)
-        fakes[name] = by_id[id(t)]
+            tracker.register(fakes[name], cat)
     # Constant tensors held as plain attributes (export lifts them to get_attr too).
     for n in gm.graph.nodes:
         if n.op == "get_attr" and n.target not in fakes:
-            obj = _fetch(gm, n.target)
+            obj = fetch_attr(gm, n.target)
             if isinstance(obj, torch.Tensor):
                 f = fm.from_tensor(obj, static_shapes=True)
                 tracker.register(f, "buffers")
@@ -354,19 +173,19 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
                     tracker.register(v, "optimizer_state")
     start_events = len(tracker.events)
 
-    saved_storages: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
     def pack(t):
         s = tracker.register(t)
         if s is not None and s.category is None:
             s.saved = True
+        if on_save is not None and tracker.node is not None:
+            on_save(tracker.node, t, s is not None and s.category in _PREEXISTING)
         return t
 
     node_out_bytes: dict[str, int] = {}
 
     class _Runner(torch.fx.Interpreter):
         def fetch_attr(self, target):
-            return fakes[target] if target in fakes else _fetch(gm, target)
+            return fakes[target] if target in fakes else fetch_attr(gm, target)
 
         def run_node(self, n):
             tracker.node = n.name if n.op not in ("placeholder", "output") else None
@@ -392,6 +211,8 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             flat_out = _Runner(gm).run(*fake_inputs)
             tracker.node = None
+            if forward_only:
+                return None
             tracker.phase = "loss"
             loss = loss_fn(cap.unflatten_output(flat_out))
         del flat_out
@@ -436,7 +257,7 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
     analysis = _build_analysis(gm, tracker, start_events, node_out_bytes, symbols, sym_exprs,
                                fm.shape_env, device_spec or DeviceSpec.for_device(_device_of(flat, gm)))
     # Keep the fake objects alive until here so no free events are appended late.
-    del fakes, by_id, param_fakes, opt
+    del fakes, param_fakes, opt
     return analysis
 
 
@@ -448,17 +269,10 @@ def _order_real(model_params, param_real):
 
 def _is_module_attr(gm, target: str) -> bool:
     try:
-        obj = _fetch(gm, target)
+        obj = fetch_attr(gm, target)
     except AttributeError:
         return False
     return isinstance(obj, torch.Tensor)
-
-
-def _fetch(gm, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _device_of(flat, gm) -> torch.device:
@@ -599,7 +413,7 @@ def _build_analysis(gm, tracker: _Tracker, start_events: int, node_out_bytes, sy
         ob = node_out_bytes.get(n.name, 0)
         in_bytes = sum(_val_bytes(a.meta.get("val")) for a in n.all_input_nodes)
         t = max(fl / spec.flops_per_s, (ob + in_bytes) / spec.bytes_per_s)
-        rec = NodeCost(name=n.name, module=node_module_path(n), output_bytes=ob,
+        rec = NodeCost(name=n.name, module=module_path(n), output_bytes=ob,
                        saved_bytes=saved_by_node.get(n.name, 0), flops=fl, est_time_s=t,
                        saved_expr=sympy.simplify(saved_expr_by_node.get(n.name, 0)))
         n.meta["memfit"] = rec

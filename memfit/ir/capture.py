@@ -26,6 +26,8 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from memfit.errors import CaptureError
+from memfit.ir.fx_utils import fake_state
+from memfit.ir.fx_utils import module_path as node_module_path  # noqa: F401 - the name tests and docs use
 
 log = logging.getLogger(__name__)
 
@@ -218,37 +220,6 @@ def _propagate_fake(gm: torch.fx.GraphModule, args) -> None:
     from torch.nn.utils.stateless import _reparametrize_module
 
     mode = FakeTensorMode()
-    memo: dict[int, torch.Tensor] = {}
-    swapped = {}
-    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if id(t) not in memo:
-            memo[id(t)] = mode.from_tensor(t)
-        swapped[name] = memo[id(t)]
     fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-    with _reparametrize_module(gm, swapped, strict=False):
+    with _reparametrize_module(gm, fake_state(gm, mode, static_shapes=False), strict=False):
         FakeTensorProp(gm, mode).propagate(*fake_args)
-
-
-def node_module_path(node: torch.fx.Node) -> str:
-    """Dotted path of the innermost module that produced `node` ('' for the top level)."""
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if stack:
-        # export marks nodes it created outside any module (e.g. mask helpers of transformers)
-        # with a placeholder key; they belong to the top level.
-        entries = [v for k, v in stack.items() if not str(k).startswith("_empty_nn_module_stack")]
-        return _clean_path(entries[-1][0]) if entries else ""
-    stack_trace = node.meta.get("nn_module_path")
-    return stack_trace or ""
-
-
-def _clean_path(path: str) -> str:
-    # export writes paths like "L['self'].transformer.h[0].attn" or "transformer.h.0.attn"
-    path = path.replace("L['self'].", "").replace("L['self']", "")
-    out = []
-    for part in path.replace("]", "").replace("[", ".").split("."):
-        part = part.strip("'\"")
-        if part:
-            out.append(part)
-    return ".".join(out)

@@ -1,4 +1,5 @@
-"""OptimizedModule: the rewritten training graph behind the model's own calling convention.
+"""OptimizedModule: the one wrapper that runs a rewritten graph behind the model's own calling
+convention (memfit.optimize, make_reversible, the CLI, the benchmarks and the tests all use it).
 
 The result of `memfit.optimize` shares everything with the user's model: its child modules,
 parameters and buffers are the original objects, registered under the original names, so
@@ -26,8 +27,18 @@ def mode_signature(model: nn.Module) -> tuple:
 
 
 class OptimizedModule(nn.Module):
-    def __init__(self, original: nn.Module, captured, gm: torch.fx.GraphModule, plan=None):
+    """`original`'s calling convention over `gm` (default: `captured.gm`), a graph captured from
+    it (memfit.ir.capture.Captured) and possibly rewritten. `plan`: the MemoryPlan, as
+    `.memfit_plan`; `pass_result`: the PassResult that made `gm` (stats, diagnostics), as
+    `.pass_result`. `changes_function`: a pass changed the model's function (reversible
+    coupling, token merging): then the unmodified model is no stand-in when the train/eval
+    modes change, and calling in other modes is refused."""
+
+    def __init__(self, original: nn.Module, captured, gm: torch.fx.GraphModule | None = None, plan=None,
+                 *, pass_result=None, changes_function: bool = False):
         super().__init__()
+        gm = captured.gm if gm is None else gm
+        object.__setattr__(self, "_memfit_changes_function", changes_function)
         # Not registered: the original's children are registered directly below, so
         # parameters appear once and under their original names.
         object.__setattr__(self, "_memfit_original", original)
@@ -44,6 +55,7 @@ class OptimizedModule(nn.Module):
             self.register_buffer(name, b, persistent=name not in non_persistent)
         self.training = original.training
         self.memfit_plan = plan
+        self.pass_result = pass_result
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -64,6 +76,13 @@ class OptimizedModule(nn.Module):
     def forward(self, *args, **kwargs):
         original = self._memfit_original
         if mode_signature(original) != self._memfit_modes:
+            if self._memfit_changes_function:
+                from memfit.errors import MemfitError
+                raise MemfitError(
+                    f"module modes changed since memfit captured {type(original).__name__} (train/eval), and its "
+                    "graph was rewritten by a pass that changes the function (reversible, token-merge): the "
+                    "unmodified model would compute something else. Rewrite it again in this mode (set the "
+                    "modes first, then call memfit.optimize / make_reversible)")
             if not self._memfit_warned:
                 log.info("module modes changed since memfit captured %s (train/eval); running the "
                          "unmodified model; call memfit.optimize again to plan for this mode",

@@ -18,19 +18,20 @@ module's state_dict keys are unchanged.
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 import weakref
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
 from memfit.errors import PassError
+from memfit.ir.fx_utils import size_hint
 from memfit.passes.infra.base import Diagnostic, Pass, PassContext, PassResult, Promise
 from memfit.passes.infra.registry import register_pass
+from memfit.planning.quantize import quant_time_s
 from memfit.runtime.quantized_save import (QuantConfig, QuantizedSaves, QuantState, StepScope,
                                            quantized_nbytes, share_key, skip_reason, storage_key)
 
@@ -144,78 +145,38 @@ def _heads_of(n: torch.fx.Node) -> int | None:
         val = val[0] if val else None
     if not isinstance(val, torch.Tensor) or val.dim() != 4:
         return None
-    h = val.shape[1]
-    if isinstance(h, torch.SymInt):
-        h = h.node.hint
-    return int(h) if h is not None else None
-
-
-def _fake_inputs(gm, ctx: PassContext, fm):
-    flat = ctx.example_inputs if ctx is not None else []
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if flat and len(flat) == len(phs):
-        return [fm.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in flat]
-    out = []
-    for n in phs:
-        v = n.meta.get("val")
-        if not isinstance(v, torch.Tensor):
-            raise PassError("quantize-activations needs example inputs (PassContext.captured) or "
-                            f"FakeTensor metadata on placeholder {n.name}")
-        shape = [int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in v.shape]
-        with fm:
-            out.append(torch.empty(shape, dtype=v.dtype, device=v.device).requires_grad_(v.requires_grad))
-    return out
+    return size_hint(val.shape[1])
 
 
 def saved_tensors_by_node(gm: torch.fx.GraphModule, ctx: PassContext | None,
                           config: QuantConfig) -> dict[str, list[SavedTensorInfo]]:
-    """Run the forward on FakeTensors and list, per node, the tensors autograd saves."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.nn.utils.stateless import _reparametrize_module
+    """Per node, the tensors autograd saves in the forward of `gm` on FakeTensors: the cost
+    model's saved-tensor probe (memfit.cost_models.memory.analyze_step, forward only), with the
+    runtime's gate (skip_reason) deciding what would be kept as is."""
+    import dataclasses as _dc
 
-    fm = FakeTensorMode(allow_non_fake_inputs=False)
-    fakes = {}
-    memo: dict[int, torch.Tensor] = {}
-    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
-        if id(t) not in memo:
-            f = fm.from_tensor(t.detach())
-            if isinstance(t, torch.nn.Parameter) and t.requires_grad:
-                f.requires_grad_(True)
-            memo[id(t)] = f
-        fakes[name] = memo[id(t)]
-    inputs = _fake_inputs(gm, ctx, fm)
-    exclude = [t for t in inputs if isinstance(t, torch.Tensor)] + list(memo.values())
-    scope = StepScope(exclude)
+    from memfit.cost_models.memory import analyze_step
+
+    if ctx is None or ctx.captured is None:
+        raise PassError("quantize-activations needs the captured model in the PassContext (its example inputs)")
     seen: dict[tuple, str] = {}
     out: dict[str, list[SavedTensorInfo]] = {}
 
-    class _Rec(torch.fx.Interpreter):
-        def run_node(self, n):
-            if n.op not in ("call_function", "call_method", "call_module"):
-                return super().run_node(n)
-            records: list[SavedTensorInfo] = []
+    def on_save(node: str, t: torch.Tensor, preexisting: bool) -> None:
+        scope = StepScope()
+        if preexisting:   # parameters, buffers, inputs: never quantized
+            scope.excluded.add(storage_key(t))
+        reason = skip_reason(t, config, scope)
+        key = (storage_key(t), share_key(t))
+        shared = seen.get(key) if reason is None else None
+        if reason is None and shared is None:
+            seen[key] = node
+        recs = out.setdefault(node, [])
+        shape = tuple(size_hint(d) for d in t.shape)
+        recs.append(SavedTensorInfo(node, len(recs), shape, t.dtype, size_hint(t.numel()) * t.element_size(),
+                                    reason, shared))
 
-            def pack(t):
-                reason = skip_reason(t, config, scope)
-                key = (storage_key(t), share_key(t))
-                shared = seen.get(key) if reason is None else None
-                if reason is None and shared is None:
-                    seen[key] = n.name
-                numel = t.numel()
-                numel = int(numel.node.hint) if isinstance(numel, torch.SymInt) else int(numel)
-                shape = tuple(int(s.node.hint) if isinstance(s, torch.SymInt) else int(s) for s in t.shape)
-                records.append(SavedTensorInfo(n.name, len(records), shape, t.dtype,
-                                               numel * t.element_size(), reason, shared))
-                return t.detach()
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                r = super().run_node(n)
-            if records:
-                out[n.name] = records
-            return r
-
-    with fm, _reparametrize_module(gm, fakes, strict=False):
-        _Rec(gm).run(*inputs)
+    analyze_step(_dc.replace(ctx.captured, gm=gm), symbolic=False, on_save=on_save, forward_only=True)
     return out
 
 
@@ -224,11 +185,9 @@ def price_candidates(gm: torch.fx.GraphModule, ctx: PassContext | None = None,
                      saved: dict[str, list[SavedTensorInfo]] | None = None) -> list[QuantCandidate]:
     """Per quantizable saved tensor: bytes saved and predicted extra time.
 
-    Time: quantize reads the tensor and writes the packed form, dequantize reads the packed
-    form and writes the tensor; head-wise and running ranges read the tensor once more for
-    its min/max. Seconds = those bytes / `bytes_per_s` (DeviceSpec's nominal bandwidth), times
-    the kernels' traffic factor (memfit.kernels.dispatch.traffic_factor: 1 for Triton, about
-    30 for the CPU reference).
+    Time: memfit.planning.quantize.quant_time_s (the one pricing, shared with the backend) at
+    `bytes_per_s` (DeviceSpec's nominal bandwidth) and the kernels' traffic factor
+    (memfit.kernels.dispatch.traffic_factor: 1 for Triton, about 30 for the CPU reference).
     """
     from memfit.cost_models.memory import DeviceSpec
 
@@ -248,11 +207,11 @@ def price_candidates(gm: torch.fx.GraphModule, ctx: PassContext | None = None,
             if r.skip is not None or r.shared_with is not None:
                 continue
             packed = quantized_nbytes(r.shape, r.dtype, config, heads)
-            channel = (config.headwise and heads) or config.ema
-            moved = 2 * (r.nbytes + packed) + (r.nbytes if channel else 0)
+            channel = bool((config.headwise and heads) or config.ema)
             hw = bool(config.headwise and heads and packed and _head_layout(r.shape, heads))
+            secs = quant_time_s(r.nbytes, packed, bytes_per_s=bytes_per_s, factor=factor, extra_read=channel)
             out.append(QuantCandidate(name, r.index, r.shape, str(r.dtype).replace("torch.", ""), r.nbytes,
-                                      packed, r.nbytes - packed, factor * moved / bytes_per_s, hw))
+                                      packed, r.nbytes - packed, secs, hw))
     return out
 
 
@@ -287,6 +246,10 @@ class QuantizeActivations(Pass):
 
     def __post_init__(self):
         self.config()  # validates (ValueError -> PassError in from_options)
+
+    def price(self, gm: torch.fx.GraphModule, ctx: PassContext) -> list[QuantCandidate]:
+        """The candidates this pass would quantize in `gm`, priced (price_candidates)."""
+        return price_candidates(gm, ctx, self.config())
 
     def config(self) -> QuantConfig:
         return QuantConfig(bits=self.bits, group_size=self.group_size, headwise=self.headwise, ema=self.ema,

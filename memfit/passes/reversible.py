@@ -1,9 +1,10 @@
 """The `reversible` pass: a stack of same-shape residual blocks becomes reversible couplings.
 
-Opt-in; it changes the model's function (see docs/reversible.md). The math is in
-memfit/runtime/reversible.py; this module only finds the blocks in the captured graph,
-moves each block's nodes into a child GraphModule and replaces the stack with one
-`call_module` to a `ReversibleStack`, which runs the children as F and G of the couplings.
+Opt-in; it changes the model's function (see docs/reversible.md). The math and the
+`ReversibleStack` module are in memfit/runtime/reversible.py; this module only finds the blocks
+in the captured graph, extracts each block's nodes into a child GraphModule (memfit.ir.outline)
+and replaces the stack with one `call_module` to a `ReversibleStack`, which runs the children as
+F and G of the couplings.
 
 Modes:
 - "pairs" (RevNet / RevViT, for training from scratch or from a reversible checkpoint): the
@@ -34,26 +35,15 @@ import torch
 import torch.fx
 
 from memfit.errors import PassError
+from memfit.ir.fx_utils import COMPUTE_OPS as _COMPUTE
+from memfit.ir.fx_utils import module_path
+from memfit.ir.outline import convexity_violation, extract, region_inputs_outputs
 from memfit.passes.infra.base import Diagnostic, Pass, PassContext, PassResult, Promise
+from memfit.passes.infra.regions import group_by_pattern
 from memfit.passes.infra.registry import register_pass
-from memfit.runtime.reversible import Coupling, ReconstructionReport, reversible_stack
-
-_COMPUTE = ("call_function", "call_method", "call_module")
-_EXPORT_EMPTY = "_empty_nn_module_stack_from_metadata_hook"
+from memfit.runtime.reversible import ReversibleStack
 MODES = ("pairs", "meft")
 AUX = ("copy", "delta")  # MEFT aux stream: beta * a_i, or beta * (a_i - a_{i+1})
-
-
-def node_path(node: torch.fx.Node) -> str:
-    """Dotted path of the innermost module that made `node` ('' at top level)."""
-    if node.op == "call_module":
-        return str(node.target)
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return ""
-    last = list(stack.values())[-1]
-    path = last[0] if isinstance(last, tuple) else str(last)
-    return "" if path.startswith(_EXPORT_EMPTY) else path
 
 
 def _auto_patterns(paths) -> list[str]:
@@ -86,11 +76,10 @@ def find_blocks(gm: torch.fx.GraphModule, pattern: str = "") -> "OrderedDict[str
     (auto-detected when empty); a node belongs to the shortest matching prefix of its path."""
     nodes = [n for n in gm.graph.nodes if n.op in _COMPUTE]
     if not pattern:
-        pattern = _auto_pattern([q for q in map(node_path, nodes) if q]) or ""  # best candidate only
+        pattern = _auto_pattern([q for q in map(module_path, nodes) if q]) or ""  # best candidate only
         if not pattern:
             return OrderedDict()
-    from memfit.passes.infra.regions import group_by_pattern
-    return group_by_pattern(nodes, pattern, node_path)
+    return group_by_pattern(nodes, pattern, module_path)
 
 
 def _val(n):
@@ -134,11 +123,6 @@ def _has_rng(gm, nodes) -> bool:
     return False
 
 
-def _convex(nodes, order) -> bool:
-    from memfit.passes.infra.regions import convexity_violation
-    return convexity_violation(nodes, order) is None
-
-
 @dataclass
 class _Block:
     path: str
@@ -149,18 +133,10 @@ class _Block:
 
 
 def _analyze(gm, path, nodes, order) -> tuple[_Block | None, str | None]:
-    inside = set(nodes)
-    inputs, outputs = [], []
-    for n in nodes:
-        for a in n.all_input_nodes:
-            if a not in inside and a not in inputs:
-                inputs.append(a)
-        if any(u not in inside for u in n.users):
-            outputs.append(n)
-    inputs.sort(key=order.__getitem__)
+    inputs, outputs = region_inputs_outputs(nodes)
     if len(outputs) != 1:
         return None, f"block has {len(outputs)} outputs read outside it; a coupling needs exactly one"
-    if not _convex(nodes, order):
+    if convexity_violation(nodes, order) is not None:
         return None, "block's nodes are interleaved with nodes that depend on them (not convex)"
     reason = _stateful_reason(gm, nodes)
     if reason:
@@ -181,137 +157,6 @@ def _same_shape(a, b) -> bool:
         return all(bool(x == y) for x, y in zip(va.shape, vb.shape))
     except Exception:  # noqa: BLE001 - undecidable symbolic comparison
         return False
-
-
-def _make_child(gm, block: _Block, ext: list) -> torch.fx.GraphModule:
-    """A GraphModule computing the block: (hidden, *ext) -> output. Modules the block calls
-    are borrowed from `gm` (the child is never registered on `gm`, so keys do not repeat)."""
-    sub = torch.fx.Graph()
-    env = {}
-    ph = sub.placeholder("x")
-    ph.meta = {k: v for k, v in block.hidden.meta.items() if k in ("val", "tensor_meta")}
-    env[block.hidden] = ph
-    for i, a in enumerate(ext):
-        p = sub.placeholder(f"ext_{i}_{a.name}")
-        p.meta = {k: v for k, v in a.meta.items() if k in ("val", "tensor_meta")}
-        env[a] = p
-    for n in block.nodes:
-        env[n] = sub.node_copy(n, lambda x: env[x])
-    sub.output(env[block.output])
-    return torch.fx.GraphModule(gm, sub, class_name="ReversibleBlock")
-
-
-class _Residual:
-    """r(x, *e) = block(x, *e) - x: the residual branch of a block h -> h + r(h)."""
-
-    def __init__(self, fn, idx):
-        self.fn, self.idx = fn, idx
-
-    def __call__(self, x, *e):
-        return self.fn(x, *[e[i] for i in self.idx]) - x
-
-
-class _NegScaled:
-    """G(y) = -beta * y: with it the MEFT aux stream holds beta * (a_i - a_{i+1}), the scaled
-    residual update of block i, instead of beta * a_i (see docs/reversible.md, "delta")."""
-
-    def __init__(self, beta):
-        self.beta = beta
-
-    def __call__(self, y, *e):
-        return y * (-self.beta)
-
-
-class _Whole:
-    def __init__(self, fn, idx):
-        self.fn, self.idx = fn, idx
-
-    def __call__(self, x, *e):
-        return self.fn(x, *[e[i] for i in self.idx])
-
-
-class ReversibleStack(torch.nn.Module):
-    """Runs converted blocks as reversible couplings: forward(h, *ext) -> h'.
-
-    Owns no parameters: block children and the modules they call are held outside
-    `_modules`, so state_dict keys stay the original model's. `report` holds the
-    reconstruction errors measured by the last backward (check mode or anchors).
-    """
-
-    def __init__(self, children, ext_index, names, *, mode, lam, beta, anchor_every, check,
-                 warn_threshold, preserve_rng, aux="copy"):
-        super().__init__()
-        self.aux = aux
-        self.__dict__["blocks"] = list(children)
-        self.mode, self.lam, self.beta = mode, lam, beta
-        self.anchor_every, self.check, self.warn_threshold = anchor_every, check, warn_threshold
-        self.preserve_rng = preserve_rng
-        self.names = list(names)
-        self.report = ReconstructionReport()
-        self.recompute = True  # False: same couplings with stored activations (reference)
-        self._couplings = self._build(list(children), ext_index)
-
-    def _build(self, children, ext_index):
-        def params(*cs):
-            return tuple(p for c in cs for p in c.parameters())
-
-        def union(*idx_lists):
-            u = []
-            for lst in idx_lists:
-                for i in lst:
-                    if i not in u:
-                        u.append(i)
-            return u
-
-        out = []
-        if self.mode == "meft":
-            for c, idx, name in zip(children, ext_index, self.names):
-                G = _NegScaled(self.beta) if self.aux == "delta" else None
-                out.append(Coupling(F=_Whole(c, list(range(len(idx)))), G=G, name=name, lam=self.lam,
-                                    beta=self.beta, params=params(c), ext=tuple(idx)))
-            return out
-        for j in range(0, len(children), 2):
-            fi = children[j]
-            if j + 1 < len(children):
-                gi = children[j + 1]
-                u = union(ext_index[j], ext_index[j + 1])
-                F = _Residual(fi, [u.index(i) for i in ext_index[j]])
-                G = _Residual(gi, [u.index(i) for i in ext_index[j + 1]])
-                out.append(Coupling(F=F, G=G, name=f"{self.names[j]}+{self.names[j + 1]}", lam=self.lam,
-                                    beta=self.beta, params=params(fi, gi), ext=tuple(u)))
-            else:
-                u = list(ext_index[j])
-                out.append(Coupling(F=_Residual(fi, list(range(len(u)))), G=None, name=self.names[j],
-                                    lam=self.lam, beta=self.beta, params=params(fi), ext=tuple(u)))
-        return out
-
-    def set_scaling(self, lam: float | None = None, beta: float | None = None) -> None:
-        """Change lam and/or beta of every coupling (e.g. a MEFT schedule, or an ablation)."""
-        for k, v in (("lam", lam), ("beta", beta)):
-            if v is not None and v == 0:
-                raise ValueError(f"{k} must be nonzero (the inverse divides by it)")
-        self.lam = self.lam if lam is None else lam
-        self.beta = self.beta if beta is None else beta
-        for c in self._couplings:
-            c.lam, c.beta = self.lam, self.beta
-            if isinstance(c.G, _NegScaled):
-                c.G.beta = self.beta
-
-    def extra_repr(self) -> str:
-        return (f"mode={self.mode}, blocks={len(self.names)}, couplings={len(self._couplings)}, "
-                f"lam={self.lam:g}, beta={self.beta:g}, anchor_every={self.anchor_every}"
-                + (f", aux={self.aux}" if self.mode == "meft" else ""))
-
-    def forward(self, h, *ext):
-        if self.mode == "meft":
-            x1, x2 = torch.zeros_like(h), h
-        else:
-            x1 = x2 = h
-        y1, y2 = reversible_stack(x1, x2, self._couplings, ext, swap=self.mode == "meft",
-                                  anchor_every=self.anchor_every, check=self.check,
-                                  preserve_rng=self.preserve_rng, warn_threshold=self.warn_threshold,
-                                  recompute=self.recompute, report=self.report)
-        return y2 if self.mode == "meft" else (y1 + y2) * 0.5
 
 
 @register_pass
@@ -367,8 +212,8 @@ class Reversible(Pass):
             patterns = [self.blocks]
         else:
             # Auto-detect: the first candidate pattern (most nodes covered) that gives a stack.
-            patterns = _auto_patterns([node_path(n) for n in gm.graph.nodes
-                                       if n.op in _COMPUTE and node_path(n)])
+            patterns = _auto_patterns([module_path(n) for n in gm.graph.nodes
+                                       if n.op in _COMPUTE and module_path(n)])
         chosen = None
         for pat in patterns:
             regions = find_blocks(gm, pat)
@@ -469,7 +314,11 @@ class Reversible(Pass):
             for a in mine:
                 if a not in ext:
                     ext.append(a)
-            children.append(_make_child(gm, b, mine))
+            # the stack holds its blocks outside _modules: they own their modules, whose
+            # parameters the couplings' backward differentiates
+            children.append(extract(gm, b.nodes, [b.hidden, *mine], [b.output], class_name="ReversibleBlock",
+                                    input_names=["x"] + [f"ext_{i}_{a.name}" for i, a in enumerate(mine)],
+                                    borrow=False))
             ext_index.append([ext.index(a) for a in mine])
             rng |= _has_rng(gm, b.nodes)
         stack = ReversibleStack(children, ext_index, [b.path for b in run], mode=self.mode, lam=lam, beta=beta,
@@ -500,48 +349,31 @@ class Reversible(Pass):
         stats["couplings"] += len(stack._couplings)
 
 
-class ReversibleModel(torch.nn.Module):
-    """A captured model after the reversible pass: called like the original, same state_dict
-    keys (the graph module's children are registered here directly, not under a prefix)."""
+def stacks(module: torch.nn.Module) -> list[ReversibleStack]:
+    """The ReversibleStacks of an optimized module (or of a graph module) made by this pass."""
+    gm = getattr(module, "graph_module", module)
+    return [m for m in gm.modules() if isinstance(m, ReversibleStack)]
 
-    def __init__(self, captured, result: PassResult):
-        super().__init__()
-        gm = result.gm
-        self.__dict__["gm"] = gm
-        self.__dict__["captured"] = captured
-        self.__dict__["result"] = result
-        for name, child in gm.named_children():
-            self.add_module(name, child)
-        for name, p in gm._parameters.items():
-            self.register_parameter(name, p)
-        for name, b in gm._buffers.items():
-            self.register_buffer(name, b)
 
-    @property
-    def stacks(self) -> list[ReversibleStack]:
-        return [m for m in self.gm.modules() if isinstance(m, ReversibleStack)]
-
-    def set_recompute(self, flag: bool) -> None:
-        """False: run the same couplings with stored activations (the gradient reference)."""
-        for s in self.stacks:
-            s.recompute = flag
-
-    def forward(self, *args, **kwargs):
-        flat = self.captured.flat_inputs(args, kwargs)
-        return self.captured.unflatten_output(self.gm(*flat))
+def set_recompute(module: torch.nn.Module, flag: bool) -> None:
+    """False: run the same couplings with stored activations (the gradient reference)."""
+    for s in stacks(module):
+        s.recompute = flag
 
 
 def make_reversible(model: torch.nn.Module, example_inputs=(), example_kwargs=None, *, blocks: str = "",
                     mode: str = "pairs", capture_method: str = "auto", dynamic: bool = True,
-                    **options) -> ReversibleModel:
-    """Capture `model` and run the reversible pass on it; returns a new module sharing the
+                    **options):
+    """Capture `model` and run the reversible pass on it; returns an OptimizedModule sharing the
     model's parameters (the model itself is not modified). `options`: fields of Reversible.
-    The result's `.result` holds the pass's stats and diagnostics."""
+    The result's `.pass_result` holds the pass's stats and diagnostics; `stacks(result)` its
+    ReversibleStacks."""
     from memfit.ir.capture import capture
+    from memfit.ir.module import OptimizedModule
 
     pass_ = Reversible(blocks=blocks, mode=mode, **options)
     cap = capture(model, example_inputs, example_kwargs, method=capture_method, dynamic=dynamic)
     res = pass_.run(cap.gm, PassContext(captured=cap))
     res.gm.graph.lint()
     res.gm.recompile()
-    return ReversibleModel(cap, res)
+    return OptimizedModule(model, cap, res.gm, pass_result=res, changes_function=True)

@@ -1,19 +1,23 @@
-"""Which saved tensors to quantize: the shortest ranked prefix that meets a budget.
+"""Quantized saved tensors: one pricing, one ranking and one prefix search, shared by the eager
+path (memfit.optimize: the `quantize-activations` pass) and the torch.compile backend
+(memfit.compile.quantized_saves). Which tensors are eligible is decided by the runtime's
+gate, memfit.runtime.quantized_save.skip_reason, on both roads.
 
-`memfit.optimize` used to wrap every eligible saved tensor in 8 bits once recompute alone
-could not reach the budget. That costs time for every tensor wrapped (on CPU the reference
-kernels are about a dozen torch ops per tensor; on any device the bytes moved) and adds
-gradient error where none is needed. `select_quantized` instead:
+- price: `quant_time_s` (bytes the quantize and dequantize kernels move, over bandwidth,
+  times the kernels' traffic factor);
+- rank: `rank` (most bytes saved first; ties: more bytes per second, then name);
+- choose: the shortest ranked prefix that meets the budget, found with the one budget
+  search (memfit.planning.solvers.first_fit): `choose_prefix` where the saving is exact and
+  additive (the backend's saved bytes), `select_quantized` where each prefix is priced by a
+  whole simulated step (the eager path: the peak is not linear in the bytes saved, it may
+  sit in backward after some saved tensors are freed).
 
-1. prices the candidates (`memfit.passes.quantize.price_candidates`) and ranks the nodes
-   that save them (`rank_nodes`): most bytes saved first;
-2. simulates 8 bits on all of them (`analyze_step`); if that is over the budget, this graph
-   cannot be met at these bits and the caller moves on;
-3. else searches the prefix length (`shortest_prefix`): each probe interpolates the peak
-   linearly in the bytes saved between the known bounds (falling back to bisection), at
-   most `max_sims` simulations in all (the "all" one included). The peak is not linear in the bytes saved
-   (it may sit in backward, after some saved tensors are freed), so every probe is a full
-   simulation of the rewritten step and the chosen prefix always fits as predicted.
+Why bytes saved first and not bytes per second: the time a tensor costs grows linearly with
+its size, so bytes per predicted second is nearly the same for every tensor (about 20%
+apart between head-wise and per-row ranges, more only for tiny tensors). Any set that saves
+X bytes then costs about the same predicted time, and the largest tensors first reach X with
+the fewest tensors: fewest sites of quantization error and the least per-tensor overhead
+(which the bandwidth model leaves out and which dominates the CPU reference kernels).
 """
 
 from __future__ import annotations
@@ -22,62 +26,63 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
+from memfit.planning.solvers.search import first_fit
 
-def rank_nodes(candidates) -> list[str]:
-    """Node names, most bytes saved first (ties: more bytes per predicted second, then name).
 
-    Why bytes saved and not bytes per second: `price_candidates` prices a tensor by the bytes
-    its quantize/dequantize kernels move, which grow linearly with its size, so bytes saved
-    per predicted second is nearly the same for every tensor (it differs by about 20% between
-    head-wise and per-row ranges, and for tensors so small that the packed ranges matter).
-    Any set that saves X bytes then costs about the same predicted time, and the largest
-    tensors first reach X with the fewest tensors: fewest sites of quantization error and
-    the least per-tensor overhead (which the bandwidth model leaves out and which dominates
-    the CPU reference kernels).
-    """
+def quant_time_s(nbytes: int, packed: int, *, bytes_per_s: float, factor: float = 1.0,
+                 extra_read: bool = False) -> float:
+    """Seconds to quantize a saved tensor of `nbytes` to `packed` bytes and dequantize it back:
+    quantize reads the tensor and writes the packed form, dequantize reads the packed form and
+    writes the tensor; per-channel (head-wise or running) ranges read the tensor once more.
+    `factor`: memfit.kernels.dispatch.traffic_factor (1 for Triton, more for the torch reference)."""
+    moved = 2 * (nbytes + packed) + (nbytes if extra_read else 0)
+    return factor * moved / bytes_per_s
+
+
+def rank(items) -> list[str]:
+    """Names of `items` ((name, bytes_saved, seconds) triples; a name may repeat and is
+    summed), most bytes saved first; ties: more bytes per second, then name."""
     saved: dict[str, int] = {}
     secs: dict[str, float] = {}
-    for c in candidates:
-        saved[c.node] = saved.get(c.node, 0) + c.bytes_saved
-        secs[c.node] = secs.get(c.node, 0.0) + c.time_cost_s
+    for name, b, t in items:
+        saved[name] = saved.get(name, 0) + b
+        secs[name] = secs.get(name, 0.0) + t
     return sorted(saved, key=lambda n: (-saved[n], -saved[n] / max(secs[n], 1e-12), n))
+
+
+def choose_prefix(items, excess: int | None) -> list[str]:
+    """The shortest prefix of `rank(items)` whose savings cover `excess` bytes (all of them
+    when `excess` is None, or when even all do not)."""
+    order = rank(items)
+    if excess is None or not order:
+        return order
+    saved: dict[str, int] = {}
+    for name, b, _ in items:
+        saved[name] = saved.get(name, 0) + b
+    cum = [0]
+    for n in order:
+        cum.append(cum[-1] + saved[n])
+    fit = first_fit(len(cum), lambda k: excess - cum[k], 0, known={0: excess}, position=cum, max_evals=len(cum))
+    return order[:fit.index if fit.index is not None else len(order)]
+
+
+def rank_nodes(candidates) -> list[str]:
+    """Node names of QuantCandidates (memfit.passes.quantize.price_candidates), ranked by `rank`."""
+    return rank((c.node, c.bytes_saved, c.time_cost_s) for c in candidates)
 
 
 def shortest_prefix(cum: list, budget: int, peak_at: Callable[[int], int], peak_none: int, peak_all: int,
                     *, max_sims: int = 5) -> tuple[int, bool, int]:
-    """Shortest k in 1..n (n = len(cum) - 1) with peak_at(k) <= budget, given that the
-    prefix of length 0 (peak `peak_none`) is over the budget and the whole list (`peak_all`)
-    is not. cum[k]: bytes saved by the first k, ascending.
-
-    Each probe interpolates the peak linearly in the bytes saved between the two known
-    bounds (regula falsi), kept to the middle third of the bracket; after two probes moving
-    the same bound it bisects instead, so a bent curve cannot stall it. At most `max_sims`
-    calls of peak_at. Returns (k, minimal, calls): minimal is True when the prefix k - 1 is
-    known over the budget (k == 1, or k - 1 was probed), i.e. dropping the last chosen one
-    no longer fits. The peak is not monotone in k in general (a dequantized copy can raise a
-    backward peak), but the k returned was checked (or is n).
-    """
+    """Shortest k in 1..n (n = len(cum) - 1) with peak_at(k) <= budget, given that the prefix
+    of length 0 (peak `peak_none`) is over the budget and the whole list (`peak_all`) is not;
+    cum[k]: bytes saved by the first k, ascending. The one budget search (first_fit) with the
+    cumulative bytes as positions, at most `max_sims` calls of peak_at. Returns (k, minimal,
+    calls): minimal is True when the prefix k - 1 is known over the budget. The peak is not
+    monotone in k in general (a dequantized copy can raise a backward peak), but the k
+    returned was checked (or is n)."""
     n = len(cum) - 1
-    lo, hi, plo, phi = 0, n, peak_none, peak_all
-    calls, last, same = 0, None, 0
-    while hi - lo > 1 and calls < max_sims:
-        if same >= 2 or plo <= phi:
-            k = (lo + hi) // 2
-        else:
-            x = cum[lo] + (plo - budget) / (plo - phi) * (cum[hi] - cum[lo])
-            k = next((i for i in range(lo + 1, hi) if cum[i] >= x), hi - 1)
-            q = -(-(hi - lo) // 3)  # keep to the middle third: the bracket shrinks by a third at least
-            k = min(max(k, lo + q), hi - q)
-        calls += 1
-        p = peak_at(k)
-        side = "hi" if p <= budget else "lo"
-        if side == "hi":
-            hi, phi = k, p
-        else:
-            lo, plo = k, p
-        same = same + 1 if side == last else 1
-        last = side
-    return hi, hi - lo == 1, calls
+    fit = first_fit(n + 1, peak_at, budget, known={0: peak_none, n: peak_all}, position=cum, max_evals=max_sims)
+    return fit.index, fit.exact, fit.evaluations
 
 
 @dataclass
@@ -120,18 +125,18 @@ def select_quantized(q, fresh: Callable, budget_bytes: int, peak_before: int, ca
     """The shortest ranked prefix of saved tensors whose quantization by pass `q` (a
     QuantizeActivations) brings the predicted step peak to `budget_bytes` or below.
 
-    fresh(): a new graph to rewrite (the pass rewrites in place); pass_ctx(g): the
+    fresh(): a new graph to rewrite (the pass rewrites in place; `q.price(g, ctx)` prices its
+    candidates, memfit.passes.quantize.price_candidates); pass_ctx(g): the
     PassContext for graph g; peak_before: the predicted peak of fresh() unquantized (over the
     budget). At most `max_sims` rewrites + analyze_step, the first with every candidate.
     """
     from memfit.cost_models.memory import analyze_step
-    from memfit.passes import PassManager
-    from memfit.passes.quantize import price_candidates
+    from memfit.passes.infra.manager import PassManager
 
     def trial(nodes=None):
         g = fresh()
         if nodes is None:
-            cands = price_candidates(g, pass_ctx(g), q.config())
+            cands = q.price(g, pass_ctx(g))
         p = q if nodes is None else dataclasses.replace(q, nodes=tuple(nodes))
         res = PassManager([p], verify=verify).run(g, pass_ctx(g))
         a = analyze_step(dataclasses.replace(cap, gm=res.gm), optimizer=optimizer, loss_fn=loss_fn,

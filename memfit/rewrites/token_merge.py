@@ -22,10 +22,9 @@ recompute of block i reads the same record, and the matching is deterministic, s
 it recomputes are the ones of the first forward. The blocks must run in order, once each per
 forward (true of ViT, DeiT and their encoders).
 
-The pass (`token-merge{r=8}`) works on the source module: PassContext.config["model"] must
-hold it. It applies the rewrite and captures the result again with the capture method and
-inputs of ctx.captured (which it replaces); passes that ran before it are replayed on the new
-graph from their text forms.
+`token-merge{r=8}` is a source rewrite (memfit.passes.infra.base.SourceRewrite): a pipeline
+naming it applies it to the module and captures the result; the graph passes of the pipeline
+then run on the merged graph (memfit.passes.infra.pipeline).
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memfit.errors import PassError
-from memfit.passes.infra.base import Diagnostic, Pass, PassContext, PassResult, Promise
+from memfit.passes.infra.base import Diagnostic, Promise, RewriteResult, SourceRewrite
 from memfit.passes.infra.registry import register_pass
 from memfit.runtime.token_merge import (attention_bias, r_schedule, token_merge_step,
                                         tokens_per_layer, unmerge_all)
@@ -340,13 +339,13 @@ def _record_of(model: nn.Module) -> _SharedRecord:
 
 @register_pass
 @dataclass(frozen=True)
-class TokenMerge(Pass):
+class TokenMerge(SourceRewrite):
     """Token merging (ToMe) between attention and MLP of each ViT block; changes the function.
 
     Options: r (per block), rs (per-block list, overrides r; text form `rs=8:8:4:0`),
     schedule (constant | decreasing), protected (-1: count class/distillation tokens),
-    prop_attn, sdpa, unmerge. Needs the source module in ctx.config["model"] (memfit.optimize
-    puts it there); re-captures it and replays the passes already run (ctx.history).
+    prop_attn, sdpa, unmerge. A source rewrite: it runs on the module before capture
+    (pipelines run it first, whatever its place in the text).
     """
 
     name: ClassVar[str] = "token-merge"
@@ -366,67 +365,32 @@ class TokenMerge(Pass):
         if self.schedule not in ("constant", "decreasing"):
             raise ValueError(f"unknown schedule {self.schedule!r} (constant or decreasing)")
 
-    def apply(self, model: nn.Module) -> nn.Module:
-        """The module-level rewrite this pass performs."""
-        return apply_token_merging(model, list(self.rs) if self.rs else self.r, schedule=self.schedule,
-                                   protected=None if self.protected < 0 else self.protected,
-                                   prop_attn=self.prop_attn, sdpa=self.sdpa, unmerge=self.unmerge)
-
-    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        from memfit.ir.capture import capture
-
-        model = ctx.config.get("model")
-        if model is None:
-            raise PassError("token-merge rewrites the source module: put it in PassContext(config={'model': m}) "
-                            "or call memfit.rewrites.token_merge.apply_token_merging(m, r=...) before capture")
-        new = self.apply(model)
+    def apply(self, model: nn.Module, example_inputs=(), example_kwargs=None) -> RewriteResult:
+        """Merge tokens in `model` (a new module sharing its parameters); with example inputs,
+        count the tokens per layer (one forward) and say where r was more than could merge."""
+        new = apply_token_merging(model, list(self.rs) if self.rs else self.r, schedule=self.schedule,
+                                  protected=None if self.protected < 0 else self.protected,
+                                  prop_attn=self.prop_attn, sdpa=self.sdpa, unmerge=self.unmerge)
         info: TokenMergeInfo = new.memfit_token_merge
         diags = [Diagnostic(self.name, "unsupported block layout, not merged", node=p) for p in info.skipped]
         if not any(info.r):
-            diags.append(Diagnostic(self.name, "r = 0 in every block: graph left unchanged"))
-            return PassResult(gm, modified=False, stats={"blocks_patched": 0, "tokens_merged": 0},
-                              diagnostics=diags)
-        cap = ctx.captured
-        if cap is None:
-            raise PassError("token-merge needs ctx.captured (the example inputs to capture the rewritten module)")
-        new_cap = capture(new, cap.example_inputs, cap.example_kwargs, method=cap.method,
-                          dynamic=_was_dynamic(cap))
-        tokens = model_tokens_per_layer(new, cap.example_inputs, cap.example_kwargs)
-        new_gm = new_cap.gm
-        if ctx.history:
-            # The passes that already ran saw the graph without merging: replay them (their
-            # text forms round-trip) on the re-captured graph so none of their work is lost.
-            from memfit.passes.infra.manager import PassManager
-            from memfit.passes.infra.registry import parse_pipeline
-
-            sub = dataclasses.replace(ctx, captured=new_cap, history=[])
-            replayed = PassManager(parse_pipeline(",".join(ctx.history))).run(new_gm, sub)
-            new_gm = replayed.gm
-            new_cap = dataclasses.replace(new_cap, gm=new_gm)
-            diags.append(Diagnostic(self.name, f"replayed on the merged graph: {', '.join(ctx.history)} "
-                                               f"({dict(replayed.stats)})"))
-            diags.extend(replayed.diagnostics)
-        new_gm.meta["token_merge"] = {"blocks": list(info.blocks), "r": list(info.r),
-                                      "protected": info.protected, "tokens_per_layer": tokens}
-        ctx.captured = new_cap
-        diags.append(Diagnostic(self.name, f"tokens per layer: {tokens}"))
-        for i, (blk, r) in enumerate(zip(info.blocks, info.r)):
-            done = tokens[i] - tokens[i + 1]
-            if done < r:
-                diags.append(Diagnostic(self.name, f"r={r} asked, {done} merged: at most half of the "
-                                                   f"{tokens[i] - info.protected} unprotected tokens", node=blk))
-        merged = sum(a - b for a, b in zip(tokens[:-1], tokens[1:]))
-        return PassResult(new_gm, modified=True,
-                          stats={"blocks_patched": len(info.blocks), "tokens_merged": merged},
-                          diagnostics=diags)
-
-
-def _was_dynamic(cap) -> bool:
-    for n in cap.gm.graph.nodes:
-        v = n.meta.get("val")
-        if isinstance(v, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in v.shape):
-            return True
-    return False
+            diags.append(Diagnostic(self.name, "r = 0 in every block: model left unchanged"))
+            return RewriteResult(model, modified=False, stats={"blocks_patched": 0, "tokens_merged": 0},
+                                 diagnostics=diags)
+        meta = {"blocks": list(info.blocks), "r": list(info.r), "protected": info.protected}
+        merged = 0
+        if example_inputs or example_kwargs:
+            tokens = model_tokens_per_layer(new, example_inputs, example_kwargs)
+            meta["tokens_per_layer"] = tokens
+            diags.append(Diagnostic(self.name, f"tokens per layer: {tokens}"))
+            for i, (blk, r) in enumerate(zip(info.blocks, info.r)):
+                done = tokens[i] - tokens[i + 1]
+                if done < r:
+                    diags.append(Diagnostic(self.name, f"r={r} asked, {done} merged: at most half of the "
+                                                       f"{tokens[i] - info.protected} unprotected tokens", node=blk))
+            merged = sum(a - b for a, b in zip(tokens[:-1], tokens[1:]))
+        return RewriteResult(new, modified=True, stats={"blocks_patched": len(info.blocks), "tokens_merged": merged},
+                             diagnostics=diags, meta={"token_merge": meta})
 
 
 def token_merge_pass_info(gm: torch.fx.GraphModule) -> dict | None:

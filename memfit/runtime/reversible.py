@@ -333,3 +333,118 @@ def reversible_stack(x1: torch.Tensor, x2: torch.Tensor, couplings: Sequence[Cou
     meta = {"couplings": couplings, "opts": opts, "n_ext": len(ext), "params": params,
             "report": report if report is not None else ReconstructionReport()}
     return _ReversibleStack.apply(meta, x1, x2, *ext, *params)
+
+
+# ----------------------------------------------------------------------------- the stack module
+
+class _Residual:
+    """r(x, *e) = block(x, *e) - x: the residual branch of a block h -> h + r(h)."""
+
+    def __init__(self, fn, idx):
+        self.fn, self.idx = fn, idx
+
+    def __call__(self, x, *e):
+        return self.fn(x, *[e[i] for i in self.idx]) - x
+
+
+class _NegScaled:
+    """G(y) = -beta * y: with it the MEFT aux stream holds beta * (a_i - a_{i+1}), the scaled
+    residual update of block i, instead of beta * a_i (see docs/reversible.md, "delta")."""
+
+    def __init__(self, beta):
+        self.beta = beta
+
+    def __call__(self, y, *e):
+        return y * (-self.beta)
+
+
+class _Whole:
+    def __init__(self, fn, idx):
+        self.fn, self.idx = fn, idx
+
+    def __call__(self, x, *e):
+        return self.fn(x, *[e[i] for i in self.idx])
+
+
+class ReversibleStack(torch.nn.Module):
+    """Runs converted blocks as reversible couplings: forward(h, *ext) -> h'.
+
+    Owns no parameters: block children and the modules they call are held outside
+    `_modules`, so state_dict keys stay the original model's. `report` holds the
+    reconstruction errors measured by the last backward (check mode or anchors).
+    """
+
+    def __init__(self, children, ext_index, names, *, mode, lam, beta, anchor_every, check,
+                 warn_threshold, preserve_rng, aux="copy"):
+        super().__init__()
+        self.aux = aux
+        self.__dict__["blocks"] = list(children)
+        self.mode, self.lam, self.beta = mode, lam, beta
+        self.anchor_every, self.check, self.warn_threshold = anchor_every, check, warn_threshold
+        self.preserve_rng = preserve_rng
+        self.names = list(names)
+        self.report = ReconstructionReport()
+        self.recompute = True  # False: same couplings with stored activations (reference)
+        self._couplings = self._build(list(children), ext_index)
+
+    def _build(self, children, ext_index):
+        def params(*cs):
+            return tuple(p for c in cs for p in c.parameters())
+
+        def union(*idx_lists):
+            u = []
+            for lst in idx_lists:
+                for i in lst:
+                    if i not in u:
+                        u.append(i)
+            return u
+
+        out = []
+        if self.mode == "meft":
+            for c, idx, name in zip(children, ext_index, self.names):
+                G = _NegScaled(self.beta) if self.aux == "delta" else None
+                out.append(Coupling(F=_Whole(c, list(range(len(idx)))), G=G, name=name, lam=self.lam,
+                                    beta=self.beta, params=params(c), ext=tuple(idx)))
+            return out
+        for j in range(0, len(children), 2):
+            fi = children[j]
+            if j + 1 < len(children):
+                gi = children[j + 1]
+                u = union(ext_index[j], ext_index[j + 1])
+                F = _Residual(fi, [u.index(i) for i in ext_index[j]])
+                G = _Residual(gi, [u.index(i) for i in ext_index[j + 1]])
+                out.append(Coupling(F=F, G=G, name=f"{self.names[j]}+{self.names[j + 1]}", lam=self.lam,
+                                    beta=self.beta, params=params(fi, gi), ext=tuple(u)))
+            else:
+                u = list(ext_index[j])
+                out.append(Coupling(F=_Residual(fi, list(range(len(u)))), G=None, name=self.names[j],
+                                    lam=self.lam, beta=self.beta, params=params(fi), ext=tuple(u)))
+        return out
+
+    def set_scaling(self, lam: float | None = None, beta: float | None = None) -> None:
+        """Change lam and/or beta of every coupling (e.g. a MEFT schedule, or an ablation)."""
+        for k, v in (("lam", lam), ("beta", beta)):
+            if v is not None and v == 0:
+                raise ValueError(f"{k} must be nonzero (the inverse divides by it)")
+        self.lam = self.lam if lam is None else lam
+        self.beta = self.beta if beta is None else beta
+        for c in self._couplings:
+            c.lam, c.beta = self.lam, self.beta
+            if isinstance(c.G, _NegScaled):
+                c.G.beta = self.beta
+
+    def extra_repr(self) -> str:
+        return (f"mode={self.mode}, blocks={len(self.names)}, couplings={len(self._couplings)}, "
+                f"lam={self.lam:g}, beta={self.beta:g}, anchor_every={self.anchor_every}"
+                + (f", aux={self.aux}" if self.mode == "meft" else ""))
+
+    def forward(self, h, *ext):
+        if self.mode == "meft":
+            x1, x2 = torch.zeros_like(h), h
+        else:
+            x1 = x2 = h
+        y1, y2 = reversible_stack(x1, x2, self._couplings, ext, swap=self.mode == "meft",
+                                  anchor_every=self.anchor_every, check=self.check,
+                                  preserve_rng=self.preserve_rng, warn_threshold=self.warn_threshold,
+                                  recompute=self.recompute, report=self.report)
+        return y2 if self.mode == "meft" else (y1 + y2) * 0.5

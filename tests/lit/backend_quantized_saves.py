@@ -12,6 +12,7 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._inductor.decomposition import select_decomp_table
 
 import memfit.compile as mb
+from memfit.testing import run
 
 warnings.filterwarnings("ignore")
 torch.manual_seed(0)
@@ -54,7 +55,7 @@ class Transposed(nn.Module):
         return torch.sin(x) @ self.w
 
 
-def run(model, x):
+def compile_and_report(model, x):
     torch._dynamo.reset()
     opts = mb.BackendOptions(budget="50%", passes=(), codegen="eager", quantize="prefer", quantize_min_bytes=1024)
     part = mb.MemfitPartitioner(opts)
@@ -65,7 +66,10 @@ def run(model, x):
     print(f"// quantized {p.quantized} fits={p.fits} skipped={sorted(p.quantize_skipped.items())}")
 
 
-run(Net(), torch.randn(32, 64))
+@run
+def tanh_save():
+    compile_and_report(Net(), torch.randn(32, 64))
+# CHECK-LABEL: TEST: tanh_save
 # CHECK: // forward
 # CHECK: %tanh_mfq = memfit.quantize_saved.default(%tanh, 8, 256)
 # CHECK-NEXT: %tanh_mfq_codes = <built-in function getitem>(%tanh_mfq, 0)
@@ -81,7 +85,10 @@ run(Net(), torch.randn(32, 64))
 # CHECK: %tanh_mfdq = memfit.dequantize_saved.default(%tanh_mfq_codes, %tanh_mfq_flags, %tanh_mfq_scale, %tanh_mfq_zero, [32, 256], torch.float32, 8, 256)
 # CHECK: // quantized ['tanh'] fits=True skipped=[('a graph input or a view of one', {{[0-9]+}})]
 
-run(Transposed(), torch.randn(32, 64))
+@run
+def transposed_save():
+    compile_and_report(Transposed(), torch.randn(32, 64))
+# CHECK-LABEL: TEST: transposed_save
 # CHECK: // forward
 # CHECK: %permute_mfperm = aten.permute.default(%permute, [1, 0])
 # CHECK-NEXT: %permute_mfq = memfit.quantize_saved.default(%permute_mfperm, 8, 256)

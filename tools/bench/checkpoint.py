@@ -33,7 +33,8 @@ from memfit.budget import format_bytes  # noqa: E402
 from memfit.ir.capture import capture  # noqa: E402
 from memfit.errors import BudgetError  # noqa: E402
 from memfit.cost_models.measure import measure  # noqa: E402
-from memfit.passes.checkpoint import CheckpointPlanner, GraphModel  # noqa: E402
+from memfit.ir.module import OptimizedModule  # noqa: E402
+from memfit.passes.checkpoint import CheckpointPlanner  # noqa: E402
 
 
 def build(name):
@@ -127,7 +128,7 @@ def run_model(name, fractions, repeats, use_compile):
     planner = CheckpointPlanner(cap, loss_fn=loss_fn)
     t_plan = time.perf_counter() - t0
     # The captured graph without recompute: separates capture overhead from recompute cost.
-    variants = {"unmodified": (model, None), "graph": (GraphModel(cap, cap.gm), None)}
+    variants = {"unmodified": (model, None), "graph": (OptimizedModule(model, cap), None)}
     rows = []
     perblock = _PerBlock(blocks)
     with perblock.active():
@@ -145,7 +146,7 @@ def run_model(name, fractions, repeats, use_compile):
             rows.append((frac, budget, None, floor.group(1) if floor else "?"))
             continue
         dt_plan = time.perf_counter() - t1
-        gmodel = GraphModel(cap, plan.gm)
+        gmodel = OptimizedModule(model, cap, plan.gm)
         m = measure(gmodel, example_inputs=inputs, loss_fn=loss_fn)
         variants[f"memfit {frac:.0%}"] = (gmodel, None)
         rows.append((frac, budget, (m, retained_bytes(gmodel, inputs, loss_fn), plan, dt_plan), None))

@@ -17,8 +17,6 @@
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import os
 import platform
 import statistics
@@ -35,7 +33,8 @@ from memfit.budget import format_bytes as fb  # noqa: E402
 from memfit.cost_models.measure import measure  # noqa: E402
 from memfit.ir.capture import capture  # noqa: E402
 from memfit.passes import PassContext  # noqa: E402
-from memfit.passes.reversible import Reversible, ReversibleModel, make_reversible  # noqa: E402
+from memfit.ir.module import OptimizedModule  # noqa: E402
+from memfit.passes.reversible import Reversible, make_reversible, set_recompute, stacks  # noqa: E402
 from memfit.runtime.reversible import ReconstructionWarning  # noqa: E402
 
 
@@ -64,9 +63,8 @@ def depth_table():
         cap = capture(model, inputs, dynamic=False)
         variants = {"unmodified": model}
         for mode in ("pairs", "meft"):
-            gm = copy.deepcopy(cap.gm)
-            res = Reversible(mode=mode).run(gm, PassContext(captured=cap))
-            variants[mode] = ReversibleModel(dataclasses.replace(cap, gm=res.gm), res)
+            res = Reversible(mode=mode).apply_to_clone(cap.gm, PassContext(captured=cap))
+            variants[mode] = OptimizedModule(model, cap, res.gm, pass_result=res)
         meas = {k: measure(m, example_inputs=inputs, loss_fn=loss_fn) for k, m in variants.items()}
         times = {k: [] for k in variants}
         for _ in range(5):  # alternate variants so load changes hit all of them alike
@@ -92,7 +90,7 @@ def meft_table():
     rows = []
     for aux in ("copy", "delta"):
         rev = make_reversible(g, (ids,), mode="meft", aux=aux, dynamic=False)
-        (stack,) = rev.stacks
+        (stack,) = stacks(rev)
         for lam in (0.3, 0.1, 0.03, 0.01):
             stack.set_scaling(lam=lam)
             with torch.no_grad():
@@ -102,7 +100,7 @@ def meft_table():
                 stack.anchor_every = k
                 grads = []
                 for rc in (False, True):
-                    rev.set_recompute(rc)
+                    set_recompute(rev, rc)
                     g.zero_grad(set_to_none=True)
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", ReconstructionWarning)

@@ -28,22 +28,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 from examples import gpt2_like, resnet_like  # noqa: E402
 from memfit.budget import format_bytes as fb  # noqa: E402
-from memfit.ir.capture import capture  # noqa: E402
+from memfit.ir.capture import capture
+from memfit.ir.module import OptimizedModule  # noqa: E402
 from memfit.cost_models.memory import analyze_step  # noqa: E402
 from memfit.cost_models.measure import measure  # noqa: E402
 from memfit.passes import PassContext, PassManager  # noqa: E402
-
-
-class GraphRunner(nn.Module):
-    """Calls a captured graph with the model's own inputs and output structure."""
-
-    def __init__(self, model, cap, gm):
-        super().__init__()
-        self.model = model  # registers the shared parameters, so measure() sees them
-        self.cap, self.gm = cap, gm
-
-    def forward(self, *args):
-        return self.cap.unflatten_output(self.gm(*self.cap.flat_inputs(args)))
 
 
 def step_time(mod, inputs, loss_fn) -> float:
@@ -58,10 +47,10 @@ def step_time(mod, inputs, loss_fn) -> float:
 def bench(name, model, inputs, loss_fn, pipeline, reps=3):
     t_start = time.perf_counter()
     cap = capture(model, inputs, dynamic=False)
-    base = GraphRunner(model, cap, cap.gm)
+    base = OptimizedModule(model, cap)
     cap2 = capture(model, inputs, dynamic=False)
     res = PassManager(pipeline).run(cap2.gm, PassContext(captured=cap2))
-    new = GraphRunner(model, cap2, res.gm)
+    new = OptimizedModule(model, cap2, res.gm)
     m0 = measure(base, example_inputs=inputs, loss_fn=loss_fn)
     m1 = measure(new, example_inputs=inputs, loss_fn=loss_fn)
     pred = analyze_step(dataclasses.replace(cap2, gm=res.gm), loss_fn=loss_fn, symbolic=False)

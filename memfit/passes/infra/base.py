@@ -4,9 +4,18 @@ A pass is a frozen dataclass with a class-level `name` and typed option fields; 
 `name{opt=val,...}` round-trips (`Pass.to_text`, `memfit.passes.infra.registry.parse_pipeline`), so
 the CLI, tests and the registry share one spelling (the xDSL convention).
 
-A pass rewrites the captured GraphModule (`memfit.capture.Captured.gm`: flat placeholders, a
-flat tuple output, `node.meta["val"]` FakeTensors) and returns a PassResult with the counts of
-what it rewrote and a diagnostic for everything it skipped.
+A pass rewrites the captured GraphModule (`memfit.ir.capture.Captured.gm`: flat placeholders,
+a flat tuple output, `node.meta["val"]` FakeTensors) and returns a PassResult with the counts of
+what it rewrote, a diagnostic for everything it skipped and the decisions it made.
+
+In place or copy, the one rule (as xDSL's `apply`): `run(gm, ctx)` rewrites `gm` in place and
+returns it in the PassResult (a function pass may return a new GraphModule instead; the
+manager continues with whatever the result holds). Whoever needs the graph as it was (a
+planner trying alternatives) runs the pass on a copy: `Pass.apply_to_clone(gm, ctx)`.
+
+Source rewrites (`SourceRewrite`, e.g. token merging) change the nn.Module itself and run as
+their own stage before capture (memfit.passes.infra.pipeline); they share the registry and the
+text form with graph passes.
 """
 
 from __future__ import annotations
@@ -58,36 +67,57 @@ class Diagnostic:
 
 @dataclass
 class PassResult:
-    """What a pass returns: the (possibly new) graph module, whether it changed, rewrite
-    counts (`stats`, asserted in tests) and diagnostics."""
+    """What a pass returns: the graph module (the one it was given, rewritten in place), whether
+    it changed, rewrite counts (`stats`, asserted in tests), diagnostics, and the decisions it
+    made (memfit.memory_plan.Decision: what it chose, predicted bytes saved and extra time),
+    which memfit.optimize puts in the plan."""
 
     gm: torch.fx.GraphModule
     modified: bool
     stats: dict[str, int] = field(default_factory=dict)
     diagnostics: list[Diagnostic] = field(default_factory=list)
+    decisions: list = field(default_factory=list)
+
+
+FRONTENDS = ("export", "dynamo")
 
 
 @dataclass
 class PassContext:
     """Everything a pass may read besides the graph; no globals.
 
-    `captured`: the Captured the graph came from (example inputs, specs, training flag).
-    `budget`: a memfit.budget.Budget or None. `config`: free-form per-run settings.
+    captured: the memfit.ir.capture.Captured the graph came from (example inputs, specs,
+        training flag); None on Dynamo's graphs.
+    budget: the step's budget in bytes (or a memfit.budget.Budget), None without one.
+    optimizer, loss_fn: as given to memfit.optimize (a name or an instance; loss_fn(output)).
+    frontend: "export" (memfit's capture: aten training IR or symbolic_trace) or "dynamo"
+        (the torch-level graph torch.compile hands the backend).
+    inputs: flat example inputs when there is no `captured` (the backend's, or verify mode's
+        own); `example_inputs` reads `captured` first.
+    verify_seed: the RNG seed verify mode runs both graphs from (dropout draws the same masks).
+    history: text forms of the passes already run (the manager appends).
     """
 
     captured: Any = None
     budget: Any = None
     optimizer: Any = None
     loss_fn: Any = None
-    config: dict = field(default_factory=dict)
-    history: list[str] = field(default_factory=list)  # text forms of the passes already run
+    frontend: str = "export"
+    inputs: list | None = None
+    verify_seed: int = 0
+    history: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.frontend not in FRONTENDS:
+            raise ValueError(f"frontend must be one of {FRONTENDS}, got {self.frontend!r}")
 
     @property
     def example_inputs(self) -> list:
-        """The flat example inputs (real tensors) the graph's placeholders take."""
-        if self.captured is None:
-            return []
-        return self.captured.flat_inputs()
+        """The flat example inputs (real tensors, or FakeTensors on Dynamo's graphs) the graph's
+        placeholders take."""
+        if self.captured is not None:
+            return self.captured.flat_inputs()
+        return list(self.inputs or [])
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -146,9 +176,16 @@ class Pass:
 
     name: ClassVar[str] = ""
     promise: ClassVar[Promise] = EXACT
+    stage: ClassVar[str] = "graph"   # "source": a SourceRewrite, run before capture
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         raise NotImplementedError
+
+    def apply_to_clone(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        """Run on a copy of `gm` (memfit.ir.fx_utils.copy_graph_module): `gm` stays as it was."""
+        from memfit.ir.fx_utils import copy_graph_module
+
+        return self.run(copy_graph_module(gm), ctx)
 
     def options(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -214,3 +251,34 @@ def function_pass(fn, name: str, promise: Promise = EXACT) -> type[Pass]:
     cls.name = name
     cls.promise = promise
     return dataclass(frozen=True)(cls)
+
+
+@dataclass
+class RewriteResult:
+    """What a source rewrite returns: the new module (sharing the original's parameters),
+    whether it changed, counts, diagnostics and decisions as PassResult, and `meta` for the
+    captured graph's `gm.meta` (what the rewrite did, for later stages and tests)."""
+
+    model: Any
+    modified: bool
+    stats: dict[str, int] = field(default_factory=dict)
+    diagnostics: list[Diagnostic] = field(default_factory=list)
+    decisions: list = field(default_factory=list)
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class SourceRewrite(Pass):
+    """A rewrite of the nn.Module itself (new forwards over the same parameters), run before
+    capture: `apply(model, example_inputs, example_kwargs) -> RewriteResult`. Named and parsed
+    like a pass; pipelines run every source rewrite first (memfit.passes.infra.pipeline)."""
+
+    stage: ClassVar[str] = "source"
+
+    def apply(self, model, example_inputs=(), example_kwargs=None) -> RewriteResult:
+        raise NotImplementedError
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        raise PassError(f"{self.name} rewrites the source module before capture, not a captured graph: "
+                        f"give it in a pipeline (memfit.optimize(passes=...), memfit opt --passes, "
+                        f"memfit.passes.infra.pipeline.run_pipeline), or call its apply(model)")

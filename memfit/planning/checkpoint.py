@@ -1,0 +1,463 @@
+"""Recompute planning: units of a captured forward, their prices, and the CheckpointPlanner.
+
+How it decides (see docs/checkpointing.md):
+
+1. `analyze_step` prices every node of the captured forward: bytes autograd saves for it
+   (`NodeCost.saved_bytes`) and an estimated forward time (`NodeCost.est_time_s`).
+2. Segment discovery cuts the forward (graph order) into units: runs of nodes of the same
+   module at one depth of the module tree (blocks, attention, MLP); graphs without module
+   structure are cut at the output's dominators (networkx), the nodes every path from the
+   inputs to the loss passes through. Residual adds and U-Net skips need no special case:
+   a unit's inputs are whatever crosses its start, skips included.
+3. Each unit gets saved bytes (dropped when recomputed; outputs used after the unit are not
+   counted, they stay live), boundary bytes (its inputs that nobody else keeps) and
+   recompute time; a solver from memfit.planning.solvers returns the Pareto frontier of plans.
+4. The frontier (fastest first) is searched with the one budget search
+   (memfit.planning.solvers.first_fit); each plan probed is applied to a copy of the graph and
+   the whole step is simulated again (the same fake-tensor cost model, recomputation and
+   all). The floor (the most-recomputing plan) is simulated once and is the same for every
+   budget: a budget under it is refused with it, a budget over it gets a plan.
+5. Regions are outlined (memfit.ir.outline) into child GraphModules called through
+   memfit.runtime.checkpoint.CheckpointedRegion (non-reentrant torch.utils.checkpoint with
+   RNG replay, buffer updates once per step).
+
+Budgets are for the whole training step's peak, as everywhere in memfit: bytes, "6GiB",
+or "50%" of the unoptimized step's predicted peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from memfit.errors import BudgetError, PassError
+from memfit.ir.capture import Captured
+from memfit.ir.fx_utils import COMPUTE_OPS as _CALL_OPS
+from memfit.ir.fx_utils import call_nodes, copy_graph_module, module_path
+from memfit.ir.outline import outline_region
+from memfit.passes.infra.base import Diagnostic
+from memfit.planning.solvers.search import first_fit
+
+log = logging.getLogger(__name__)
+
+SOLVERS = ("auto", "chain", "knapsack")
+
+
+# ----------------------------------------------------------------------------- units
+
+@dataclass(frozen=True)
+class Unit:
+    """A run of consecutive forward nodes (indices into the list of call nodes)."""
+
+    start: int
+    end: int                 # exclusive
+    label: str               # module path (or node span) for reports
+    saved_bytes: int         # saved for backward by its nodes (dropped when recomputed)
+    boundary_bytes: int      # inputs kept alive when recomputed that would otherwise be freed
+    time_s: float            # forward (= recompute) time estimate
+    output_bytes: int = 0    # of saved_bytes, what belongs to values used after the unit
+
+
+def _module_key(n: torch.fx.Node, depth: int) -> str:
+    path = module_path(n)
+    return ".".join(path.split(".")[:depth]) if path else ""
+
+
+def module_runs(nodes: list[torch.fx.Node], depth: int) -> list[tuple[int, int, str]]:
+    """Maximal runs of nodes sharing the module path prefix of `depth` components."""
+    runs = []
+    start = 0
+    for i in range(1, len(nodes) + 1):
+        if i == len(nodes) or _module_key(nodes[i], depth) != _module_key(nodes[start], depth):
+            runs.append((start, i, _module_key(nodes[start], depth) or "(top)"))
+            start = i
+    return runs
+
+
+def dominator_runs(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> list[tuple[int, int, str]]:
+    """Spans between the output's dominators in the forward data-flow graph (networkx)."""
+    import networkx as nx
+
+    g = nx.DiGraph()
+    g.add_node("__src__")
+    for n in gm.graph.nodes:
+        g.add_node(n.name)
+        if n.op in ("placeholder", "get_attr"):
+            g.add_edge("__src__", n.name)
+        for a in n.all_input_nodes:
+            g.add_edge(a.name, n.name)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    idom = nx.immediate_dominators(g, "__src__")
+    chain = set()
+    v = out.name
+    while v in idom and idom[v] != v:
+        v = idom[v]
+        chain.add(v)
+    index = {n.name: i for i, n in enumerate(nodes)}
+    cuts = sorted(index[c] + 1 for c in chain if c in index)
+    runs, start = [], 0
+    for c in cuts + [len(nodes)]:
+        if c > start:
+            runs.append((start, c, f"{nodes[start].name}..{nodes[c - 1].name}"))
+            start = c
+    return runs
+
+
+def discover_runs(gm: torch.fx.GraphModule, nodes, *, share: float = 0.25, max_units: int = 64):
+    """Units for the chain: module runs, refined where a run holds too much.
+
+    Start from the runs of depth-1 modules; a run holding more than `share` of all saved
+    bytes is split into the runs of the next module depth (GPT: `h` -> `h.0`, `h.1`, ...
+    -> `h.0.ln_1`, `h.0.attn`, ...), recursively, while the count stays under `max_units`.
+    Graphs without module structure are cut at the output's dominators instead.
+    """
+    if not any(module_path(n) for n in nodes):
+        return dominator_runs(gm, nodes)
+
+    def saved(s, e):
+        return sum(getattr(n.meta.get("memfit"), "saved_bytes", 0) for n in nodes[s:e])
+
+    total = max(1, saved(0, len(nodes)))
+    runs = [(s, e, lab, 1) for s, e, lab in module_runs(nodes, 1)]
+    changed = True
+    while changed and len(runs) < max_units:
+        changed = False
+        out = []
+        for s, e, lab, d in runs:
+            if saved(s, e) > share * total and d < 8 and e - s > 1:
+                sub = [(s + a, s + b, l2) for a, b, l2 in module_runs(nodes[s:e], d + 1)]
+                deeper = d + 1
+                while len(sub) == 1 and deeper < 8:
+                    deeper += 1
+                    sub = [(s + a, s + b, l2) for a, b, l2 in module_runs(nodes[s:e], deeper)]
+                if len(sub) > 1 and len(runs) + len(out) + len(sub) <= max_units + 1:
+                    out.extend((a, b, l2, deeper) for a, b, l2 in sub)
+                    changed = True
+                    continue
+            out.append((s, e, lab, d))
+        runs = out
+    return [(s, e, lab) for s, e, lab, _ in runs]
+
+
+def price_units(gm: torch.fx.GraphModule, runs) -> list[Unit]:
+    """Saved, boundary and time figures per unit from node.meta['memfit'] (NodeCost)."""
+    nodes = call_nodes(gm)
+    pos = {n: i for i, n in enumerate(nodes)}
+    units = []
+    for start, end, label in runs:
+        inside = set(nodes[start:end])
+        saved = out_saved = 0
+        time = 0.0
+        for n in nodes[start:end]:
+            c = n.meta.get("memfit")
+            if c is None:
+                continue
+            time += c.est_time_s
+            saved += c.saved_bytes
+            if any(u not in inside for u in n.users):
+                out_saved += c.saved_bytes
+        boundary = 0
+        seen = set()
+        for n in nodes[start:end]:
+            for a in n.all_input_nodes:
+                if a in inside or a in seen or a.op not in _CALL_OPS:
+                    continue
+                seen.add(a)
+                c = a.meta.get("memfit")
+                if c is None:
+                    continue
+                # Kept anyway when some operator saves it, or when it is used after the unit.
+                last_use = max((pos.get(u, len(nodes)) for u in a.users), default=0)
+                if last_use >= end:
+                    continue
+                boundary += max(0, c.output_bytes - c.saved_bytes)
+        units.append(Unit(start, end, label, saved, boundary, time, out_saved))
+    return units
+
+
+# ----------------------------------------------------------------------------- rewriting
+
+def _mutated_state(gm, region, inputs):
+    """Module buffers and input indices the region may update in place (BatchNorm running
+    statistics and counters, arguments written by in-place ops)."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    module_buffers = []
+    mutable: set[int] = set()
+    index = {a: i for i, a in enumerate(inputs)}
+    for n in region:
+        if n.op == "call_module":
+            for mod in gm.get_submodule(str(n.target)).modules():
+                if isinstance(mod, _NormBase):
+                    module_buffers.extend((mod, b) for b in mod._buffers)  # noqa: SLF001
+            continue
+        if n.op != "call_function":
+            continue
+        written = []
+        schema = getattr(n.target, "_schema", None)
+        if schema is not None:
+            for k, arg in enumerate(schema.arguments):
+                if arg.alias_info is not None and arg.alias_info.is_write:
+                    written.append(n.args[k] if k < len(n.args) else n.kwargs.get(arg.name))
+        tname = getattr(n.target, "__name__", str(n.target))
+        if "batch_norm" in tname or "instance_norm" in tname:
+            # aten.batch_norm / F.batch_norm update running_mean, running_var (args 3, 4)
+            written += [n.args[k] for k in (3, 4) if k < len(n.args)]
+            written += [n.kwargs.get(k) for k in ("running_mean", "running_var")]
+        for w in written:
+            if isinstance(w, torch.fx.Node) and w in index:
+                mutable.add(index[w])
+    return module_buffers, sorted(mutable)
+
+
+def apply_spans(gm: torch.fx.GraphModule, units: list[Unit], spans, *, in_place: bool = False):
+    """`gm` (a copy of it unless `in_place`) with each span of units [i, j) recomputed:
+    its nodes outlined (memfit.ir.outline) into a child run by CheckpointedRegion.
+    Returns (graph module, call nodes)."""
+    from memfit.runtime.checkpoint import CheckpointedRegion
+
+    new = gm if in_place else copy_graph_module(gm)
+    nodes = call_nodes(new)
+    made = []
+    for k, (i, j) in enumerate(spans):
+        region = nodes[units[i].start:units[j - 1].end]
+        label = units[i].label if j - i == 1 else f"{units[i].label}..{units[j - 1].label}"
+        name = f"memfit_ckpt_{k}"
+
+        def run(child, inputs, region_nodes, name=name):
+            return CheckpointedRegion(child, name, *_mutated_state(new, region_nodes, inputs))
+
+        made.append(outline_region(new, region, name, call=run, tuple_output=True,
+                                   meta={"memfit_checkpoint": label}))
+    return new, made
+
+
+# ----------------------------------------------------------------------------- planning
+
+@dataclass
+class CheckpointPlan:
+    """What `plan_checkpoint` chose (or could reach)."""
+
+    gm: torch.fx.GraphModule            # rewritten copy (the original when nothing recomputes)
+    spans: tuple                        # unit spans recomputed
+    units: list                         # Unit records
+    decisions: list                     # memfit.memory_plan.Decision per region
+    extra_time_s: float                 # predicted extra step time
+    baseline_peak: int                  # predicted peak before
+    peak_bytes: int                     # predicted (simulated) peak after
+    budget_bytes: int
+    diagnostics: list
+    verified: int = 0                   # plans simulated to find this one
+
+
+def _phase_figures(analysis) -> tuple[int, int]:
+    """(fixed, floor) for the chain model.
+
+    fixed = peak - saved activations: with every activation live at the baseline's peak,
+    removing R bytes of saved activations lowers that event by R, so the model reproduces
+    the baseline peak exactly when nothing is recomputed. floor = the largest
+    non-activation live bytes over the step (gradients at the end of backward, optimizer
+    temporaries): what recomputation cannot lower.
+    """
+    floor = 0
+    saved_max = 0
+    for _, _phase, live in analysis.timeline:
+        floor = max(floor, sum(v for k, v in live.items() if k != "saved_activations"))
+        saved_max = max(saved_max, live.get("saved_activations", 0))
+    return max(0, analysis.peak_bytes - saved_max), floor
+
+
+class CheckpointPlanner:
+    """Plans for one captured model: analysis, units and frontier computed once, simulated
+    plans cached, so sweeping budgets (benchmarks, `memfit plan --budget`) stays cheap.
+
+    `margin`: fraction of the budget kept free for what the cost model does not see
+    (allocator rounding; measured 32 bytes over on a 2.7 MB step). `slack`: plans whose
+    chain-model peak exceeds the budget by more than this fraction are not simulated (the
+    model is conservative; this bounds the number of simulations). `max_verify`: most
+    simulations per budget.
+    """
+
+    def __init__(self, cap: Captured, *, optimizer=None, loss_fn=None, solver: str = "auto",
+                 max_verify: int = 24, margin: float = 0.002, slack: float = 0.15):
+        from memfit.cost_models.memory import analyze_step
+        from memfit.planning import ChainPlan, chain_frontier, knapsack_frontier
+
+        if solver not in SOLVERS:
+            raise PassError(f"unknown checkpoint solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+        self.cap, self.optimizer, self.loss_fn = cap, optimizer, loss_fn
+        self.max_verify, self.margin, self.slack = max_verify, margin, slack
+        self.a0 = analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=False)
+        self.nodes = call_nodes(cap.gm)
+        self.units = price_units(cap.gm, discover_runs(cap.gm, self.nodes))
+        self.fixed, self.floor = _phase_figures(self.a0)
+        u = self.units
+        saved = [x.saved_bytes for x in u]
+        boundary = [x.boundary_bytes for x in u]
+        outs = [x.output_bytes for x in u]
+        times = [x.time_s for x in u]
+        if solver == "knapsack":
+            kf = knapsack_frontier(saved, [b + o for b, o in zip(boundary, outs)], times,
+                                   fixed=self.fixed, floor=self.floor)
+            self.frontier = [ChainPlan(tuple((r, r + 1) for r in p.recompute), p.peak_bytes, p.extra_time_s)
+                             for p in kf]
+        else:
+            self.frontier = chain_frontier(saved, boundary, times, fixed=self.fixed, floor=self.floor,
+                                           output=outs)
+        self.diagnostics = [Diagnostic("checkpoint", f"unit {x.label} not worth recomputing alone: saves "
+                                       f"{x.saved_bytes} B, would keep {x.boundary_bytes + x.output_bytes} B",
+                                       node=x.label)
+                            for x in u if x.saved_bytes <= x.boundary_bytes + x.output_bytes]
+        self._sim: dict = {}      # spans -> (peak bytes, gm)
+        self._figures: dict[int, int] = {}   # frontier index -> figure (simulated)
+        self._floor: tuple[int, int] | None = None
+
+    # A plan's figure is max(simulated peak, model bounds); all are budget-free, and so is
+    # the floor, so refusals and the plans chosen are consistent across budgets.
+    def lower_bound(self, p) -> int:
+        rec = set(p.recomputed_units())
+        lb = max(self.floor, self.fixed + sum(x.saved_bytes for k, x in enumerate(self.units) if k not in rec)
+                 + sum(self.units[j - 1].output_bytes for _, j in p.spans))
+        return max(lb, int(p.peak_bytes * (1.0 - self.slack)))
+
+    def simulate(self, spans) -> tuple[int, torch.fx.GraphModule]:
+        """(predicted peak, rewritten graph) of recomputing `spans`; cached. The graph is the
+        planner's: rewrite a `fresh_graph(spans)` instead of it."""
+        if not spans:
+            return self.a0.peak_bytes, self.cap.gm
+        if spans not in self._sim:
+            new = self.fresh_graph(spans)
+            self._sim[spans] = (self._peak(new), new)
+        return self._sim[spans]
+
+    def fresh_graph(self, spans) -> torch.fx.GraphModule:
+        """A new copy of the captured graph with `spans` recomputed (for callers that rewrite
+        it further, e.g. quantized saves on what stays saved)."""
+        return apply_spans(self.cap.gm, self.units, spans)[0]
+
+    def _peak(self, gm) -> int:
+        from memfit.cost_models.memory import analyze_step
+
+        return analyze_step(dataclasses.replace(self.cap, gm=gm), optimizer=self.optimizer,
+                            loss_fn=self.loss_fn, symbolic=False).peak_bytes
+
+    def figure(self, i: int) -> int:
+        """Frontier plan i's figure: max(simulated peak, its lower bound); cached."""
+        if i not in self._figures:
+            p = self.frontier[i]
+            peak, _ = self.simulate(p.spans)
+            self._figures[i] = max(peak, self.lower_bound(p)) if p.spans else peak
+        return self._figures[i]
+
+    def floor_plan(self) -> tuple[int, int]:
+        """(frontier index, figure) of the most-recomputing plan: the floor of recompute alone,
+        the same for every budget."""
+        if self._floor is None:
+            i = len(self.frontier) - 1
+            self._floor = (i, self.figure(i))
+        return self._floor
+
+    def floor_bytes(self) -> int:
+        return self.floor_plan()[1]
+
+    def decisions_for(self, spans) -> list:
+        from memfit.memory_plan import Decision
+
+        units = self.units
+        out = []
+        for i, j in spans:
+            label = units[i].label if j - i == 1 else f"{units[i].label}..{units[j - 1].label}"
+            saved = sum(u.saved_bytes for u in units[i:j]) - units[i].boundary_bytes - units[j - 1].output_bytes
+            out.append(Decision(target=label, action="recompute", saved_bytes=max(0, saved),
+                                extra_time_s=sum(u.time_s for u in units[i:j]),
+                                detail=f"{units[j - 1].end - units[i].start} nodes"))
+        return out
+
+    def budget_bytes(self, budget) -> int:
+        from memfit.budget import Budget
+
+        b = Budget.parse(budget) if budget is not None and budget != "" else None
+        return b.resolve(self.a0.peak_bytes) if b is not None else self.a0.peak_bytes
+
+    def plan(self, budget) -> CheckpointPlan:
+        """The fastest frontier plan whose simulated figure fits `budget` (memfit.planning.solvers.
+        first_fit over the frontier, fastest first); BudgetError with the floor when none does."""
+        from memfit.budget import format_bytes
+
+        budget_bytes = self.budget_bytes(budget)
+        target = int(budget_bytes * (1.0 - self.margin))
+        floor_i, floor_fig = self.floor_plan()
+        if floor_fig <= target:
+            def probe(i):
+                p = self.frontier[i]
+                lb = self.lower_bound(p) if p.spans else 0
+                return lb if lb > target else self.figure(i)   # over on its bound alone: not simulated
+
+            fit = first_fit(len(self.frontier), probe, target, known=self._figures, floor_index=floor_i,
+                            position=[-p.peak_bytes for p in self.frontier], max_evals=self.max_verify)
+            p = self.frontier[fit.index]
+            peak, new = self.simulate(p.spans)
+            return CheckpointPlan(new, p.spans, self.units, self.decisions_for(p.spans), p.extra_time_s,
+                                  self.a0.peak_bytes, fit.figure, budget_bytes, list(self.diagnostics),
+                                  fit.evaluations)
+        floor_bytes = self.floor_bytes()
+        acts = sum(u.saved_bytes for u in self.units)
+        mb = self.a0.max_batch(target) if self.a0.symbols.get("B") else None
+        batch = f" (largest batch predicted to fit without recompute: {mb})" if mb else ""
+        raise BudgetError(
+            f"checkpointing cannot meet the budget {format_bytes(budget_bytes)}: the lowest predicted "
+            f"peak with recomputation is {format_bytes(floor_bytes)} (unoptimized "
+            f"{format_bytes(self.a0.peak_bytes)}; at its highest the step holds "
+            f"{format_bytes(self.floor)} besides saved activations (parameters, gradients, optimizer "
+            f"state, inputs, temporaries), which recompute cannot lower; saved activations "
+            f"{format_bytes(acts)}). What would lower it: quantized saved activations (technique "
+            f"'quantize'), a smaller batch or sequence{batch}, a lighter optimizer (8-bit states, "
+            f"SGD), or a budget of at least {format_bytes(int(floor_bytes / (1.0 - self.margin)) + 1)}.")
+
+    def forced(self, regions: str) -> CheckpointPlan:
+        """Recompute every module matching the fnmatch patterns in `regions` (comma-separated)."""
+        pats = [p.strip() for p in regions.split(",") if p.strip()]
+        found = []
+        for depth in range(1, 8):
+            for s, e, label in module_runs(self.nodes, depth):
+                if any(fnmatch.fnmatchcase(label, p) for p in pats) and \
+                        not any(s < fe and fs < e for fs, fe, _ in found):
+                    found.append((s, e, label))
+        if not found:
+            raise PassError(f"checkpoint: no module matches regions={regions!r} "
+                            f"(module paths look like {self.units[0].label!r})")
+        found.sort()
+        units = price_units(self.cap.gm, found)
+        spans = tuple((k, k + 1) for k in range(len(units)))
+        new = apply_spans(self.cap.gm, units, spans)[0]
+        peak = self._peak(new)
+        saved_units, self.units = self.units, units
+        try:
+            dec = self.decisions_for(spans)
+        finally:
+            self.units = saved_units
+        return CheckpointPlan(new, spans, units, dec, sum(d.extra_time_s for d in dec), self.a0.peak_bytes,
+                              peak, self.a0.peak_bytes, [], 1)
+
+
+def plan_checkpoint(cap: Captured, budget, *, optimizer=None, loss_fn=None, solver: str = "auto",
+                    regions: str = "", **kw) -> CheckpointPlan:
+    """Choose regions to recompute so the step's predicted peak fits `budget`.
+
+    `budget`: bytes, a string ("6GiB", "50%" of the unoptimized predicted peak) or a Budget;
+    the whole training step's peak, as everywhere in memfit. `regions`: comma-separated
+    fnmatch patterns of module paths to recompute regardless of the budget (the solver is
+    then skipped). Other options: see CheckpointPlanner.
+    Returns a CheckpointPlan: the rewritten graph (a copy), the decisions (which regions
+    recompute, bytes saved, predicted extra time) and the simulated peak.
+    Raises BudgetError (with the floor and what would lower it) when no plan fits.
+    """
+    planner = CheckpointPlanner(cap, optimizer=optimizer, loss_fn=loss_fn, solver=solver, **kw)
+    if regions:
+        return planner.forced(regions)
+    return planner.plan(budget)

@@ -1,0 +1,131 @@
+"""The planner memfit.optimize runs: which techniques, in which order, to meet a budget.
+
+1. Structural passes allowed by `techniques` (memfit.planning.techniques): the exact ones
+   (fuse-conv-bn, sdpa-attention) and, when named, reversible coupling; each is kept only if
+   it changed the graph and is priced by re-running the analysis (a Decision with the
+   predicted bytes saved at the peak).
+2. Over budget: recompute alone (exact) when it can meet the budget (CheckpointPlanner:
+   the fastest frontier plan that fits); else 8-bit saved activations alone; else frontier
+   recompute plans (fastest first) with the saved tensors left outside recomputed regions
+   quantized. On each graph, 8 bits on every eligible saved tensor is simulated first; where
+   that fits, only the shortest prefix of tensors ranked by bytes saved that still meets the
+   budget is quantized (memfit.planning.quantize.select_quantized).
+
+Quantization runs after checkpointing, so it wraps only what stays saved: inside a
+recomputed region nothing is kept, and quantizing there would only add work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from memfit.budget import format_bytes
+from memfit.errors import BudgetError, PassError
+from memfit.planning.techniques import EXACT_STRUCTURAL, TECHNIQUES
+
+log = logging.getLogger(__name__)
+
+# applied before planning, in this order, when allowed (token merging is a source rewrite,
+# applied before capture: memfit.api)
+STRUCTURAL = EXACT_STRUCTURAL + ("reversible",)
+
+
+def structural(cap, gm, peak: int, allowed, ctx, *, verify: bool = False):
+    """Run each allowed structural pass on `gm` in place; keep it only where it changed the
+    graph. Returns (gm, new predicted peak, decisions)."""
+    from memfit.cost_models.memory import analyze_step
+    from memfit.memory_plan import Decision
+    from memfit.passes.infra.manager import PassManager
+    from memfit.passes.infra.registry import get_pass
+
+    decisions = []
+    for t in STRUCTURAL:
+        if t not in allowed:
+            continue
+        try:
+            p = get_pass(TECHNIQUES[t])()
+        except Exception as e:  # noqa: BLE001 - a missing optional pass is skipped, said why
+            log.info("technique %s skipped: %s", t, e)
+            continue
+        res = PassManager([p], verify=verify).run(gm, ctx)
+        if not res.modified:
+            continue
+        gm = res.gm
+        new_peak = analyze_step(dataclasses.replace(cap, gm=gm), optimizer=ctx.optimizer, loss_fn=ctx.loss_fn,
+                                symbolic=False).peak_bytes
+        counts = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in res.stats.items())
+        decisions.append(Decision(target="(model)", action=p.name, saved_bytes=peak - new_peak,
+                                  extra_time_s=0.0, detail=counts))
+        peak = new_peak
+    return gm, peak, decisions
+
+
+def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: bool = False):
+    """Meet `budget_bytes` (module doc, step 2). Returns (gm, decisions); BudgetError with the
+    floor and what would lower it when no plan fits."""
+    from memfit.memory_plan import Decision
+    from memfit.passes.infra.registry import get_pass
+
+    planner = None
+    first_error = None
+    if "checkpoint" in allowed:
+        from memfit.planning.checkpoint import CheckpointPlanner
+        planner = CheckpointPlanner(dataclasses.replace(cap, gm=gm), optimizer=ctx.optimizer, loss_fn=ctx.loss_fn)
+        try:
+            cp = planner.plan(budget_bytes)
+            return cp.gm, list(cp.decisions)
+        except BudgetError as e:
+            first_error = e
+    q = None
+    if "quantize" in allowed:
+        try:
+            q = get_pass(TECHNIQUES["quantize"])()
+        except PassError as e:
+            log.info("technique quantize skipped: %s", e)
+    if q is None:
+        if first_error is not None:
+            raise first_error
+        raise BudgetError(f"predicted peak {format_bytes(peak)} exceeds the budget {format_bytes(budget_bytes)} "
+                          f"and neither 'checkpoint' nor 'quantize' is among the allowed techniques "
+                          f"{list(allowed)}")
+
+    from memfit.ir.fx_utils import copy_graph_module
+    from memfit.planning.quantize import select_quantized
+
+    def pass_ctx(g):
+        return dataclasses.replace(ctx, captured=dataclasses.replace(cap, gm=g), history=[])
+
+    def decision(target, ch, before):
+        return Decision(target, q.to_text(), before - ch.peak, ch.extra_time_s, ch.detail())
+
+    # The pass rewrites in place, so every trial gets a fresh graph.
+    ch = select_quantized(q, lambda: copy_graph_module(gm), budget_bytes, peak, cap, pass_ctx,
+                          ctx.optimizer, ctx.loss_fn, verify=verify)
+    if ch.fits:
+        return ch.gm, [decision("(model)", ch, peak)]
+    best = ch.peak
+    if planner is not None:
+        frontier = [p for p in planner.frontier if p.spans]
+        # At most 6 checkpoint plans, spread over the frontier from the fastest plan to the
+        # floor; for each, 8 bits on everything that stays saved first, and the shortest
+        # prefix of tensors only on the first plan where that fits.
+        picks = sorted({round(i * (len(frontier) - 1) / 5) for i in range(6)}) if frontier else []
+        for i in picks:
+            spans = frontier[i].spans
+            ck_peak, _ = planner.simulate(spans)
+            ch = select_quantized(q, lambda spans=spans: planner.fresh_graph(spans), budget_bytes, ck_peak, cap,
+                                  pass_ctx, ctx.optimizer, ctx.loss_fn, verify=verify)
+            best = min(best, ch.peak)
+            if ch.fits:
+                return ch.gm, planner.decisions_for(spans) + [
+                    decision("(outside recomputed regions)", ch, ck_peak)]
+    if planner is not None:
+        best = min(best, planner.floor_bytes())  # recompute alone can go lower than with 8-bit
+    raise BudgetError(
+        f"the budget {format_bytes(budget_bytes)} cannot be met: the lowest predicted peak with "
+        f"recomputation and/or 8-bit saved activations is {format_bytes(best)} (unoptimized "
+        f"{format_bytes(peak)}). What would lower it: 4- or 2-bit activations "
+        f"(passes='quantize-activations{{bits=4}}'), a smaller batch or sequence, a lighter "
+        f"optimizer, or a budget of at least {format_bytes(best)}."
+        + (f" Recompute alone: {first_error}" if first_error else ""))

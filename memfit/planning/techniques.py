@@ -1,0 +1,38 @@
+"""The techniques the planner may use, by the names users give (`techniques=`), and the pass
+or source rewrite behind each. One list for memfit.optimize, `memfit plan` and the
+torch.compile backend."""
+
+from __future__ import annotations
+
+# technique name (DESIGN.md) -> registered pass (or source rewrite) name; None: not built yet
+TECHNIQUES = {
+    "fuse_conv_bn": "fuse-conv-bn",
+    "sdpa": "sdpa-attention",
+    "checkpoint": "checkpoint",
+    "quantize": "quantize-activations",
+    "reversible": "reversible",
+    "token_merge": "token-merge",
+    "offload": None,  # designed for (DESIGN.md), not built yet
+}
+# used unless `techniques` says otherwise: every exact one, then 8-bit saves where exact ones cannot fit
+DEFAULT_TECHNIQUES = ("fuse_conv_bn", "sdpa", "checkpoint", "quantize")
+# exact graph rewrites applied before planning (memfit.optimize and the backend's default passes)
+EXACT_STRUCTURAL = ("fuse_conv_bn", "sdpa")
+# applied before planning when named: they change the function
+FUNCTION_CHANGING = ("reversible", "token_merge")
+
+
+def parse_techniques(techniques) -> tuple[str, ...]:
+    """`techniques` (None, "a,b" or a list) as a tuple of known names; ValueError names the known ones."""
+    if techniques is None:
+        return DEFAULT_TECHNIQUES
+    if isinstance(techniques, str):
+        techniques = [t.strip() for t in techniques.split(",") if t.strip()]
+    out = []
+    for t in techniques:
+        if t not in TECHNIQUES:
+            raise ValueError(f"unknown technique {t!r}; choose from {', '.join(TECHNIQUES)}")
+        if TECHNIQUES[t] is None:
+            raise ValueError(f"technique {t!r} is not available yet in this version of memfit")
+        out.append(t)
+    return tuple(out)
