@@ -28,7 +28,6 @@ shape up to `HARD_CAP_BYTES`, and beyond that not at all (said in the plan's not
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import json
 import logging
@@ -426,7 +425,7 @@ def _lookup(key: str) -> dict | None:
 
 def _store(key: str, entry: dict) -> None:
     _memo[key] = entry
-    rec = _RECORDER.get()
+    rec = _recorder()
     if rec is not None:
         rec.pending[key] = entry
     else:
@@ -462,29 +461,30 @@ class ProbeRecord:
         return line
 
 
-_RECORDER: contextvars.ContextVar[ProbeRecord | None] = contextvars.ContextVar("memfit_probes", default=None)
+# A process-wide stack, not a context variable: backward of CUDA tensors runs in autograd's
+# device threads, which do not inherit the analysis thread's context.
+_RECORDERS: list[ProbeRecord] = []
+
+
+def _recorder() -> ProbeRecord | None:
+    return _RECORDERS[-1] if _RECORDERS else None
 
 
 @contextlib.contextmanager
 def recording():
     """Collect what the probes of one analysis did; write new results to disk once at the end."""
     rec = ProbeRecord()
-    token = _RECORDER.set(rec)
+    _RECORDERS.append(rec)
     try:
         yield rec
     finally:
-        _RECORDER.reset(token)
+        _RECORDERS.remove(rec)
         if rec.pending:
             _write_cache(cache_path(), rec.pending)
             rec.pending = {}
 
 
 # ----------------------------------------------------------------------------- entry point
-
-def is_probed(func) -> bool:
-    """Whether `func` (an OpOverload) is one of the operators whose scratch is probed."""
-    return func in _PROBED
-
 
 class _NotProbed(Exception):
     pass
@@ -504,14 +504,14 @@ def kernel_scratch_bytes(func, args, kwargs=None, out=None) -> int:
         margs, mkwargs = _metas(args, kwargs)
     except Exception as e:  # noqa: BLE001 - e.g. a data-dependent size with no hint
         log.info("memfit: kernel scratch of %s not probed: %s", func, e)
-        rec = _RECORDER.get()
+        rec = _recorder()
         if rec is not None:
             rec.skipped[f"{func}|{e}"] = "sizes without a value"
         return 0
     device = _device_of(margs, mkwargs)
     if device.type not in ("cpu", "cuda"):
         return 0
-    rec = _RECORDER.get()
+    rec = _recorder()
     in_bytes = sum(m.nbytes for m in pytree.tree_leaves((margs, mkwargs)) if isinstance(m, _TensorMeta))
     out_bytes = _new_bytes(out, (args, kwargs))
     size = in_bytes + out_bytes
