@@ -25,6 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from memfit.cost_models.memory import default_loss, make_optimizer
+from memfit.cost_models.probes import profiler_peak
 
 
 @dataclass
@@ -137,7 +138,7 @@ def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, o
             with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
                 step()
             dt = time.perf_counter() - t0
-            peak = baseline + _profiler_peak(prof)
+            peak = baseline + profiler_peak(prof)
             method = "torch.profiler allocator events"
             notes.append("step time includes profiler overhead")
         grad_bytes = _storages_bytes([p.grad for p in params if p.grad is not None])[0]
@@ -145,28 +146,6 @@ def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, o
                            optimizer_state=o_bytes, gradients=grad_bytes,
                            saved_activations=sum(saved.values()), peak_bytes=int(peak),
                            baseline_bytes=baseline, method=method, step_time_s=dt, notes=notes)
-
-
-def _profiler_peak(prof) -> int:
-    """Largest net bytes allocated (above the start) among the profiler's allocation events."""
-    allocs = []
-
-    def walk(ev):
-        if ev.tag == torch._C._profiler._EventType.Allocation:  # noqa: SLF001
-            f = ev.extra_fields
-            if f.device.type == "cpu":
-                allocs.append((ev.start_time_ns, f.alloc_size))
-        for c in ev.children:
-            walk(c)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    allocs.sort(key=lambda a: a[0])
-    cur = peak = 0
-    for _, size in allocs:
-        cur += size
-        peak = max(peak, cur)
-    return peak
 
 
 @contextlib.contextmanager

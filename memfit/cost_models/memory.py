@@ -8,9 +8,10 @@ which storages autograd keeps for backward. So the timeline follows eager PyTorc
 reference counting, operator by operator, and each saved storage is attributed to the
 graph node that allocated it.
 
-What the simulation cannot see: scratch buffers allocated and freed inside one kernel
-(CPU convolution workspaces, cuBLAS workspaces) and allocator rounding/fragmentation; the
-tests bound the resulting error against `memfit.measure` (DESIGN.md, "Truth").
+Scratch buffers allocated and freed inside one kernel (oneDNN reorders, cuDNN workspaces)
+are invisible on FakeTensors; they come from probes that run the real operator once
+(memfit/cost_models/probes.py, cached on disk). Allocator rounding and fragmentation are not
+modelled; the tests bound the resulting error against `memfit.measure` (DESIGN.md, "Truth").
 
 Batch size (dim 0 of the inputs) and sequence length (dim 1 of integer 2-D inputs) are
 symbolic (sympy) during the run, so every byte count is also an expression in B and T.
@@ -27,6 +28,7 @@ import torch
 import torch.fx
 import torch.utils._pytree as pytree
 
+from memfit.cost_models import probes
 from memfit.cost_models.optimizers import default_loss, make_optimizer  # noqa: F401 - also imported from here
 from memfit.cost_models.roofline import DeviceSpec
 from memfit.cost_models.tracker import _expr_and_hint, _Store, _Tracker
@@ -206,7 +208,7 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
 
     # Leaf modules of symbolic_trace graphs read their own attributes: swap fakes in.
     module_fakes = {k: v for k, v in fakes.items() if _is_module_attr(gm, k)}
-    with fm, tracker, _reparametrize_module(gm, module_fakes, strict=False):
+    with fm, tracker, _reparametrize_module(gm, module_fakes, strict=False), probes.recording() as probed:
         tracker.phase = "forward"
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             flat_out = _Runner(gm).run(*fake_inputs)
@@ -256,6 +258,8 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
 
     analysis = _build_analysis(gm, tracker, start_events, node_out_bytes, symbols, sym_exprs,
                                fm.shape_env, device_spec or DeviceSpec.for_device(_device_of(flat, gm)))
+    if probed.note():
+        analysis.notes.append(probed.note())
     # Keep the fake objects alive until here so no free events are appended late.
     del fakes, param_fakes, opt
     return analysis

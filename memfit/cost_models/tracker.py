@@ -82,7 +82,7 @@ class _Tracker(TorchDispatchMode):
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.register(t)
-        scratch = _kernel_scratch_bytes(func, args, out)
+        scratch = _kernel_scratch_bytes(func, args, out, kwargs)
         if scratch:
             # Scratch lives while the kernel runs, beside its outputs, then goes.
             s = _Store(nbytes=scratch, expr=sympy.Integer(scratch), phase=self.phase,
@@ -93,38 +93,16 @@ class _Tracker(TorchDispatchMode):
         return out
 
 
-def _kernel_scratch_bytes(func, args, out) -> int:
-    """Bytes a kernel allocates and frees inside itself, where we know them.
+def _kernel_scratch_bytes(func, args, out, kwargs=None) -> int:
+    """Bytes a kernel allocates and frees inside itself (0 where none was measured).
 
-    CPU convolutions (oneDNN) reorder activations and weights into blocked layouts in
-    temporary buffers. Measured with the profiler's allocation events on torch 2.13 CPU
-    (3x3 and 1x1 convs, 3-64 channels, 16x16 and 32x32 images): forward scratch was the
-    output bytes plus the weight bytes (within 1% on 3 of 5 shapes, up to +14% on a 7x7
-    kernel), backward scratch the input + grad_output + weight bytes (within 2% on 3 of 5;
-    -35% on a 3-channel stem, +49% on a 7x7 kernel), except for kernels larger than their
-    input (below). CUDA scratch (cuDNN workspaces) is not modelled.
+    Such scratch depends on the CPU or GPU, the thread count and the kernel library
+    (oneDNN reorders and per-thread buffers, cuDNN workspaces), so it is measured by
+    running the real operator once at these shapes (memfit/cost_models/probes.py), cached.
     """
-    packet = getattr(func, "_overloadpacket", None)
-    if packet is torch.ops.aten.convolution:
-        x, w = args[0], args[1]
-        if x.device.type != "cpu" or not isinstance(out, torch.Tensor):
-            return 0
-        return _expr_and_hint(out.numel())[1] * out.element_size() + _expr_and_hint(w.numel())[1] * w.element_size()
-    if packet is torch.ops.aten.convolution_backward:
-        g, x, w = args[0], args[1], args[2]
-        if x.device.type != "cpu":
-            return 0
-        nbytes = [_expr_and_hint(t.numel())[1] * t.element_size() for t in (g, x, w)]
-        spatial = [_expr_and_hint(s)[1] for s in x.shape[2:]]
-        kernel = [_expr_and_hint(s)[1] for s in w.shape[2:]]
-        if any(s < k for s, k in zip(spatial, kernel)):
-            # A kernel larger than its input (3x3 on 2x2 or 1x1 maps, the last stage of a
-            # ResNet on small images): oneDNN's weight-gradient then keeps 4 weight-sized
-            # buffers per thread. Measured on torch 2.13 CPU, 64-512 channels, B=4-16:
-            # 4.00-4.02 x weight bytes at 1 thread, 8.00-8.13 x at 2 threads.
-            return nbytes[0] + nbytes[1] + 4 * torch.get_num_threads() * nbytes[2]
-        return sum(nbytes)
-    return 0
+    from memfit.cost_models import probes
+
+    return probes.kernel_scratch_bytes(func, args, kwargs, out)
 
 
 def _expr_and_hint(v) -> tuple[Any, int]:

@@ -19,6 +19,9 @@ config.environment["PYTHONPATH"] = os.pathsep.join(paths)  # noqa: F821
 # Kernels run on Triton's CPU interpreter here; two cores are shared by the whole suite.
 config.environment["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "1")  # noqa: F821
 config.environment["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS", "1")  # noqa: F821
+# Kernel-scratch probes cache on disk: keep the tests' cache out of the user's home.
+config.environment["MEMFIT_CACHE_DIR"] = os.environ.get(  # noqa: F821
+    "MEMFIT_CACHE_DIR", os.path.join(config.test_exec_root, "Output", "probe-cache"))  # noqa: F821
 for var in ("HOME", "TMPDIR", "PATH"):
     if var in os.environ:
         config.environment[var] = os.environ[var]  # noqa: F821
