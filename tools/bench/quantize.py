@@ -82,7 +82,7 @@ def step_times(name: str, bits_list=(8, 4), repeats: int = 7, device="cpu"):
 def memory_rows():
     import memfit
     from memfit.cost_models.memory import analyze_step
-    from tests.test_quantize_memory import _Run
+    from memfit.ir.module import OptimizedModule
     rows = []
     for name in SIZES:
         for dtype in (torch.float32, torch.bfloat16):
@@ -92,9 +92,10 @@ def memory_rows():
             model = model.to(dtype)
             inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
             cap = capture(model, inputs, dynamic=False)
-            base = memfit.measure(_Run(cap), example_inputs=inputs, loss_fn=mod.loss_fn).saved_activations
+            kw = dict(example_inputs=inputs, loss_fn=mod.loss_fn)
+            base = memfit.measure(OptimizedModule(model, cap), **kw).saved_activations
             cap.gm = QuantizeActivations().run(cap.gm, PassContext(captured=cap)).gm
-            meas = memfit.measure(_Run(cap), example_inputs=inputs, loss_fn=mod.loss_fn).saved_activations
+            meas = memfit.measure(OptimizedModule(model, cap), **kw).saved_activations
             pred = analyze_step(cap, loss_fn=mod.loss_fn, symbolic=False).totals["saved_activations"]
             rows.append((name, str(dtype).replace("torch.", ""), base, meas, pred))
     return rows
