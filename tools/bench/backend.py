@@ -24,7 +24,6 @@ fast; the memory decisions are the same kind, the times are not Inductor's.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import statistics
 import sys
@@ -34,14 +33,13 @@ import warnings
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-warnings.filterwarnings("ignore", category=FutureWarning)
+import common  # noqa: F401  (first: puts the repository root on sys.path)
+import memfit
+import memfit.compile as mb
+from memfit.budget import format_bytes
+from tests.models import Block
 
-import memfit  # noqa: E402
-import memfit.compile as mb  # noqa: E402
-from memfit.budget import format_bytes  # noqa: E402
-from tests.models import Block  # noqa: E402
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 class GPTLike(nn.Module):

@@ -21,20 +21,17 @@ import contextlib
 import copy
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-from memfit.budget import format_bytes  # noqa: E402
-from memfit.ir.capture import capture  # noqa: E402
-from memfit.errors import BudgetError  # noqa: E402
-from memfit.cost_models.measure import measure  # noqa: E402
-from memfit.ir.module import OptimizedModule  # noqa: E402
-from memfit.passes.checkpoint import CheckpointPlanner  # noqa: E402
+import common  # noqa: F401  (first: puts the repository root on sys.path)
+from memfit.budget import format_bytes
+from memfit.ir.capture import capture
+from memfit.errors import BudgetError
+from memfit.cost_models.measure import measure
+from memfit.ir.module import OptimizedModule
+from memfit.passes.checkpoint import CheckpointPlanner
 
 
 def build(name):

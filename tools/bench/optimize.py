@@ -30,16 +30,13 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # first: puts the repository root on sys.path
+import memfit
+from checkpoint import _PerBlock, step_time  # tools/bench/checkpoint.py
+from memfit.budget import format_bytes
+from memfit.errors import BudgetError
 
-import memfit  # noqa: E402
-from checkpoint import _PerBlock, step_time  # noqa: E402  (tools/bench/checkpoint.py)
-from memfit.budget import format_bytes  # noqa: E402
-from memfit.errors import BudgetError  # noqa: E402
-
-OUT = os.path.join(ROOT, "tools", "bench", "results")
+OUT = os.path.join(common.ROOT, "tools", "bench", "results")
 
 
 def build(name: str, device: str):

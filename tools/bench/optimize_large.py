@@ -13,19 +13,15 @@ max_memory_allocated on a GPU) and the planning and step wall times.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-import memfit  # noqa: E402
-from examples import gpt2_like as ex  # noqa: E402
-from memfit.budget import format_bytes  # noqa: E402
+import common  # noqa: F401  (first: puts the repository root on sys.path)
+import memfit
+from examples import gpt2_like as ex
+from memfit.budget import format_bytes
 
 
 def main(argv=None):

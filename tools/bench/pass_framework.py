@@ -17,11 +17,11 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # first: puts the repository root on sys.path
 
 
 def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(common.ROOT, path))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -48,7 +48,7 @@ def main() -> None:
     print(f"  step peak (measured):         {before.peak_bytes} -> {after.peak_bytes} bytes "
           f"({after.peak_bytes / before.peak_bytes:.3f}x)")
 
-    model, args, kw = load_factory(os.path.join(ROOT, "examples/gpt2_like.py:make"), None,
+    model, args, kw = load_factory(os.path.join(common.ROOT, "examples/gpt2_like.py:make"), None,
                                    dict(layers=2, d=64, seq_len=64, batch_size=4))
     times = {False: [], True: []}
     for _ in range(5):

@@ -13,16 +13,13 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-from memfit.api import plan_captured  # noqa: E402
-from memfit.ir.capture import capture  # noqa: E402
+import common  # first: puts the repository root on sys.path
+from memfit.api import plan_captured
+from memfit.ir.capture import capture
 
 
 def hf_gpt2_small():
@@ -35,7 +32,7 @@ def hf_gpt2_small():
 
 def example_gpt2_small():
     import importlib.util
-    spec = importlib.util.spec_from_file_location("gpt2_like", os.path.join(ROOT, "examples", "gpt2_like.py"))
+    spec = importlib.util.spec_from_file_location("gpt2_like", os.path.join(common.ROOT, "examples", "gpt2_like.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     with torch.device("meta"):

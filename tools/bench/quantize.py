@@ -14,23 +14,20 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from memfit.ir.capture import capture  # noqa: E402
-from memfit.passes import PassContext  # noqa: E402
-from memfit.passes.quantize import QuantizeActivations  # noqa: E402
+import common  # first: puts the repository root on sys.path
+from memfit.ir.capture import capture
+from memfit.passes import PassContext
+from memfit.passes.quantize import QuantizeActivations
 
 
 def _load(name):
     import importlib.util
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
+    path = os.path.join(common.ROOT, "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

@@ -13,20 +13,15 @@ alternating runs, one process) and planning time, as a markdown table.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import memfit  # noqa: E402
-from examples import gpt2_like as gpt  # noqa: E402
+import common  # noqa: F401  (first: puts the repository root on sys.path)
+import memfit
+from examples import gpt2_like as gpt
 
 SIZE = dict(batch_size=8, seq_len=64, layers=2, d=64, heads=4, vocab=128, dropout=0.0)
 OPT = "sgd"

@@ -20,22 +20,19 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 import warnings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-from memfit.budget import format_bytes as fb  # noqa: E402
-from memfit.cost_models.measure import measure  # noqa: E402
-from memfit.ir.capture import capture  # noqa: E402
-from memfit.passes import PassContext  # noqa: E402
-from memfit.ir.module import OptimizedModule  # noqa: E402
-from memfit.passes.reversible import Reversible, make_reversible, set_recompute, stacks  # noqa: E402
-from memfit.runtime.reversible import ReconstructionWarning  # noqa: E402
+import common  # first: puts the repository root on sys.path
+from memfit.budget import format_bytes as fb
+from memfit.cost_models.measure import measure
+from memfit.ir.capture import capture
+from memfit.passes import PassContext
+from memfit.ir.module import OptimizedModule
+from memfit.passes.reversible import Reversible, make_reversible, set_recompute, stacks
+from memfit.runtime.reversible import ReconstructionWarning
 
 
 def rel(a, b):
@@ -143,7 +140,7 @@ def render(depth, meft, wall, load):
 
 
 def write_section(text: str) -> None:
-    path = os.path.join(ROOT, "tools", "bench", "RESULTS.md")
+    path = os.path.join(common.ROOT, "tools", "bench", "RESULTS.md")
     old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
     head = "## Reversible coupling"
     if head in old:

@@ -16,23 +16,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
-import sys
 import time
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from examples import gpt2_like, resnet_like  # noqa: E402
-from memfit.budget import format_bytes as fb  # noqa: E402
+import common  # noqa: F401  (first: puts the repository root on sys.path)
+from examples import gpt2_like, resnet_like
+from memfit.budget import format_bytes as fb
 from memfit.ir.capture import capture
-from memfit.ir.module import OptimizedModule  # noqa: E402
-from memfit.cost_models.memory import analyze_step  # noqa: E402
-from memfit.cost_models.measure import measure  # noqa: E402
-from memfit.passes import PassContext, PassManager  # noqa: E402
+from memfit.ir.module import OptimizedModule
+from memfit.cost_models.memory import analyze_step
+from memfit.cost_models.measure import measure
+from memfit.passes import PassContext, PassManager
 
 
 def step_time(mod, inputs, loss_fn) -> float:

@@ -28,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import common  # noqa: F401  (first: puts the repository root on sys.path)
 from memfit.cost_models.measure import measure
 from memfit.rewrites.token_merge import apply_token_merging, model_tokens_per_layer
 from tests.tome_vit import SmallViT
