@@ -24,7 +24,6 @@ fast; the memory decisions are the same kind, the times are not Inductor's.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -33,7 +32,7 @@ import warnings
 import torch
 from torch import nn
 
-import common  # noqa: F401  (first: puts the repository root on sys.path)
+import common  # first: puts the repository root on sys.path
 import memfit
 import memfit.compile as mb
 from memfit.budget import format_bytes
@@ -170,8 +169,7 @@ def main(argv=None):
     base = statistics.median(base_row["times"])
     base_saved = base_row["saved"]
     print(f"GPT-like stack: {args.layers} blocks, d={args.d}, heads=4, B={args.batch}, T={args.seq}, "
-          f"dropout 0.1; codegen {args.codegen}; {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
+          f"dropout 0.1; codegen {args.codegen}; {common.machine()}\n")
     print("| variant | saved activations (measured) | vs default | step peak above params+inputs "
           "| step time (median) | vs default | memfit decision | grad rel. error vs torch.compile default, same seed |")
     print("|---|---|---|---|---|---|---|---|")

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import os
 import statistics
 import time
 
 import torch
 
-import common  # noqa: F401  (first: puts the repository root on sys.path)
+import common  # first: puts the repository root on sys.path
 from memfit.budget import format_bytes
 from memfit.ir.capture import capture
 from memfit.errors import BudgetError
@@ -204,7 +203,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     fracs = [float(f) for f in args.fractions.split(",")]
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs visible, threads {torch.get_num_threads()}")
+    print(common.machine())
     for name in args.models.split(","):
         print(run_model(name, fracs, args.repeats, args.compile), flush=True)
 

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time
@@ -198,9 +196,8 @@ def main():
     fr = [float(f) for f in args.fractions.split(",") if f]
     cr = [float(f) for f in args.compile_ratios.split(",") if f]
     dev = args.device
-    where = torch.cuda.get_device_name() if dev == "cuda" else f"CPU {platform.machine()}, {os.cpu_count()} cores"
     head = [f"`python tools/bench/optimize.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
-            f"({where}, torch {torch.__version__}, {datetime.date.today()})", ""]
+            f"({common.machine(dev)})", ""]
     print("\n".join(head), flush=True)
     body = []
     for name in args.models.split(","):

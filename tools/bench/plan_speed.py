@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -57,8 +56,7 @@ def main():
     args = ap.parse_args()
     builders = {"hf": [hf_gpt2_small], "example": [example_gpt2_small],
                 "both": [hf_gpt2_small, example_gpt2_small]}[args.model]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"machine: {common.machine()}")
     print("| model | shapes | capture s | simulate s | total s | predicted peak | saved activations |")
     print("|---|---|---|---|---|---|---|")
     for build in builders:

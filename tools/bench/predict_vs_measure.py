@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
 
 import torch
 
@@ -43,8 +42,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--optimizer", default="adamw")
     args = ap.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"optimizer {args.optimizer}")
+    print(f"machine: {common.machine()}; optimizer {args.optimizer}")
     print("| model | capture | saved predicted | saved measured | error | peak predicted | peak measured | error |")
     print("|---|---|---|---|---|---|---|---|")
     fb = memfit.budget.format_bytes if hasattr(memfit, "budget") else None

@@ -137,7 +137,7 @@ def main(argv=None):
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs visible, threads {torch.get_num_threads()}")
+    print(common.machine())
     print("\n## CPU step time (forward + backward, median of %d, alternating)" % args.repeats)
     print("| model | unquantized | 8-bit | 4-bit | 8-bit / unquantized | 4-bit / unquantized |")
     print("|---|---|---|---|---|---|")

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-import common  # noqa: F401  (first: puts the repository root on sys.path)
+import common  # first: puts the repository root on sys.path
 import memfit
 from examples import gpt2_like as gpt
 
@@ -86,8 +86,7 @@ def main(argv=None):
             times[name].append(time.perf_counter() - t0)
     ref = statistics.median(times["unquantized"])
     eligible, eligible_nodes = _tensors(every), _nodes(every)
-    print(f"gpt2_like {size}, SGD, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.repeats} repeats")
+    print(f"gpt2_like {size}, SGD, {args.repeats} repeats; {common.machine()}")
     print()
     print("| variant | tensors quantized | nodes wrapped | predicted peak | measured peak | within budget | "
           "step time | vs unquantized | planning |")

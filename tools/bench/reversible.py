@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 import warnings
@@ -111,8 +110,8 @@ def meft_table():
 
 def render(depth, meft, wall, load):
     out = ["## Reversible coupling", "",
-           f"`python tools/bench/reversible.py --write` (CPU {platform.machine()}, 2 cores shared with "
-           f"other jobs, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; run took {wall:.0f} s; "
+           f"`python tools/bench/reversible.py --write` ({common.machine()}; the cores shared with "
+           f"other jobs; run took {wall:.0f} s; "
            f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end: step-time "
            "ratios are noisy at such loads).", "",
            "examples/gpt2_like.py, B=2, T=32, d=64, 2 heads, dropout 0.1; memfit.measure (saved: "

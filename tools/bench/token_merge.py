@@ -28,7 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import common  # noqa: F401  (first: puts the repository root on sys.path)
+import common  # first: puts the repository root on sys.path
 from memfit.cost_models.measure import measure
 from memfit.rewrites.token_merge import apply_token_merging, model_tokens_per_layer
 from tests.tome_vit import SmallViT
@@ -162,7 +162,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="timing rounds (speed part)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(common.machine())
     if args.part in ("speed", "all"):
         speed(rounds=args.rounds)
     if args.part in ("accuracy", "all"):
