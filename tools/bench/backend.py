@@ -24,7 +24,7 @@ fast; the memory decisions are the same kind, the times are not Inductor's.
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import sys
 import time
 import warnings
@@ -82,12 +82,6 @@ def _upstream_backend(codegen: str, ratio: float | None):
     return backend
 
 
-def _step(fn, x, params):
-    for p in params:
-        p.grad = None
-    loss_fn(fn(x)).backward()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--codegen", choices=("inductor", "eager"), default="inductor")
@@ -142,7 +136,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         fn = model if backend is None else torch.compile(model, backend=backend)
         torch.manual_seed(1)
-        _step(fn, x, params)  # compiles
+        model.zero_grad(set_to_none=True)
+        # compiles; not common.step_time, which would drop the gradients compared below
+        loss_fn(fn(x)).backward()
         compile_s = time.perf_counter() - t0
         grads = [p.grad.clone() for p in params]
         if ref is None and backend is not None:
@@ -153,28 +149,22 @@ def main(argv=None):
         m = memfit.measure(fn, example_inputs=(x,), loss_fn=loss_fn)
         rep = mb.last_report() if kind == "memfit" else None
         rows.append({"name": name, "saved": m.saved_activations, "peak": m.peak_bytes - m.baseline_bytes,
-                     "err": err, "compile_s": compile_s, "times": [], "report": rep})
+                     "err": err, "compile_s": compile_s, "report": rep})
         fns.append(fn)
         print(f"compiled {name} in {compile_s:.1f} s", file=sys.stderr)
 
-    for row, fn in zip(rows, fns):  # warm-up (recompiles after the resets above), not timed
-        _step(fn, x, params)
-    for _ in range(args.rounds):  # alternate variants; medians
-        for row, fn in zip(rows, fns):
-            t0 = time.perf_counter()
-            _step(fn, x, params)
-            row["times"].append(time.perf_counter() - t0)
+    # The warm-up round recompiles after the resets above.
+    timing = common.alternated({row["name"]: functools.partial(common.step_time, fn, (x,), loss_fn, params)
+                                for row, fn in zip(rows, fns)}, args.rounds, "torch.compile default", warmup=1)
 
-    base_row = next(r for r in rows if r["name"] == "torch.compile default")
-    base = statistics.median(base_row["times"])
-    base_saved = base_row["saved"]
+    base_saved = next(r for r in rows if r["name"] == "torch.compile default")["saved"]
     print(f"GPT-like stack: {args.layers} blocks, d={args.d}, heads=4, B={args.batch}, T={args.seq}, "
           f"dropout 0.1; codegen {args.codegen}; {common.machine()}\n")
     print("| variant | saved activations (measured) | vs default | step peak above params+inputs "
           "| step time (median) | vs default | memfit decision | grad rel. error vs torch.compile default, same seed |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:
-        t = statistics.median(row["times"])
+        t, ratio = timing.median[row["name"]], timing.ratio[row["name"]]
         rep = row["report"]
         dec = "-"
         if rep is not None and rep.partitions:
@@ -187,7 +177,7 @@ def main(argv=None):
                         f"({format_bytes(p.quantized_bytes)} -> {format_bytes(p.quantized_packed_bytes)})")
             dec += f", predicted extra {p.predicted_extra_s * 1e3:.2g} ms"
         print(f"| {row['name']} | {format_bytes(row['saved'])} | {row['saved'] / base_saved:.2f} "
-              f"| {format_bytes(row['peak'])} | {t * 1e3:.1f} ms | {t / base:.2f} | {dec} | {row['err']:.1e} |")
+              f"| {format_bytes(row['peak'])} | {t * 1e3:.1f} ms | {ratio:.2f} | {dec} | {row['err']:.1e} |")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import statistics
 import time
 
@@ -102,16 +103,6 @@ def retained_bytes(fn, inputs, loss_fn) -> int:
     return total
 
 
-def step_time(fn, inputs, loss_fn, params) -> float:
-    t0 = time.perf_counter()
-    loss = loss_fn(fn(*inputs))
-    loss.backward()
-    dt = time.perf_counter() - t0
-    for p in params:
-        p.grad = None
-    return dt
-
-
 def run_model(name, fractions, repeats, use_compile):
     torch.manual_seed(0)
     model, inputs, loss_fn, blocks = build(name)
@@ -155,20 +146,19 @@ def run_model(name, fractions, repeats, use_compile):
             cparams = [p for p in cm.parameters() if p.requires_grad]
             with fconf.patch(activation_memory_budget=frac):
                 c = torch.compile(cm)
-                step_time(c, inputs, loss_fn, cparams)       # compile outside the measurement
+                common.step_time(c, inputs, loss_fn, cparams)       # compile outside the measurement
                 mc = measure(c, example_inputs=inputs, loss_fn=loss_fn)
                 ret = retained_bytes(c, inputs, loss_fn)
-                ts = [step_time(c, inputs, loss_fn, cparams) for _ in range(repeats)]
+                ts = [common.step_time(c, inputs, loss_fn, cparams) for _ in range(repeats)]
             compiled[frac] = (mc, ret, statistics.median(ts))
-    # Step times: alternate variants, medians.
-    times = {k: [] for k in variants}
-    times["per-block"] = []
-    for _ in range(repeats):
-        for k, (fn, _) in variants.items():
-            times[k].append(step_time(fn, inputs, loss_fn, params))
+    runs = {k: functools.partial(common.step_time, fn, inputs, loss_fn, params) for k, (fn, _) in variants.items()}
+
+    def per_block_step():
         with perblock.active():
-            times["per-block"].append(step_time(model, inputs, loss_fn, params))
-    med = {k: statistics.median(v) for k, v in times.items()}
+            return common.step_time(model, inputs, loss_fn, params)
+
+    runs["per-block"] = per_block_step
+    med = common.alternated(runs, repeats).median
     out = [f"\n### {name}: unmodified peak {format_bytes(base.peak_bytes)}, saved activations "
            f"{format_bytes(acts)}, retained {format_bytes(base_ret)}, step {med['unmodified'] * 1e3:.1f} ms "
            f"(planning: {t_plan:.1f} s analysis + per budget below)\n",

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import os
-import statistics
 import sys
 import time
 
@@ -30,7 +30,7 @@ import torch
 
 import common  # first: puts the repository root on sys.path
 import memfit
-from checkpoint import _PerBlock, step_time  # tools/bench/checkpoint.py
+from checkpoint import _PerBlock  # tools/bench/checkpoint.py
 from memfit.budget import format_bytes
 from memfit.errors import BudgetError
 
@@ -89,7 +89,7 @@ def run_model(name, fractions, compile_ratios, repeats, device):
     variants = []   # (label, callable, budget_bytes, predicted_peak, measured, grad_err, note)
 
     def add(label, fn, budget=None, predicted=None, note=""):
-        step_time(fn, inputs, loss_fn, params)  # warm-up (compiles)
+        common.step_time(fn, inputs, loss_fn, params)  # warm-up (compiles)
         m = memfit.measure(fn, example_inputs=inputs, optimizer="sgd", loss_fn=loss_fn)
         variants.append([label, fn, budget, predicted, m, rel_err(grads_of(fn, model, inputs, loss_fn), ref_grads),
                          note])
@@ -112,7 +112,7 @@ def run_model(name, fractions, compile_ratios, repeats, device):
         torch._dynamo.reset()
         with fconf.patch(activation_memory_budget=r):
             c = torch.compile(model)
-            step_time(c, inputs, loss_fn, params)   # compile under the patched config
+            common.step_time(c, inputs, loss_fn, params)   # compile under the patched config
 
             class Compiled(torch.nn.Module):
                 def __init__(self):
@@ -136,13 +136,9 @@ def run_model(name, fractions, compile_ratios, repeats, device):
         acts = sorted({d.action.split("{")[0] for d in p.decisions})
         add(f"memfit {frac:.0%}", om, p.budget_bytes, p.peak_bytes,
             note=f"{', '.join(acts) or 'no change'}; planned in {dt:.0f} s")
-    # Step times: alternate variants, medians.
-    live = [v for v in variants if v[1] is not None]
-    times = {v[0]: [] for v in live}
-    for _ in range(repeats):
-        for v in live:
-            times[v[0]].append(step_time(v[1], inputs, loss_fn, params))
-    t_eager = statistics.median(times["eager"])
+    timing = common.alternated({v[0]: functools.partial(common.step_time, v[1], inputs, loss_fn, params)
+                                for v in variants if v[1] is not None}, repeats)
+    t_eager = timing.median["eager"]
     lines = [f"### {name} (unmodified: predicted peak {format_bytes(base_plan.peak_bytes)}, saved activations "
              f"{format_bytes(base_plan.categories['saved_activations'])}, step {t_eager * 1e3:.0f} ms)", "",
              "| variant | budget | measured peak | predicted peak | error | fits | step time | grad rel. error | notes |",
@@ -152,7 +148,7 @@ def run_model(name, fractions, compile_ratios, repeats, device):
         if m is None:
             lines.append(f"| {label} | {format_bytes(budget) if budget else '-'} | - | - | - | - | - | - | {note} |")
             continue
-        ratio = statistics.median(times[label]) / t_eager
+        ratio = timing.ratio[label]
         err = f"{(pred - m.peak_bytes) / m.peak_bytes:+.1%}" if pred else "-"
         fits = "-" if budget is None else ("yes" if m.peak_bytes <= budget else "**no**")
         lines.append(f"| {label} | {format_bytes(budget) if budget else '-'} | {format_bytes(m.peak_bytes)} | "

@@ -41,6 +41,8 @@ def example_gpt2_small():
 
 
 def time_once(model, inputs, symbolic):
+    # Not common.step_time: no training step runs here, capture and the simulated step are
+    # timed apart, and the table gives seconds, not ratios to a variant run alongside.
     t0 = time.perf_counter()
     cap = capture(model, inputs, dynamic=symbolic)
     t1 = time.perf_counter()

@@ -12,9 +12,9 @@ measured copy bandwidth (bytes read plus written), and the step overhead at 8 bi
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
-import time
 
 import torch
 
@@ -39,11 +39,6 @@ SIZES = {
 }
 
 
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def step_times(name: str, bits_list=(8, 4), repeats: int = 7, device="cpu"):
     """Median fwd+bwd seconds of the captured graph, unquantized and at each bit width."""
     mod = _load(name)
@@ -57,23 +52,12 @@ def step_times(name: str, bits_list=(8, 4), repeats: int = 7, device="cpu"):
     for b in bits_list:
         gm = copy.deepcopy(cap.gm)  # parameters copied too: same values, independent graph
         variants[f"{b}-bit"] = QuantizeActivations(bits=b).run(gm, PassContext(captured=cap)).gm
-    dev = torch.device(device)
 
-    def one(gm):
-        _sync(dev)
-        t0 = time.perf_counter()
-        out = gm(*inputs)
-        mod.loss_fn(out[0]).backward()
-        _sync(dev)
-        return time.perf_counter() - t0
+    def loss_fn(out):  # the captured graph returns a flat tuple, the model's output first
+        return mod.loss_fn(out[0])
 
-    times = {k: [] for k in variants}
-    for gm in variants.values():   # warm-up
-        one(gm)
-    for _ in range(repeats):
-        for k, gm in variants.items():   # alternate variants
-            times[k].append(one(gm))
-    return {k: statistics.median(v) for k, v in times.items()}
+    runs = {k: functools.partial(common.step_time, gm, inputs, loss_fn) for k, gm in variants.items()}
+    return common.alternated(runs, repeats, warmup=1).median
 
 
 def memory_rows():
@@ -107,6 +91,7 @@ def gpu_bandwidth(numel: int = 64 * 2**20, repeats: int = 20):
         x = torch.randn(numel, device=dev, dtype=dtype)
         y = torch.empty_like(x)
 
+        # Not common.step_time: CUDA events time the kernels alone, and no step runs here.
         def timed(fn):
             fn()
             torch.cuda.synchronize()

@@ -13,8 +13,8 @@ alternating runs, one process) and planning time, as a markdown table.
 from __future__ import annotations
 
 import argparse
+import functools
 import re
-import statistics
 import time
 
 import torch
@@ -44,11 +44,6 @@ def _tensors(om) -> int:
     return 0
 
 
-def _step(model, inputs):
-    model.zero_grad(set_to_none=True)
-    gpt.loss_fn(model(*inputs)).backward()
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=7)
@@ -76,15 +71,8 @@ def main(argv=None):
                          time.perf_counter() - t0))
 
     measured = {name: memfit.measure(m, **kw).peak_bytes for name, m, *_ in variants}
-    times: dict[str, list[float]] = {name: [] for name, *_ in variants}
-    for name, m, *_ in variants:  # warm-up
-        _step(m, inputs)
-    for _ in range(args.repeats):
-        for name, m, *_ in variants:
-            t0 = time.perf_counter()
-            _step(m, inputs)
-            times[name].append(time.perf_counter() - t0)
-    ref = statistics.median(times["unquantized"])
+    timing = common.alternated({name: functools.partial(common.step_time, m, inputs, gpt.loss_fn)
+                                for name, m, *_ in variants}, args.repeats, warmup=1)
     eligible, eligible_nodes = _tensors(every), _nodes(every)
     print(f"gpt2_like {size}, SGD, {args.repeats} repeats; {common.machine()}")
     print()
@@ -92,11 +80,11 @@ def main(argv=None):
           "step time | vs unquantized | planning |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, m, budget, pred, plan_s in variants:
-        med = statistics.median(times[name])
+        med = timing.median[name]
         t, n = (_tensors(m), _nodes(m)) if m is not model else (0, 0)
         ok = "-" if budget is None else ("yes" if measured[name] <= budget else "NO")
         print(f"| {name} | {t} of {eligible} | {n} of {eligible_nodes} | {pred} B | {measured[name]} B | {ok} | "
-              f"{med * 1e3:.1f} ms | {med / ref:.2f}x | {plan_s:.1f} s |")
+              f"{med * 1e3:.1f} ms | {timing.ratio[name]:.2f}x | {plan_s:.1f} s |")
     for name, m, budget, *_ in variants[2:]:
         for d in m.memfit_plan.decisions:
             print(f"\n{name}: {d.action}: {d.detail}; predicted extra time {d.extra_time_s * 1e6:.0f} us")

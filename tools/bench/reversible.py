@@ -17,8 +17,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import statistics
 import time
 import warnings
 
@@ -38,16 +38,6 @@ def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
-def step_time(model, inputs, loss_fn, reps=5):
-    times = []
-    for _ in range(reps):
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        loss_fn(model(*inputs)).backward()
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def depth_table():
     from examples.gpt2_like import loss_fn, make
 
@@ -62,13 +52,10 @@ def depth_table():
             res = Reversible(mode=mode).apply_to_clone(cap.gm, PassContext(captured=cap))
             variants[mode] = OptimizedModule(model, cap, res.gm, pass_result=res)
         meas = {k: measure(m, example_inputs=inputs, loss_fn=loss_fn) for k, m in variants.items()}
-        times = {k: [] for k in variants}
-        for _ in range(5):  # alternate variants so load changes hit all of them alike
-            for k, m in variants.items():
-                times[k] += step_time(m, inputs, loss_fn, reps=1)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        ratio = common.alternated({k: functools.partial(common.step_time, m, inputs, loss_fn)
+                                   for k, m in variants.items()}, 5).ratio
         for k in variants:
-            rows.append((layers, k, meas[k].saved_activations, meas[k].peak_bytes, med[k] / med["unmodified"]))
+            rows.append((layers, k, meas[k].saved_activations, meas[k].peak_bytes, ratio[k]))
     return rows
 
 

@@ -57,10 +57,7 @@ def speed(rs=(0, 8, 16, 32), rounds=3, batch=8):
                       "train": [], "infer": []}
     for _ in range(rounds):
         for name, m in variants.items():
-            t0 = time.perf_counter()
-            loss_fn(m(x)).backward()
-            rows[name]["train"].append(batch / (time.perf_counter() - t0))
-            m.zero_grad(set_to_none=True)
+            rows[name]["train"].append(batch / common.step_time(m, (x,), loss_fn))
             with torch.no_grad():
                 t0 = time.perf_counter()
                 m(x)
