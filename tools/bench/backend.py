@@ -160,9 +160,9 @@ def main(argv=None):
     base_saved = next(r for r in rows if r["name"] == "torch.compile default")["saved"]
     print(f"GPT-like stack: {args.layers} blocks, d={args.d}, heads=4, B={args.batch}, T={args.seq}, "
           f"dropout 0.1; codegen {args.codegen}; {common.machine()}\n")
-    print("| variant | saved activations (measured) | vs default | step peak above params+inputs "
-          "| step time (median) | vs default | memfit decision | grad rel. error vs torch.compile default, same seed |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(common.table(["variant", "saved activations (measured)", "vs default", "step peak above params+inputs",
+                        "step time (median)", "vs default", "memfit decision",
+                        "grad rel. error vs torch.compile default, same seed"]))
     for row in rows:
         t, ratio = timing.median[row["name"]], timing.ratio[row["name"]]
         rep = row["report"]
@@ -176,8 +176,8 @@ def main(argv=None):
                 dec += (f", {len(p.quantized)} saved tensors in {p.quantize_bits} bits "
                         f"({format_bytes(p.quantized_bytes)} -> {format_bytes(p.quantized_packed_bytes)})")
             dec += f", predicted extra {p.predicted_extra_s * 1e3:.2g} ms"
-        print(f"| {row['name']} | {format_bytes(row['saved'])} | {row['saved'] / base_saved:.2f} "
-              f"| {format_bytes(row['peak'])} | {t * 1e3:.1f} ms | {ratio:.2f} | {dec} | {row['err']:.1e} |")
+        print(common.row([row["name"], format_bytes(row["saved"]), f"{row['saved'] / base_saved:.2f}",
+                          format_bytes(row["peak"]), f"{t * 1e3:.1f} ms", f"{ratio:.2f}", dec, f"{row['err']:.1e}"]))
 
 
 if __name__ == "__main__":

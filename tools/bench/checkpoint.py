@@ -158,30 +158,30 @@ def run_model(name, fractions, repeats, use_compile):
             return common.step_time(model, inputs, loss_fn, params)
 
     runs["per-block"] = per_block_step
-    med = common.alternated(runs, repeats).median
-    out = [f"\n### {name}: unmodified peak {format_bytes(base.peak_bytes)}, saved activations "
-           f"{format_bytes(acts)}, retained {format_bytes(base_ret)}, step {med['unmodified'] * 1e3:.1f} ms "
-           f"(planning: {t_plan:.1f} s analysis + per budget below)\n",
-           "| budget (of activations) | variant | budget bytes | measured peak | fits | retained | step time ratio | regions | plan s |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    out.append(f"| - | captured graph, no recompute | - | - | - | - | {med['graph'] / med['unmodified']:.2f} | 0 | - |")
-    out.append(f"| - | torch.utils.checkpoint per block ({len(blocks)}) | - | {format_bytes(pb.peak_bytes)} | - | "
-               f"{format_bytes(pb_ret)} | {med['per-block'] / med['unmodified']:.2f} | {len(blocks)} | - |")
+    timing = common.alternated(runs, repeats)
+    med, ratio = timing.median, timing.ratio
+    cells = [["-", "captured graph, no recompute", "-", "-", "-", "-", f"{ratio['graph']:.2f}", 0, "-"],
+             ["-", f"torch.utils.checkpoint per block ({len(blocks)})", "-", format_bytes(pb.peak_bytes), "-",
+              format_bytes(pb_ret), f"{ratio['per-block']:.2f}", len(blocks), "-"]]
     for frac, budget, res, err in rows:
         if res is None:
-            out.append(f"| {frac:.0%} | memfit | {format_bytes(budget)} | - | BudgetError (floor {err}) | - | - | - | - |")
+            cells.append([f"{frac:.0%}", "memfit", format_bytes(budget), "-", f"BudgetError (floor {err})",
+                          "-", "-", "-", "-"])
             continue
         m, ret, plan, dtp = res
-        fits = "yes" if m.peak_bytes <= budget else "NO"
-        out.append(f"| {frac:.0%} | memfit | {format_bytes(budget)} | {format_bytes(m.peak_bytes)} | {fits} | "
-                   f"{format_bytes(ret)} | {med[f'memfit {frac:.0%}'] / med['unmodified']:.2f} | "
-                   f"{len(plan.spans)} | {dtp:.1f} |")
+        cells.append([f"{frac:.0%}", "memfit", format_bytes(budget), format_bytes(m.peak_bytes),
+                      "yes" if m.peak_bytes <= budget else "NO", format_bytes(ret),
+                      f"{ratio[f'memfit {frac:.0%}']:.2f}", len(plan.spans), f"{dtp:.1f}"])
         if frac in compiled:
             mc, retc, tc = compiled[frac]
-            out.append(f"| {frac:.0%} | torch.compile budget={frac} | - | {format_bytes(mc.peak_bytes)} | "
-                       f"{'yes' if mc.peak_bytes <= budget else 'no'} | {format_bytes(retc)} | "
-                       f"{tc / med['unmodified']:.2f} | - | - |")
-    return "\n".join(out)
+            cells.append([f"{frac:.0%}", f"torch.compile budget={frac}", "-", format_bytes(mc.peak_bytes),
+                          "yes" if mc.peak_bytes <= budget else "no", format_bytes(retc),
+                          f"{tc / med['unmodified']:.2f}", "-", "-"])
+    head = (f"\n### {name}: unmodified peak {format_bytes(base.peak_bytes)}, saved activations "
+            f"{format_bytes(acts)}, retained {format_bytes(base_ret)}, step {med['unmodified'] * 1e3:.1f} ms "
+            f"(planning: {t_plan:.1f} s analysis + per budget below)\n")
+    return head + "\n" + common.table(["budget (of activations)", "variant", "budget bytes", "measured peak", "fits",
+                                       "retained", "step time ratio", "regions", "plan s"], cells)
 
 
 def main():

@@ -1,5 +1,5 @@
 """What the benchmarks in tools/bench share: the repository root on sys.path, the line that
-names the machine, and step timing with variants alternated in one process.
+names the machine, step timing with variants alternated in one process, and markdown tables.
 
 Import it before memfit, examples or tests: the scripts run as `python tools/bench/<name>.py`,
 so this folder is sys.path[0] and the repository root is not, unless PYTHONPATH names it.
@@ -104,3 +104,14 @@ def alternated(runs: Mapping[str, Callable[[], float]], repeats: int, baseline: 
     median = {k: statistics.median(v) for k, v in times.items()}
     base = median[next(iter(runs)) if baseline is None else baseline]
     return Timings(times, median, {k: v / base for k, v in median.items()})
+
+
+def row(cells: Iterable) -> str:
+    """One markdown table row; cells are formatted with str()."""
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def table(header: Sequence[str], rows: Iterable[Iterable] = ()) -> str:
+    """A markdown table. With no rows: the header and rule alone, for scripts that print
+    each row through row() as soon as it is measured."""
+    return "\n".join([row(header), "|" + "---|" * len(header)] + [row(r) for r in rows])

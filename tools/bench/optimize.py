@@ -139,23 +139,23 @@ def run_model(name, fractions, compile_ratios, repeats, device):
     timing = common.alternated({v[0]: functools.partial(common.step_time, v[1], inputs, loss_fn, params)
                                 for v in variants if v[1] is not None}, repeats)
     t_eager = timing.median["eager"]
-    lines = [f"### {name} (unmodified: predicted peak {format_bytes(base_plan.peak_bytes)}, saved activations "
-             f"{format_bytes(base_plan.categories['saved_activations'])}, step {t_eager * 1e3:.0f} ms)", "",
-             "| variant | budget | measured peak | predicted peak | error | fits | step time | grad rel. error | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    cells = []
     points = []
     for label, fn, budget, pred, m, gerr, note in variants:
         if m is None:
-            lines.append(f"| {label} | {format_bytes(budget) if budget else '-'} | - | - | - | - | - | - | {note} |")
+            cells.append([label, format_bytes(budget) if budget else "-"] + ["-"] * 6 + [note])
             continue
         ratio = timing.ratio[label]
         err = f"{(pred - m.peak_bytes) / m.peak_bytes:+.1%}" if pred else "-"
         fits = "-" if budget is None else ("yes" if m.peak_bytes <= budget else "**no**")
-        lines.append(f"| {label} | {format_bytes(budget) if budget else '-'} | {format_bytes(m.peak_bytes)} | "
-                     f"{format_bytes(pred) if pred else '-'} | {err} | {fits} | {ratio:.2f}x | {gerr:.1e} | {note} |")
+        cells.append([label, format_bytes(budget) if budget else "-", format_bytes(m.peak_bytes),
+                      format_bytes(pred) if pred else "-", err, fits, f"{ratio:.2f}x", f"{gerr:.1e}", note])
         points.append((label, m.peak_bytes, ratio))
     _plot(name, points)
-    return "\n".join(lines)
+    return "\n".join([f"### {name} (unmodified: predicted peak {format_bytes(base_plan.peak_bytes)}, saved activations "
+                      f"{format_bytes(base_plan.categories['saved_activations'])}, step {t_eager * 1e3:.0f} ms)", "",
+                      common.table(["variant", "budget", "measured peak", "predicted peak", "error", "fits",
+                                    "step time", "grad rel. error", "notes"], cells)])
 
 
 def _plot(name, points):

@@ -59,8 +59,8 @@ def main():
     builders = {"hf": [hf_gpt2_small], "example": [example_gpt2_small],
                 "both": [hf_gpt2_small, example_gpt2_small]}[args.model]
     print(f"machine: {common.machine()}")
-    print("| model | shapes | capture s | simulate s | total s | predicted peak | saved activations |")
-    print("|---|---|---|---|---|---|---|")
+    print(common.table(["model", "shapes", "capture s", "simulate s", "total s", "predicted peak",
+                        "saved activations"]))
     for build in builders:
         name, model, inputs = build()
         for symbolic in (True, False):
@@ -69,11 +69,11 @@ def main():
             sim_s = statistics.median(r[1] for r in runs)
             tot = statistics.median(r[0] + r[1] for r in runs)
             plan = runs[-1][2]
-            print(f"| {name} | {'symbolic B, T' if symbolic else 'static'} | {cap_s:.2f} | {sim_s:.2f} | "
-                  f"{tot:.2f} | {plan.peak_bytes / 2**30:.2f} GiB | "
-                  f"{plan.categories['saved_activations'] / 2**30:.2f} GiB |")
+            print(common.row([name, "symbolic B, T" if symbolic else "static", f"{cap_s:.2f}", f"{sim_s:.2f}",
+                              f"{tot:.2f}", f"{plan.peak_bytes / 2**30:.2f} GiB",
+                              f"{plan.categories['saved_activations'] / 2**30:.2f} GiB"]))
             if symbolic:
-                print(f"|  | peak(B, T) = {plan.peak_expr} |  |  |  |  |  |")
+                print(common.row(["", f"peak(B, T) = {plan.peak_expr}", "", "", "", "", ""]))
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ def main():
     ap.add_argument("--optimizer", default="adamw")
     args = ap.parse_args()
     print(f"machine: {common.machine()}; optimizer {args.optimizer}")
-    print("| model | capture | saved predicted | saved measured | error | peak predicted | peak measured | error |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(common.table(["model", "capture", "saved predicted", "saved measured", "error", "peak predicted",
+                        "peak measured", "error"]))
     fb = memfit.budget.format_bytes if hasattr(memfit, "budget") else None
     from memfit.budget import format_bytes as fb
     for name, build, loss_fn in cases():
@@ -55,9 +55,8 @@ def main():
         m = memfit.measure(model, example_inputs=inputs, optimizer=args.optimizer, loss_fn=loss_fn)
         se = (p.categories["saved_activations"] - m.saved_activations) / max(1, m.saved_activations)
         pe = (p.peak_bytes - m.peak_bytes) / m.peak_bytes
-        print(f"| {name} | {p.capture_method} | {fb(p.categories['saved_activations'])} | "
-              f"{fb(m.saved_activations)} | {se:+.2%} | {fb(p.peak_bytes)} | {fb(m.peak_bytes)} | {pe:+.2%} |",
-              flush=True)
+        print(common.row([name, p.capture_method, fb(p.categories["saved_activations"]), fb(m.saved_activations),
+                          f"{se:+.2%}", fb(p.peak_bytes), fb(m.peak_bytes), f"{pe:+.2%}"]), flush=True)
 
 
 if __name__ == "__main__":

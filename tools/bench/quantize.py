@@ -124,28 +124,27 @@ def main(argv=None):
     torch.set_num_threads(min(2, torch.get_num_threads()))
     print(common.machine())
     print("\n## CPU step time (forward + backward, median of %d, alternating)" % args.repeats)
-    print("| model | unquantized | 8-bit | 4-bit | 8-bit / unquantized | 4-bit / unquantized |")
-    print("|---|---|---|---|---|---|")
+    print(common.table(["model", "unquantized", "8-bit", "4-bit", "8-bit / unquantized", "4-bit / unquantized"]))
     for name in SIZES:
         t = step_times(name, repeats=args.repeats)
         u = t["unquantized"]
-        print(f"| {name} | {u * 1e3:.1f} ms | {t['8-bit'] * 1e3:.1f} ms | {t['4-bit'] * 1e3:.1f} ms | "
-              f"{t['8-bit'] / u:.2f}x | {t['4-bit'] / u:.2f}x |")
+        print(common.row([name, f"{u * 1e3:.1f} ms", f"{t['8-bit'] * 1e3:.1f} ms", f"{t['4-bit'] * 1e3:.1f} ms",
+                          f"{t['8-bit'] / u:.2f}x", f"{t['4-bit'] / u:.2f}x"]))
     if not args.skip_memory:
         print("\n## Saved activations at 8 bits (measured, predicted)")
-        print("| model | dtype | unquantized | 8-bit measured | ratio | 8-bit predicted | prediction error |")
-        print("|---|---|---|---|---|---|---|")
+        print(common.table(["model", "dtype", "unquantized", "8-bit measured", "ratio", "8-bit predicted",
+                            "prediction error"]))
         for name, dt, base, meas, pred in memory_rows():
-            print(f"| {name} | {dt} | {base} B | {meas} B | {meas / base:.3f}x | {pred} B | "
-                  f"{(pred - meas) / meas * 100:+.2f}% |")
+            print(common.row([name, dt, f"{base} B", f"{meas} B", f"{meas / base:.3f}x", f"{pred} B",
+                              f"{(pred - meas) / meas * 100:+.2f}%"]))
     if torch.cuda.is_available():
         print("\n## GPU kernel bandwidth (fraction of copy bandwidth, goal >= 0.8)")
         for (dt, bits), frac in gpu_bandwidth().items():
-            print(f"| {dt} | {bits}-bit | {frac:.2f} |")
+            print(common.row([dt, f"{bits}-bit", f"{frac:.2f}"]))
         print("\n## GPU step time")
         for name in SIZES:
             t = step_times(name, device="cuda", repeats=args.repeats)
-            print(f"| {name} | 8-bit / unquantized {t['8-bit'] / t['unquantized']:.3f}x |")
+            print(common.row([name, f"8-bit / unquantized {t['8-bit'] / t['unquantized']:.3f}x"]))
     else:
         print("\n(no CUDA device: GPU bandwidth and step overhead skipped)")
 

@@ -76,15 +76,14 @@ def main(argv=None):
     eligible, eligible_nodes = _tensors(every), _nodes(every)
     print(f"gpt2_like {size}, SGD, {args.repeats} repeats; {common.machine()}")
     print()
-    print("| variant | tensors quantized | nodes wrapped | predicted peak | measured peak | within budget | "
-          "step time | vs unquantized | planning |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(common.table(["variant", "tensors quantized", "nodes wrapped", "predicted peak", "measured peak",
+                        "within budget", "step time", "vs unquantized", "planning"]))
     for name, m, budget, pred, plan_s in variants:
         med = timing.median[name]
         t, n = (_tensors(m), _nodes(m)) if m is not model else (0, 0)
         ok = "-" if budget is None else ("yes" if measured[name] <= budget else "NO")
-        print(f"| {name} | {t} of {eligible} | {n} of {eligible_nodes} | {pred} B | {measured[name]} B | {ok} | "
-              f"{med * 1e3:.1f} ms | {timing.ratio[name]:.2f}x | {plan_s:.1f} s |")
+        print(common.row([name, f"{t} of {eligible}", f"{n} of {eligible_nodes}", f"{pred} B", f"{measured[name]} B",
+                          ok, f"{med * 1e3:.1f} ms", f"{timing.ratio[name]:.2f}x", f"{plan_s:.1f} s"]))
     for name, m, budget, *_ in variants[2:]:
         for d in m.memfit_plan.decisions:
             print(f"\n{name}: {d.action}: {d.detail}; predicted extra time {d.extra_time_s * 1e6:.0f} us")

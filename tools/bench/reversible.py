@@ -104,9 +104,8 @@ def render(depth, meft, wall, load):
            "examples/gpt2_like.py, B=2, T=32, d=64, 2 heads, dropout 0.1; memfit.measure (saved: "
            "saved_tensors_hooks, peak: CPU allocator events, no optimizer); step time = forward + "
            "backward without profiler, median of 5 alternating runs (the unmodified model and the pairs/meft copies have separate parameters of the same size), relative to unmodified.", "",
-           "| layers | variant | saved activations | step peak | step time |", "|---|---|---|---|---|"]
-    for layers, k, saved, peak, t in depth:
-        out.append(f"| {layers} | {k} | {fb(saved)} | {fb(peak)} | {t:.2f}x |")
+           common.table(["layers", "variant", "saved activations", "step peak", "step time"],
+                        [(layers, k, fb(saved), fb(peak), f"{t:.2f}x") for layers, k, saved, peak, t in depth])]
     by = {(layers, k): saved for layers, k, saved, _, _ in depth}
     for k in ("unmodified", "pairs", "meft"):
         out.append("")
@@ -115,10 +114,8 @@ def render(depth, meft, wall, load):
             "the logits from the original model at initialization, and the largest relative gradient "
             "error (per parameter) through reconstruction against the same couplings with stored "
             "activations, without anchors and with anchor_every=2.", "",
-            "| aux | lam | logits diff at init | grad error, no anchors | grad error, anchor_every=2 |",
-            "|---|---|---|---|---|"]
-    for aux, lam, d, e0, e2 in meft:
-        out.append(f"| {aux} | {lam:g} | {d:.2e} | {e0:.1e} | {e2:.1e} |")
+            common.table(["aux", "lam", "logits diff at init", "grad error, no anchors", "grad error, anchor_every=2"],
+                         [(aux, f"{lam:g}", f"{d:.2e}", f"{e0:.1e}", f"{e2:.1e}") for aux, lam, d, e0, e2 in meft])]
     out += ["", "The start-point error falls linearly with lam (and is smaller with aux=delta, which "
             "carries the residual updates instead of the hidden states); the reconstruction error "
             "grows like (1/lam) per rebuilt block, which anchors cut short. See docs/reversible.md.", ""]
