@@ -17,7 +17,6 @@ variants alternated in one process. torch.compile is given the same fraction as 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import functools
 import statistics
@@ -58,30 +57,6 @@ def build(name):
     raise KeyError(name)
 
 
-class _PerBlock:
-    """Wrap the forward of each block in torch.utils.checkpoint (non-reentrant)."""
-
-    def __init__(self, blocks):
-        self.blocks = blocks
-
-    @contextlib.contextmanager
-    def active(self):
-        import torch.utils.checkpoint as tuc
-        olds = []
-        for b in self.blocks:
-            old = b.forward
-            olds.append(old)
-
-            def fwd(*a, _old=old, **k):
-                return tuc.checkpoint(_old, *a, use_reentrant=False, **k)
-            b.forward = fwd
-        try:
-            yield
-        finally:
-            for b, old in zip(self.blocks, olds):
-                b.forward = old
-
-
 def retained_bytes(fn, inputs, loss_fn) -> int:
     """Bytes the forward and loss leave allocated (held for backward), from allocator events."""
     from torch.profiler import ProfilerActivity, profile
@@ -117,7 +92,7 @@ def run_model(name, fractions, repeats, use_compile):
     # The captured graph without recompute: separates capture overhead from recompute cost.
     variants = {"unmodified": (model, None), "graph": (OptimizedModule(model, cap), None)}
     rows = []
-    perblock = _PerBlock(blocks)
+    perblock = common.PerBlock(blocks)
     with perblock.active():
         pb = measure(model, example_inputs=inputs, loss_fn=loss_fn)
         pb_ret = retained_bytes(model, inputs, loss_fn)

@@ -1,5 +1,6 @@
 """What the benchmarks in tools/bench share: the repository root on sys.path, the line that
-names the machine, step timing with variants alternated in one process, and markdown tables.
+names the machine, step timing with variants alternated in one process, markdown tables, and
+per-block checkpointing as a baseline.
 
 Import it before memfit, examples or tests: the scripts run as `python tools/bench/<name>.py`,
 so this folder is sys.path[0] and the repository root is not, unless PYTHONPATH names it.
@@ -7,6 +8,7 @@ so this folder is sys.path[0] and the repository root is not, unless PYTHONPATH 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -115,3 +117,28 @@ def table(header: Sequence[str], rows: Iterable[Iterable] = ()) -> str:
     """A markdown table. With no rows: the header and rule alone, for scripts that print
     each row through row() as soon as it is measured."""
     return "\n".join([row(header), "|" + "---|" * len(header)] + [row(r) for r in rows])
+
+
+class PerBlock:
+    """torch.utils.checkpoint (non-reentrant) on the forward of each block, while active():
+    the usual hand-written alternative that memfit's plans are compared against."""
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+
+    @contextlib.contextmanager
+    def active(self):
+        import torch.utils.checkpoint as tuc
+        olds = []
+        for b in self.blocks:
+            old = b.forward
+            olds.append(old)
+
+            def fwd(*a, _old=old, **k):
+                return tuc.checkpoint(_old, *a, use_reentrant=False, **k)
+            b.forward = fwd
+        try:
+            yield
+        finally:
+            for b, old in zip(self.blocks, olds):
+                b.forward = old

@@ -30,7 +30,6 @@ import torch
 
 import common  # first: puts the repository root on sys.path
 import memfit
-from checkpoint import _PerBlock  # tools/bench/checkpoint.py
 from memfit.budget import format_bytes
 from memfit.errors import BudgetError
 
@@ -95,7 +94,7 @@ def run_model(name, fractions, compile_ratios, repeats, device):
                          note])
 
     add("eager", model, predicted=base_plan.peak_bytes)
-    pb = _PerBlock(blocks)
+    pb = common.PerBlock(blocks)
 
     class PerBlockModel(torch.nn.Module):
         def __init__(self):
