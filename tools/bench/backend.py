@@ -24,9 +24,7 @@ fast; the memory decisions are the same kind, the times are not Inductor's.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import statistics
+import functools
 import sys
 import time
 import warnings
@@ -34,14 +32,13 @@ import warnings
 import torch
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-warnings.filterwarnings("ignore", category=FutureWarning)
+import common  # first: puts the repository root on sys.path
+import memfit
+import memfit.compile as mb
+from memfit.budget import format_bytes
+from tests.models import Block
 
-import memfit  # noqa: E402
-import memfit.compile as mb  # noqa: E402
-from memfit.budget import format_bytes  # noqa: E402
-from tests.models import Block  # noqa: E402
+warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 class GPTLike(nn.Module):
@@ -83,12 +80,6 @@ def _upstream_backend(codegen: str, ratio: float | None):
                                     decompositions=select_decomp_table(),
                                     partition_fn=min_cut_rematerialization_partition)(gm, example_inputs)
     return backend
-
-
-def _step(fn, x, params):
-    for p in params:
-        p.grad = None
-    loss_fn(fn(x)).backward()
 
 
 def main(argv=None):
@@ -145,7 +136,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         fn = model if backend is None else torch.compile(model, backend=backend)
         torch.manual_seed(1)
-        _step(fn, x, params)  # compiles
+        model.zero_grad(set_to_none=True)
+        # compiles; not common.step_time, which would drop the gradients compared below
+        loss_fn(fn(x)).backward()
         compile_s = time.perf_counter() - t0
         grads = [p.grad.clone() for p in params]
         if ref is None and backend is not None:
@@ -156,29 +149,22 @@ def main(argv=None):
         m = memfit.measure(fn, example_inputs=(x,), loss_fn=loss_fn)
         rep = mb.last_report() if kind == "memfit" else None
         rows.append({"name": name, "saved": m.saved_activations, "peak": m.peak_bytes - m.baseline_bytes,
-                     "err": err, "compile_s": compile_s, "times": [], "report": rep})
+                     "err": err, "compile_s": compile_s, "report": rep})
         fns.append(fn)
         print(f"compiled {name} in {compile_s:.1f} s", file=sys.stderr)
 
-    for row, fn in zip(rows, fns):  # warm-up (recompiles after the resets above), not timed
-        _step(fn, x, params)
-    for _ in range(args.rounds):  # alternate variants; medians
-        for row, fn in zip(rows, fns):
-            t0 = time.perf_counter()
-            _step(fn, x, params)
-            row["times"].append(time.perf_counter() - t0)
+    # The warm-up round recompiles after the resets above.
+    timing = common.alternated({row["name"]: functools.partial(common.step_time, fn, (x,), loss_fn, params)
+                                for row, fn in zip(rows, fns)}, args.rounds, "torch.compile default", warmup=1)
 
-    base_row = next(r for r in rows if r["name"] == "torch.compile default")
-    base = statistics.median(base_row["times"])
-    base_saved = base_row["saved"]
+    base_saved = next(r for r in rows if r["name"] == "torch.compile default")["saved"]
     print(f"GPT-like stack: {args.layers} blocks, d={args.d}, heads=4, B={args.batch}, T={args.seq}, "
-          f"dropout 0.1; codegen {args.codegen}; {platform.processor() or platform.machine()}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print("| variant | saved activations (measured) | vs default | step peak above params+inputs "
-          "| step time (median) | vs default | memfit decision | grad rel. error vs torch.compile default, same seed |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"dropout 0.1; codegen {args.codegen}; {common.machine()}\n")
+    print(common.table(["variant", "saved activations (measured)", "vs default", "step peak above params+inputs",
+                        "step time (median)", "vs default", "memfit decision",
+                        "grad rel. error vs torch.compile default, same seed"]))
     for row in rows:
-        t = statistics.median(row["times"])
+        t, ratio = timing.median[row["name"]], timing.ratio[row["name"]]
         rep = row["report"]
         dec = "-"
         if rep is not None and rep.partitions:
@@ -190,8 +176,8 @@ def main(argv=None):
                 dec += (f", {len(p.quantized)} saved tensors in {p.quantize_bits} bits "
                         f"({format_bytes(p.quantized_bytes)} -> {format_bytes(p.quantized_packed_bytes)})")
             dec += f", predicted extra {p.predicted_extra_s * 1e3:.2g} ms"
-        print(f"| {row['name']} | {format_bytes(row['saved'])} | {row['saved'] / base_saved:.2f} "
-              f"| {format_bytes(row['peak'])} | {t * 1e3:.1f} ms | {t / base:.2f} | {dec} | {row['err']:.1e} |")
+        print(common.row([row["name"], format_bytes(row["saved"]), f"{row['saved'] / base_saved:.2f}",
+                          format_bytes(row["peak"]), f"{t * 1e3:.1f} ms", f"{ratio:.2f}", dec, f"{row['err']:.1e}"]))
 
 
 if __name__ == "__main__":

@@ -17,24 +17,20 @@ variants alternated in one process. torch.compile is given the same fraction as 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import os
+import functools
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-from memfit.budget import format_bytes  # noqa: E402
-from memfit.ir.capture import capture  # noqa: E402
-from memfit.errors import BudgetError  # noqa: E402
-from memfit.cost_models.measure import measure  # noqa: E402
-from memfit.ir.module import OptimizedModule  # noqa: E402
-from memfit.passes.checkpoint import CheckpointPlanner  # noqa: E402
+import common  # first: puts the repository root on sys.path
+from memfit.budget import format_bytes
+from memfit.ir.capture import capture
+from memfit.errors import BudgetError
+from memfit.cost_models.measure import measure
+from memfit.ir.module import OptimizedModule
+from memfit.passes.checkpoint import CheckpointPlanner
 
 
 def build(name):
@@ -61,30 +57,6 @@ def build(name):
     raise KeyError(name)
 
 
-class _PerBlock:
-    """Wrap the forward of each block in torch.utils.checkpoint (non-reentrant)."""
-
-    def __init__(self, blocks):
-        self.blocks = blocks
-
-    @contextlib.contextmanager
-    def active(self):
-        import torch.utils.checkpoint as tuc
-        olds = []
-        for b in self.blocks:
-            old = b.forward
-            olds.append(old)
-
-            def fwd(*a, _old=old, **k):
-                return tuc.checkpoint(_old, *a, use_reentrant=False, **k)
-            b.forward = fwd
-        try:
-            yield
-        finally:
-            for b, old in zip(self.blocks, olds):
-                b.forward = old
-
-
 def retained_bytes(fn, inputs, loss_fn) -> int:
     """Bytes the forward and loss leave allocated (held for backward), from allocator events."""
     from torch.profiler import ProfilerActivity, profile
@@ -106,16 +78,6 @@ def retained_bytes(fn, inputs, loss_fn) -> int:
     return total
 
 
-def step_time(fn, inputs, loss_fn, params) -> float:
-    t0 = time.perf_counter()
-    loss = loss_fn(fn(*inputs))
-    loss.backward()
-    dt = time.perf_counter() - t0
-    for p in params:
-        p.grad = None
-    return dt
-
-
 def run_model(name, fractions, repeats, use_compile):
     torch.manual_seed(0)
     model, inputs, loss_fn, blocks = build(name)
@@ -130,7 +92,7 @@ def run_model(name, fractions, repeats, use_compile):
     # The captured graph without recompute: separates capture overhead from recompute cost.
     variants = {"unmodified": (model, None), "graph": (OptimizedModule(model, cap), None)}
     rows = []
-    perblock = _PerBlock(blocks)
+    perblock = common.PerBlock(blocks)
     with perblock.active():
         pb = measure(model, example_inputs=inputs, loss_fn=loss_fn)
         pb_ret = retained_bytes(model, inputs, loss_fn)
@@ -159,43 +121,42 @@ def run_model(name, fractions, repeats, use_compile):
             cparams = [p for p in cm.parameters() if p.requires_grad]
             with fconf.patch(activation_memory_budget=frac):
                 c = torch.compile(cm)
-                step_time(c, inputs, loss_fn, cparams)       # compile outside the measurement
+                common.step_time(c, inputs, loss_fn, cparams)       # compile outside the measurement
                 mc = measure(c, example_inputs=inputs, loss_fn=loss_fn)
                 ret = retained_bytes(c, inputs, loss_fn)
-                ts = [step_time(c, inputs, loss_fn, cparams) for _ in range(repeats)]
+                ts = [common.step_time(c, inputs, loss_fn, cparams) for _ in range(repeats)]
             compiled[frac] = (mc, ret, statistics.median(ts))
-    # Step times: alternate variants, medians.
-    times = {k: [] for k in variants}
-    times["per-block"] = []
-    for _ in range(repeats):
-        for k, (fn, _) in variants.items():
-            times[k].append(step_time(fn, inputs, loss_fn, params))
+    runs = {k: functools.partial(common.step_time, fn, inputs, loss_fn, params) for k, (fn, _) in variants.items()}
+
+    def per_block_step():
         with perblock.active():
-            times["per-block"].append(step_time(model, inputs, loss_fn, params))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    out = [f"\n### {name}: unmodified peak {format_bytes(base.peak_bytes)}, saved activations "
-           f"{format_bytes(acts)}, retained {format_bytes(base_ret)}, step {med['unmodified'] * 1e3:.1f} ms "
-           f"(planning: {t_plan:.1f} s analysis + per budget below)\n",
-           "| budget (of activations) | variant | budget bytes | measured peak | fits | retained | step time ratio | regions | plan s |",
-           "|---|---|---|---|---|---|---|---|---|"]
-    out.append(f"| - | captured graph, no recompute | - | - | - | - | {med['graph'] / med['unmodified']:.2f} | 0 | - |")
-    out.append(f"| - | torch.utils.checkpoint per block ({len(blocks)}) | - | {format_bytes(pb.peak_bytes)} | - | "
-               f"{format_bytes(pb_ret)} | {med['per-block'] / med['unmodified']:.2f} | {len(blocks)} | - |")
+            return common.step_time(model, inputs, loss_fn, params)
+
+    runs["per-block"] = per_block_step
+    timing = common.alternated(runs, repeats)
+    med, ratio = timing.median, timing.ratio
+    cells = [["-", "captured graph, no recompute", "-", "-", "-", "-", f"{ratio['graph']:.2f}", 0, "-"],
+             ["-", f"torch.utils.checkpoint per block ({len(blocks)})", "-", format_bytes(pb.peak_bytes), "-",
+              format_bytes(pb_ret), f"{ratio['per-block']:.2f}", len(blocks), "-"]]
     for frac, budget, res, err in rows:
         if res is None:
-            out.append(f"| {frac:.0%} | memfit | {format_bytes(budget)} | - | BudgetError (floor {err}) | - | - | - | - |")
+            cells.append([f"{frac:.0%}", "memfit", format_bytes(budget), "-", f"BudgetError (floor {err})",
+                          "-", "-", "-", "-"])
             continue
         m, ret, plan, dtp = res
-        fits = "yes" if m.peak_bytes <= budget else "NO"
-        out.append(f"| {frac:.0%} | memfit | {format_bytes(budget)} | {format_bytes(m.peak_bytes)} | {fits} | "
-                   f"{format_bytes(ret)} | {med[f'memfit {frac:.0%}'] / med['unmodified']:.2f} | "
-                   f"{len(plan.spans)} | {dtp:.1f} |")
+        cells.append([f"{frac:.0%}", "memfit", format_bytes(budget), format_bytes(m.peak_bytes),
+                      "yes" if m.peak_bytes <= budget else "NO", format_bytes(ret),
+                      f"{ratio[f'memfit {frac:.0%}']:.2f}", len(plan.spans), f"{dtp:.1f}"])
         if frac in compiled:
             mc, retc, tc = compiled[frac]
-            out.append(f"| {frac:.0%} | torch.compile budget={frac} | - | {format_bytes(mc.peak_bytes)} | "
-                       f"{'yes' if mc.peak_bytes <= budget else 'no'} | {format_bytes(retc)} | "
-                       f"{tc / med['unmodified']:.2f} | - | - |")
-    return "\n".join(out)
+            cells.append([f"{frac:.0%}", f"torch.compile budget={frac}", "-", format_bytes(mc.peak_bytes),
+                          "yes" if mc.peak_bytes <= budget else "no", format_bytes(retc),
+                          f"{tc / med['unmodified']:.2f}", "-", "-"])
+    head = (f"\n### {name}: unmodified peak {format_bytes(base.peak_bytes)}, saved activations "
+            f"{format_bytes(acts)}, retained {format_bytes(base_ret)}, step {med['unmodified'] * 1e3:.1f} ms "
+            f"(planning: {t_plan:.1f} s analysis + per budget below)\n")
+    return head + "\n" + common.table(["budget (of activations)", "variant", "budget bytes", "measured peak", "fits",
+                                       "retained", "step time ratio", "regions", "plan s"], cells)
 
 
 def main():
@@ -207,7 +168,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(2)
     fracs = [float(f) for f in args.fractions.split(",")]
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs visible, threads {torch.get_num_threads()}")
+    print(common.machine())
     for name in args.models.split(","):
         print(run_model(name, fracs, args.repeats, args.compile), flush=True)
 

@@ -21,25 +21,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
+import functools
 import os
-import platform
-import statistics
 import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # first: puts the repository root on sys.path
+import memfit
+from memfit.budget import format_bytes
+from memfit.errors import BudgetError
 
-import memfit  # noqa: E402
-from checkpoint import _PerBlock, step_time  # noqa: E402  (tools/bench/checkpoint.py)
-from memfit.budget import format_bytes  # noqa: E402
-from memfit.errors import BudgetError  # noqa: E402
-
-OUT = os.path.join(ROOT, "tools", "bench", "results")
+OUT = os.path.join(common.ROOT, "tools", "bench", "results")
 
 
 def build(name: str, device: str):
@@ -94,13 +88,13 @@ def run_model(name, fractions, compile_ratios, repeats, device):
     variants = []   # (label, callable, budget_bytes, predicted_peak, measured, grad_err, note)
 
     def add(label, fn, budget=None, predicted=None, note=""):
-        step_time(fn, inputs, loss_fn, params)  # warm-up (compiles)
+        common.step_time(fn, inputs, loss_fn, params)  # warm-up (compiles)
         m = memfit.measure(fn, example_inputs=inputs, optimizer="sgd", loss_fn=loss_fn)
         variants.append([label, fn, budget, predicted, m, rel_err(grads_of(fn, model, inputs, loss_fn), ref_grads),
                          note])
 
     add("eager", model, predicted=base_plan.peak_bytes)
-    pb = _PerBlock(blocks)
+    pb = common.PerBlock(blocks)
 
     class PerBlockModel(torch.nn.Module):
         def __init__(self):
@@ -117,7 +111,7 @@ def run_model(name, fractions, compile_ratios, repeats, device):
         torch._dynamo.reset()
         with fconf.patch(activation_memory_budget=r):
             c = torch.compile(model)
-            step_time(c, inputs, loss_fn, params)   # compile under the patched config
+            common.step_time(c, inputs, loss_fn, params)   # compile under the patched config
 
             class Compiled(torch.nn.Module):
                 def __init__(self):
@@ -141,30 +135,26 @@ def run_model(name, fractions, compile_ratios, repeats, device):
         acts = sorted({d.action.split("{")[0] for d in p.decisions})
         add(f"memfit {frac:.0%}", om, p.budget_bytes, p.peak_bytes,
             note=f"{', '.join(acts) or 'no change'}; planned in {dt:.0f} s")
-    # Step times: alternate variants, medians.
-    live = [v for v in variants if v[1] is not None]
-    times = {v[0]: [] for v in live}
-    for _ in range(repeats):
-        for v in live:
-            times[v[0]].append(step_time(v[1], inputs, loss_fn, params))
-    t_eager = statistics.median(times["eager"])
-    lines = [f"### {name} (unmodified: predicted peak {format_bytes(base_plan.peak_bytes)}, saved activations "
-             f"{format_bytes(base_plan.categories['saved_activations'])}, step {t_eager * 1e3:.0f} ms)", "",
-             "| variant | budget | measured peak | predicted peak | error | fits | step time | grad rel. error | notes |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    timing = common.alternated({v[0]: functools.partial(common.step_time, v[1], inputs, loss_fn, params)
+                                for v in variants if v[1] is not None}, repeats)
+    t_eager = timing.median["eager"]
+    cells = []
     points = []
     for label, fn, budget, pred, m, gerr, note in variants:
         if m is None:
-            lines.append(f"| {label} | {format_bytes(budget) if budget else '-'} | - | - | - | - | - | - | {note} |")
+            cells.append([label, format_bytes(budget) if budget else "-"] + ["-"] * 6 + [note])
             continue
-        ratio = statistics.median(times[label]) / t_eager
+        ratio = timing.ratio[label]
         err = f"{(pred - m.peak_bytes) / m.peak_bytes:+.1%}" if pred else "-"
         fits = "-" if budget is None else ("yes" if m.peak_bytes <= budget else "**no**")
-        lines.append(f"| {label} | {format_bytes(budget) if budget else '-'} | {format_bytes(m.peak_bytes)} | "
-                     f"{format_bytes(pred) if pred else '-'} | {err} | {fits} | {ratio:.2f}x | {gerr:.1e} | {note} |")
+        cells.append([label, format_bytes(budget) if budget else "-", format_bytes(m.peak_bytes),
+                      format_bytes(pred) if pred else "-", err, fits, f"{ratio:.2f}x", f"{gerr:.1e}", note])
         points.append((label, m.peak_bytes, ratio))
     _plot(name, points)
-    return "\n".join(lines)
+    return "\n".join([f"### {name} (unmodified: predicted peak {format_bytes(base_plan.peak_bytes)}, saved activations "
+                      f"{format_bytes(base_plan.categories['saved_activations'])}, step {t_eager * 1e3:.0f} ms)", "",
+                      common.table(["variant", "budget", "measured peak", "predicted peak", "error", "fits",
+                                    "step time", "grad rel. error", "notes"], cells)])
 
 
 def _plot(name, points):
@@ -201,9 +191,8 @@ def main():
     fr = [float(f) for f in args.fractions.split(",") if f]
     cr = [float(f) for f in args.compile_ratios.split(",") if f]
     dev = args.device
-    where = torch.cuda.get_device_name() if dev == "cuda" else f"CPU {platform.machine()}, {os.cpu_count()} cores"
     head = [f"`python tools/bench/optimize.py {' '.join(sys.argv[1:])}`".replace(" `", "`"),
-            f"({where}, torch {torch.__version__}, {datetime.date.today()})", ""]
+            f"({common.machine(dev)})", ""]
     print("\n".join(head), flush=True)
     body = []
     for name in args.models.split(","):

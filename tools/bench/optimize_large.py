@@ -13,19 +13,14 @@ max_memory_allocated on a GPU) and the planning and step wall times.
 from __future__ import annotations
 
 import argparse
-import os
-import platform
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-import memfit  # noqa: E402
-from examples import gpt2_like as ex  # noqa: E402
-from memfit.budget import format_bytes  # noqa: E402
+import common  # first: puts the repository root on sys.path
+import memfit
+from examples import gpt2_like as ex
+from memfit.budget import format_bytes
 
 
 def main(argv=None):
@@ -41,8 +36,8 @@ def main(argv=None):
     om = memfit.optimize(model, args.budget, example_inputs=inputs, optimizer="sgd", loss_fn=ex.loss_fn)
     plan_s = time.perf_counter() - t0
     p = om.memfit_plan
-    print(f"GPT-2-small dims, B={args.batch}, T={args.seq}, SGD; {device} "
-          f"({platform.machine()}, torch {torch.__version__}); budget {args.budget} = {format_bytes(p.budget_bytes)}")
+    print(f"GPT-2-small dims, B={args.batch}, T={args.seq}, SGD; {common.machine(device)}; "
+          f"budget {args.budget} = {format_bytes(p.budget_bytes)}")
     for d in p.decisions:
         print(f"  {d.target:<28} {d.action:<22} saves {format_bytes(d.saved_bytes)}  {d.detail}")
     t0 = time.perf_counter()

@@ -10,18 +10,18 @@ alternating runs, so it finishes in about a minute on 2 CPU cores.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 import os
-import statistics
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # first: puts the repository root on sys.path
 
 
 def _load(path, name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, path))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(common.ROOT, path))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -48,17 +48,19 @@ def main() -> None:
     print(f"  step peak (measured):         {before.peak_bytes} -> {after.peak_bytes} bytes "
           f"({after.peak_bytes / before.peak_bytes:.3f}x)")
 
-    model, args, kw = load_factory(os.path.join(ROOT, "examples/gpt2_like.py:make"), None,
+    model, args, kw = load_factory(os.path.join(common.ROOT, "examples/gpt2_like.py:make"), None,
                                    dict(layers=2, d=64, seq_len=64, batch_size=4))
-    times = {False: [], True: []}
-    for _ in range(5):
-        for verify in (False, True):
-            cap = capture(model, args, kw, dynamic=False)
-            t0 = time.perf_counter()
-            PassManager("sdpa-attention{allow_dropout=true},quantize-activations", verify=verify).run(
-                cap.gm, PassContext(captured=cap))
-            times[verify].append(time.perf_counter() - t0)
-    off, on = statistics.median(times[False]), statistics.median(times[True])
+
+    def run_passes(verify):  # the capture stays off the clock
+        cap = capture(model, args, kw, dynamic=False)
+        t0 = time.perf_counter()
+        PassManager("sdpa-attention{allow_dropout=true},quantize-activations", verify=verify).run(
+            cap.gm, PassContext(captured=cap))
+        return time.perf_counter() - t0
+
+    med = common.alternated({"off": functools.partial(run_passes, False),
+                             "on": functools.partial(run_passes, True)}, 5).median
+    off, on = med["off"], med["on"]
     print("PassManager on gpt2_like(layers=2, d=64, seq_len=64, batch_size=4), "
           "pipeline sdpa-attention{allow_dropout=true},quantize-activations")
     print(f"  median time: {off * 1e3:.0f} ms without verify, {on * 1e3:.0f} ms with verify ({on / off:.1f}x)")

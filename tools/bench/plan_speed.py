@@ -11,18 +11,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-from memfit.api import plan_captured  # noqa: E402
-from memfit.ir.capture import capture  # noqa: E402
+import common  # first: puts the repository root on sys.path
+from memfit.api import plan_captured
+from memfit.ir.capture import capture
 
 
 def hf_gpt2_small():
@@ -35,7 +31,7 @@ def hf_gpt2_small():
 
 def example_gpt2_small():
     import importlib.util
-    spec = importlib.util.spec_from_file_location("gpt2_like", os.path.join(ROOT, "examples", "gpt2_like.py"))
+    spec = importlib.util.spec_from_file_location("gpt2_like", os.path.join(common.ROOT, "examples", "gpt2_like.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     with torch.device("meta"):
@@ -45,6 +41,8 @@ def example_gpt2_small():
 
 
 def time_once(model, inputs, symbolic):
+    # Not common.step_time: no training step runs here, capture and the simulated step are
+    # timed apart, and the table gives seconds, not ratios to a variant run alongside.
     t0 = time.perf_counter()
     cap = capture(model, inputs, dynamic=symbolic)
     t1 = time.perf_counter()
@@ -60,10 +58,9 @@ def main():
     args = ap.parse_args()
     builders = {"hf": [hf_gpt2_small], "example": [example_gpt2_small],
                 "both": [hf_gpt2_small, example_gpt2_small]}[args.model]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| model | shapes | capture s | simulate s | total s | predicted peak | saved activations |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"machine: {common.machine()}")
+    print(common.table(["model", "shapes", "capture s", "simulate s", "total s", "predicted peak",
+                        "saved activations"]))
     for build in builders:
         name, model, inputs = build()
         for symbolic in (True, False):
@@ -72,11 +69,11 @@ def main():
             sim_s = statistics.median(r[1] for r in runs)
             tot = statistics.median(r[0] + r[1] for r in runs)
             plan = runs[-1][2]
-            print(f"| {name} | {'symbolic B, T' if symbolic else 'static'} | {cap_s:.2f} | {sim_s:.2f} | "
-                  f"{tot:.2f} | {plan.peak_bytes / 2**30:.2f} GiB | "
-                  f"{plan.categories['saved_activations'] / 2**30:.2f} GiB |")
+            print(common.row([name, "symbolic B, T" if symbolic else "static", f"{cap_s:.2f}", f"{sim_s:.2f}",
+                              f"{tot:.2f}", f"{plan.peak_bytes / 2**30:.2f} GiB",
+                              f"{plan.categories['saved_activations'] / 2**30:.2f} GiB"]))
             if symbolic:
-                print(f"|  | peak(B, T) = {plan.peak_expr} |  |  |  |  |  |")
+                print(common.row(["", f"peak(B, T) = {plan.peak_expr}", "", "", "", "", ""]))
 
 
 if __name__ == "__main__":

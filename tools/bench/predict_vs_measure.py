@@ -11,19 +11,15 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import platform
-import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
-
-import memfit  # noqa: E402
+import common  # first: puts the repository root on sys.path
+import memfit
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "examples", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(common.ROOT, "examples", f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -46,10 +42,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--optimizer", default="adamw")
     args = ap.parse_args()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}; "
-          f"optimizer {args.optimizer}")
-    print("| model | capture | saved predicted | saved measured | error | peak predicted | peak measured | error |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"machine: {common.machine()}; optimizer {args.optimizer}")
+    print(common.table(["model", "capture", "saved predicted", "saved measured", "error", "peak predicted",
+                        "peak measured", "error"]))
     fb = memfit.budget.format_bytes if hasattr(memfit, "budget") else None
     from memfit.budget import format_bytes as fb
     for name, build, loss_fn in cases():
@@ -60,9 +55,8 @@ def main():
         m = memfit.measure(model, example_inputs=inputs, optimizer=args.optimizer, loss_fn=loss_fn)
         se = (p.categories["saved_activations"] - m.saved_activations) / max(1, m.saved_activations)
         pe = (p.peak_bytes - m.peak_bytes) / m.peak_bytes
-        print(f"| {name} | {p.capture_method} | {fb(p.categories['saved_activations'])} | "
-              f"{fb(m.saved_activations)} | {se:+.2%} | {fb(p.peak_bytes)} | {fb(m.peak_bytes)} | {pe:+.2%} |",
-              flush=True)
+        print(common.row([name, p.capture_method, fb(p.categories["saved_activations"]), fb(m.saved_activations),
+                          f"{se:+.2%}", fb(p.peak_bytes), fb(m.peak_bytes), f"{pe:+.2%}"]), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,25 +12,22 @@ measured copy bandwidth (bytes read plus written), and the step overhead at 8 bi
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
-import sys
-import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-from memfit.ir.capture import capture  # noqa: E402
-from memfit.passes import PassContext  # noqa: E402
-from memfit.passes.quantize import QuantizeActivations  # noqa: E402
+import common  # first: puts the repository root on sys.path
+from memfit.ir.capture import capture
+from memfit.passes import PassContext
+from memfit.passes.quantize import QuantizeActivations
 
 
 def _load(name):
     import importlib.util
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
+    path = os.path.join(common.ROOT, "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -40,11 +37,6 @@ SIZES = {
     "gpt2_like": dict(batch_size=2, seq_len=64, layers=2, d=64, heads=4, vocab=128),
     "vit_like": dict(batch_size=4, image_size=32, layers=2, d=64, heads=4),
 }
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def step_times(name: str, bits_list=(8, 4), repeats: int = 7, device="cpu"):
@@ -60,29 +52,18 @@ def step_times(name: str, bits_list=(8, 4), repeats: int = 7, device="cpu"):
     for b in bits_list:
         gm = copy.deepcopy(cap.gm)  # parameters copied too: same values, independent graph
         variants[f"{b}-bit"] = QuantizeActivations(bits=b).run(gm, PassContext(captured=cap)).gm
-    dev = torch.device(device)
 
-    def one(gm):
-        _sync(dev)
-        t0 = time.perf_counter()
-        out = gm(*inputs)
-        mod.loss_fn(out[0]).backward()
-        _sync(dev)
-        return time.perf_counter() - t0
+    def loss_fn(out):  # the captured graph returns a flat tuple, the model's output first
+        return mod.loss_fn(out[0])
 
-    times = {k: [] for k in variants}
-    for gm in variants.values():   # warm-up
-        one(gm)
-    for _ in range(repeats):
-        for k, gm in variants.items():   # alternate variants
-            times[k].append(one(gm))
-    return {k: statistics.median(v) for k, v in times.items()}
+    runs = {k: functools.partial(common.step_time, gm, inputs, loss_fn) for k, gm in variants.items()}
+    return common.alternated(runs, repeats, warmup=1).median
 
 
 def memory_rows():
     import memfit
     from memfit.cost_models.memory import analyze_step
-    from tests.test_quantize_memory import _Run
+    from memfit.ir.module import OptimizedModule
     rows = []
     for name in SIZES:
         for dtype in (torch.float32, torch.bfloat16):
@@ -92,9 +73,10 @@ def memory_rows():
             model = model.to(dtype)
             inputs = tuple(t.to(dtype) if t.is_floating_point() else t for t in inputs)
             cap = capture(model, inputs, dynamic=False)
-            base = memfit.measure(_Run(cap), example_inputs=inputs, loss_fn=mod.loss_fn).saved_activations
+            kw = dict(example_inputs=inputs, loss_fn=mod.loss_fn)
+            base = memfit.measure(OptimizedModule(model, cap), **kw).saved_activations
             cap.gm = QuantizeActivations().run(cap.gm, PassContext(captured=cap)).gm
-            meas = memfit.measure(_Run(cap), example_inputs=inputs, loss_fn=mod.loss_fn).saved_activations
+            meas = memfit.measure(OptimizedModule(model, cap), **kw).saved_activations
             pred = analyze_step(cap, loss_fn=mod.loss_fn, symbolic=False).totals["saved_activations"]
             rows.append((name, str(dtype).replace("torch.", ""), base, meas, pred))
     return rows
@@ -109,6 +91,7 @@ def gpu_bandwidth(numel: int = 64 * 2**20, repeats: int = 20):
         x = torch.randn(numel, device=dev, dtype=dtype)
         y = torch.empty_like(x)
 
+        # Not common.step_time: CUDA events time the kernels alone, and no step runs here.
         def timed(fn):
             fn()
             torch.cuda.synchronize()
@@ -139,30 +122,29 @@ def main(argv=None):
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs visible, threads {torch.get_num_threads()}")
+    print(common.machine())
     print("\n## CPU step time (forward + backward, median of %d, alternating)" % args.repeats)
-    print("| model | unquantized | 8-bit | 4-bit | 8-bit / unquantized | 4-bit / unquantized |")
-    print("|---|---|---|---|---|---|")
+    print(common.table(["model", "unquantized", "8-bit", "4-bit", "8-bit / unquantized", "4-bit / unquantized"]))
     for name in SIZES:
         t = step_times(name, repeats=args.repeats)
         u = t["unquantized"]
-        print(f"| {name} | {u * 1e3:.1f} ms | {t['8-bit'] * 1e3:.1f} ms | {t['4-bit'] * 1e3:.1f} ms | "
-              f"{t['8-bit'] / u:.2f}x | {t['4-bit'] / u:.2f}x |")
+        print(common.row([name, f"{u * 1e3:.1f} ms", f"{t['8-bit'] * 1e3:.1f} ms", f"{t['4-bit'] * 1e3:.1f} ms",
+                          f"{t['8-bit'] / u:.2f}x", f"{t['4-bit'] / u:.2f}x"]))
     if not args.skip_memory:
         print("\n## Saved activations at 8 bits (measured, predicted)")
-        print("| model | dtype | unquantized | 8-bit measured | ratio | 8-bit predicted | prediction error |")
-        print("|---|---|---|---|---|---|---|")
+        print(common.table(["model", "dtype", "unquantized", "8-bit measured", "ratio", "8-bit predicted",
+                            "prediction error"]))
         for name, dt, base, meas, pred in memory_rows():
-            print(f"| {name} | {dt} | {base} B | {meas} B | {meas / base:.3f}x | {pred} B | "
-                  f"{(pred - meas) / meas * 100:+.2f}% |")
+            print(common.row([name, dt, f"{base} B", f"{meas} B", f"{meas / base:.3f}x", f"{pred} B",
+                              f"{(pred - meas) / meas * 100:+.2f}%"]))
     if torch.cuda.is_available():
         print("\n## GPU kernel bandwidth (fraction of copy bandwidth, goal >= 0.8)")
         for (dt, bits), frac in gpu_bandwidth().items():
-            print(f"| {dt} | {bits}-bit | {frac:.2f} |")
+            print(common.row([dt, f"{bits}-bit", f"{frac:.2f}"]))
         print("\n## GPU step time")
         for name in SIZES:
             t = step_times(name, device="cuda", repeats=args.repeats)
-            print(f"| {name} | 8-bit / unquantized {t['8-bit'] / t['unquantized']:.3f}x |")
+            print(common.row([name, f"8-bit / unquantized {t['8-bit'] / t['unquantized']:.3f}x"]))
     else:
         print("\n(no CUDA device: GPU bandwidth and step overhead skipped)")
 

@@ -14,22 +14,19 @@ import argparse
 import glob
 import math
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import common  # first: puts the repository root on sys.path
 
 
 def corpus() -> str:
     """The repository's text, in a fixed order."""
-    files = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
-    files += sorted(glob.glob(os.path.join(ROOT, "memfit", "**", "*.py"), recursive=True))
+    files = [os.path.join(common.ROOT, "README.md")] + sorted(glob.glob(os.path.join(common.ROOT, "docs", "*.md")))
+    files += sorted(glob.glob(os.path.join(common.ROOT, "memfit", "**", "*.py"), recursive=True))
     parts = []
     for f in files:
         with open(f, encoding="utf-8") as fh:
@@ -166,7 +163,7 @@ def main(argv=None):
     ap.add_argument("--d", type=int, default=32)
     ap.add_argument("--lr", type=float, default=1e-2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--png", default=os.path.join(ROOT, "docs", "quantization_parity.png"))
+    ap.add_argument("--png", default=os.path.join(common.ROOT, "docs", "quantization_parity.png"))
     ap.add_argument("--bits", default="8,4")
     args = ap.parse_args(argv)
     torch.set_num_threads(min(2, torch.get_num_threads()))

@@ -13,20 +13,15 @@ alternating runs, one process) and planning time, as a markdown table.
 from __future__ import annotations
 
 import argparse
-import os
+import functools
 import re
-import statistics
-import sys
 import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-
-import memfit  # noqa: E402
-from examples import gpt2_like as gpt  # noqa: E402
+import common  # first: puts the repository root on sys.path
+import memfit
+from examples import gpt2_like as gpt
 
 SIZE = dict(batch_size=8, seq_len=64, layers=2, d=64, heads=4, vocab=128, dropout=0.0)
 OPT = "sgd"
@@ -47,11 +42,6 @@ def _tensors(om) -> int:
         if d.action.startswith("quantize-activations") and m:
             return int(m.group(2))
     return 0
-
-
-def _step(model, inputs):
-    model.zero_grad(set_to_none=True)
-    gpt.loss_fn(model(*inputs)).backward()
 
 
 def main(argv=None):
@@ -81,28 +71,19 @@ def main(argv=None):
                          time.perf_counter() - t0))
 
     measured = {name: memfit.measure(m, **kw).peak_bytes for name, m, *_ in variants}
-    times: dict[str, list[float]] = {name: [] for name, *_ in variants}
-    for name, m, *_ in variants:  # warm-up
-        _step(m, inputs)
-    for _ in range(args.repeats):
-        for name, m, *_ in variants:
-            t0 = time.perf_counter()
-            _step(m, inputs)
-            times[name].append(time.perf_counter() - t0)
-    ref = statistics.median(times["unquantized"])
+    timing = common.alternated({name: functools.partial(common.step_time, m, inputs, gpt.loss_fn)
+                                for name, m, *_ in variants}, args.repeats, warmup=1)
     eligible, eligible_nodes = _tensors(every), _nodes(every)
-    print(f"gpt2_like {size}, SGD, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{args.repeats} repeats")
+    print(f"gpt2_like {size}, SGD, {args.repeats} repeats; {common.machine()}")
     print()
-    print("| variant | tensors quantized | nodes wrapped | predicted peak | measured peak | within budget | "
-          "step time | vs unquantized | planning |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(common.table(["variant", "tensors quantized", "nodes wrapped", "predicted peak", "measured peak",
+                        "within budget", "step time", "vs unquantized", "planning"]))
     for name, m, budget, pred, plan_s in variants:
-        med = statistics.median(times[name])
+        med = timing.median[name]
         t, n = (_tensors(m), _nodes(m)) if m is not model else (0, 0)
         ok = "-" if budget is None else ("yes" if measured[name] <= budget else "NO")
-        print(f"| {name} | {t} of {eligible} | {n} of {eligible_nodes} | {pred} B | {measured[name]} B | {ok} | "
-              f"{med * 1e3:.1f} ms | {med / ref:.2f}x | {plan_s:.1f} s |")
+        print(common.row([name, f"{t} of {eligible}", f"{n} of {eligible_nodes}", f"{pred} B", f"{measured[name]} B",
+                          ok, f"{med * 1e3:.1f} ms", f"{timing.ratio[name]:.2f}x", f"{plan_s:.1f} s"]))
     for name, m, budget, *_ in variants[2:]:
         for d in m.memfit_plan.decisions:
             print(f"\n{name}: {d.action}: {d.detail}; predicted extra time {d.extra_time_s * 1e6:.0f} us")

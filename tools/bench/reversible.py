@@ -17,39 +17,25 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import platform
-import statistics
-import sys
 import time
 import warnings
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-from memfit.budget import format_bytes as fb  # noqa: E402
-from memfit.cost_models.measure import measure  # noqa: E402
-from memfit.ir.capture import capture  # noqa: E402
-from memfit.passes import PassContext  # noqa: E402
-from memfit.ir.module import OptimizedModule  # noqa: E402
-from memfit.passes.reversible import Reversible, make_reversible, set_recompute, stacks  # noqa: E402
-from memfit.runtime.reversible import ReconstructionWarning  # noqa: E402
+import common  # first: puts the repository root on sys.path
+from memfit.budget import format_bytes as fb
+from memfit.cost_models.measure import measure
+from memfit.ir.capture import capture
+from memfit.passes import PassContext
+from memfit.ir.module import OptimizedModule
+from memfit.passes.reversible import Reversible, make_reversible, set_recompute, stacks
+from memfit.runtime.reversible import ReconstructionWarning
 
 
 def rel(a, b):
     return ((a - b).norm() / b.norm()).item()
-
-
-def step_time(model, inputs, loss_fn, reps=5):
-    times = []
-    for _ in range(reps):
-        model.zero_grad(set_to_none=True)
-        t0 = time.perf_counter()
-        loss_fn(model(*inputs)).backward()
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 def depth_table():
@@ -66,13 +52,10 @@ def depth_table():
             res = Reversible(mode=mode).apply_to_clone(cap.gm, PassContext(captured=cap))
             variants[mode] = OptimizedModule(model, cap, res.gm, pass_result=res)
         meas = {k: measure(m, example_inputs=inputs, loss_fn=loss_fn) for k, m in variants.items()}
-        times = {k: [] for k in variants}
-        for _ in range(5):  # alternate variants so load changes hit all of them alike
-            for k, m in variants.items():
-                times[k] += step_time(m, inputs, loss_fn, reps=1)
-        med = {k: statistics.median(v) for k, v in times.items()}
+        ratio = common.alternated({k: functools.partial(common.step_time, m, inputs, loss_fn)
+                                   for k, m in variants.items()}, 5).ratio
         for k in variants:
-            rows.append((layers, k, meas[k].saved_activations, meas[k].peak_bytes, med[k] / med["unmodified"]))
+            rows.append((layers, k, meas[k].saved_activations, meas[k].peak_bytes, ratio[k]))
     return rows
 
 
@@ -114,16 +97,15 @@ def meft_table():
 
 def render(depth, meft, wall, load):
     out = ["## Reversible coupling", "",
-           f"`python tools/bench/reversible.py --write` (CPU {platform.machine()}, 2 cores shared with "
-           f"other jobs, torch {torch.__version__}; {time.strftime('%Y-%m-%d')}; run took {wall:.0f} s; "
+           f"`python tools/bench/reversible.py --write` ({common.machine()}; the cores shared with "
+           f"other jobs; run took {wall:.0f} s; "
            f"1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end: step-time "
            "ratios are noisy at such loads).", "",
            "examples/gpt2_like.py, B=2, T=32, d=64, 2 heads, dropout 0.1; memfit.measure (saved: "
            "saved_tensors_hooks, peak: CPU allocator events, no optimizer); step time = forward + "
            "backward without profiler, median of 5 alternating runs (the unmodified model and the pairs/meft copies have separate parameters of the same size), relative to unmodified.", "",
-           "| layers | variant | saved activations | step peak | step time |", "|---|---|---|---|---|"]
-    for layers, k, saved, peak, t in depth:
-        out.append(f"| {layers} | {k} | {fb(saved)} | {fb(peak)} | {t:.2f}x |")
+           common.table(["layers", "variant", "saved activations", "step peak", "step time"],
+                        [(layers, k, fb(saved), fb(peak), f"{t:.2f}x") for layers, k, saved, peak, t in depth])]
     by = {(layers, k): saved for layers, k, saved, _, _ in depth}
     for k in ("unmodified", "pairs", "meft"):
         out.append("")
@@ -132,10 +114,8 @@ def render(depth, meft, wall, load):
             "the logits from the original model at initialization, and the largest relative gradient "
             "error (per parameter) through reconstruction against the same couplings with stored "
             "activations, without anchors and with anchor_every=2.", "",
-            "| aux | lam | logits diff at init | grad error, no anchors | grad error, anchor_every=2 |",
-            "|---|---|---|---|---|"]
-    for aux, lam, d, e0, e2 in meft:
-        out.append(f"| {aux} | {lam:g} | {d:.2e} | {e0:.1e} | {e2:.1e} |")
+            common.table(["aux", "lam", "logits diff at init", "grad error, no anchors", "grad error, anchor_every=2"],
+                         [(aux, f"{lam:g}", f"{d:.2e}", f"{e0:.1e}", f"{e2:.1e}") for aux, lam, d, e0, e2 in meft])]
     out += ["", "The start-point error falls linearly with lam (and is smaller with aux=delta, which "
             "carries the residual updates instead of the hidden states); the reconstruction error "
             "grows like (1/lam) per rebuilt block, which anchors cut short. See docs/reversible.md.", ""]
@@ -143,7 +123,7 @@ def render(depth, meft, wall, load):
 
 
 def write_section(text: str) -> None:
-    path = os.path.join(ROOT, "tools", "bench", "RESULTS.md")
+    path = os.path.join(common.ROOT, "tools", "bench", "RESULTS.md")
     old = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
     head = "## Reversible coupling"
     if head in old:

@@ -16,32 +16,20 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
-import statistics
-import sys
+import functools
 import time
 
 import torch
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-
-from examples import gpt2_like, resnet_like  # noqa: E402
-from memfit.budget import format_bytes as fb  # noqa: E402
+import common  # first: puts the repository root on sys.path
+from examples import gpt2_like, resnet_like
+from memfit.budget import format_bytes as fb
 from memfit.ir.capture import capture
-from memfit.ir.module import OptimizedModule  # noqa: E402
-from memfit.cost_models.memory import analyze_step  # noqa: E402
-from memfit.cost_models.measure import measure  # noqa: E402
-from memfit.passes import PassContext, PassManager  # noqa: E402
-
-
-def step_time(mod, inputs, loss_fn) -> float:
-    t0 = time.perf_counter()
-    loss_fn(mod(*inputs)).backward()
-    dt = time.perf_counter() - t0
-    for p in mod.parameters():
-        p.grad = None
-    return dt
+from memfit.ir.module import OptimizedModule
+from memfit.cost_models.memory import analyze_step
+from memfit.cost_models.measure import measure
+from memfit.passes import PassContext, PassManager
 
 
 def bench(name, model, inputs, loss_fn, pipeline, reps=3):
@@ -54,11 +42,9 @@ def bench(name, model, inputs, loss_fn, pipeline, reps=3):
     m0 = measure(base, example_inputs=inputs, loss_fn=loss_fn)
     m1 = measure(new, example_inputs=inputs, loss_fn=loss_fn)
     pred = analyze_step(dataclasses.replace(cap2, gm=res.gm), loss_fn=loss_fn, symbolic=False)
-    times = {0: [], 1: []}
-    for _ in range(reps):
-        for i, mod in ((0, base), (1, new)):
-            times[i].append(step_time(mod, inputs, loss_fn))
-    ratio = statistics.median(times[1]) / statistics.median(times[0])
+    ratio = common.alternated({"captured": functools.partial(common.step_time, base, inputs, loss_fn),
+                               "rewritten": functools.partial(common.step_time, new, inputs, loss_fn)},
+                              reps).ratio["rewritten"]
     counts = ", ".join(f"{k.split('.', 1)[1]}={v}" for k, v in res.stats.items() if v)
     row = dict(name=name, counts=counts, saved0=m0.saved_activations, saved1=m1.saved_activations,
                peak0=m0.peak_bytes, peak1=m1.peak_bytes, pred_saved1=pred.totals["saved_activations"],

@@ -28,6 +28,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import common  # first: puts the repository root on sys.path
 from memfit.cost_models.measure import measure
 from memfit.rewrites.token_merge import apply_token_merging, model_tokens_per_layer
 from tests.tome_vit import SmallViT
@@ -56,10 +57,7 @@ def speed(rs=(0, 8, 16, 32), rounds=3, batch=8):
                       "train": [], "infer": []}
     for _ in range(rounds):
         for name, m in variants.items():
-            t0 = time.perf_counter()
-            loss_fn(m(x)).backward()
-            rows[name]["train"].append(batch / (time.perf_counter() - t0))
-            m.zero_grad(set_to_none=True)
+            rows[name]["train"].append(batch / common.step_time(m, (x,), loss_fn))
             with torch.no_grad():
                 t0 = time.perf_counter()
                 m(x)
@@ -67,14 +65,14 @@ def speed(rs=(0, 8, 16, 32), rounds=3, batch=8):
     ref = rows["r=0"]
     ref_train, ref_infer = statistics.median(ref["train"]), statistics.median(ref["infer"])
     print(f"\nSmall ViT (257 tokens, 4 blocks, d=64), batch {batch}, AdamW step; medians of {rounds} rounds")
-    print("| variant | tokens per block (in, last out) | saved activations MiB | x r=0 | step peak MiB | x r=0 "
-          "| train img/s | x r=0 | inference img/s | x r=0 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(common.table(["variant", "tokens per block (in, last out)", "saved activations MiB", "x r=0",
+                        "step peak MiB", "x r=0", "train img/s", "x r=0", "inference img/s", "x r=0"]))
     for name, row in rows.items():
         tr, inf = statistics.median(row["train"]), statistics.median(row["infer"])
         tok = "-" if row["tokens"] is None else f"{row['tokens'][0]} .. {row['tokens'][-1]}"
-        print(f"| {name} | {tok} | {_mib(row['saved'])} | {row['saved'] / ref['saved']:.2f} | {_mib(row['peak'])} | "
-              f"{row['peak'] / ref['peak']:.2f} | {tr:.0f} | {tr / ref_train:.2f} | {inf:.0f} | {inf / ref_infer:.2f} |")
+        print(common.row([name, tok, _mib(row["saved"]), f"{row['saved'] / ref['saved']:.2f}", _mib(row["peak"]),
+                          f"{row['peak'] / ref['peak']:.2f}", f"{tr:.0f}", f"{tr / ref_train:.2f}", f"{inf:.0f}",
+                          f"{inf / ref_infer:.2f}"]))
 
 
 def _digits():
@@ -135,8 +133,8 @@ def accuracy(rs=(0, 4, 8, 16, 32), epochs=20, ft_epochs=2):
     t_train = time.perf_counter() - t0
     print(f"\nscikit-learn digits, 4-block ViT (d=32, 65 tokens, conv stem), trained {epochs} epochs without merging "
           f"({t_train:.0f} s); fine-tune: {ft_epochs} epochs with merging, lr 5e-4")
-    print("| r per block | tokens per block (in, last out) | test accuracy, no fine-tune | after fine-tune |")
-    print("|---|---|---|---|")
+    print(common.table(["r per block", "tokens per block (in, last out)", "test accuracy, no fine-tune",
+                        "after fine-tune"]))
     for r in rs:
         m = apply_token_merging(base, r)
         tokens = model_tokens_per_layer(m, test[0][:2])
@@ -145,9 +143,9 @@ def accuracy(rs=(0, 4, 8, 16, 32), epochs=20, ft_epochs=2):
         ft = apply_token_merging(ft_base, r)
         _train(ft, train, ft_epochs, lr=5e-4, seed=1)
         acc_ft = _accuracy(ft, test)
-        print(f"| {r} | {' '.join(map(str, tokens))} | {acc * 100:.1f}% | {acc_ft * 100:.1f}% |")
+        print(common.row([r, " ".join(map(str, tokens)), f"{acc * 100:.1f}%", f"{acc_ft * 100:.1f}%"]))
     m = apply_token_merging(base, 8, prop_attn=False)
-    print(f"| 8, no proportional attention | - | {_accuracy(m, test) * 100:.1f}% | - |")
+    print(common.row(["8, no proportional attention", "-", f"{_accuracy(m, test) * 100:.1f}%", "-"]))
     print(f"(accuracy part: {time.perf_counter() - t0:.0f} s)")
 
 
@@ -161,7 +159,7 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="timing rounds (speed part)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(common.machine())
     if args.part in ("speed", "all"):
         speed(rounds=args.rounds)
     if args.part in ("accuracy", "all"):
