@@ -205,3 +205,59 @@ def optimize_(model: torch.nn.Module, budget=None, **kwargs):
 
 def _optimized_forward(self, *args, **kwargs):
     return self.__dict__["_memfit_optimized"](*args, **kwargs)
+
+
+class WithLoss(torch.nn.Module):
+    """`model` and its loss as one module: forward(*inputs, *targets) -> loss_fn(model(*inputs),
+    *targets). What memfit.with_loss returns; see there. Its forward has explicit parameters
+    (input_0, ..., target_0, ...) so symbolic_trace can follow it too."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, n_inputs: int = 1, n_targets: int = 1):
+        super().__init__()
+        # The model's children, parameters and buffers under their own names (as
+        # OptimizedModule does): state_dict keys stay the model's, and module paths in the
+        # captured graph are the model's.
+        object.__setattr__(self, "_memfit_model", model)
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in model.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        self.loss_fn, self.n_inputs, self.n_targets = loss_fn, n_inputs, n_targets
+        self.training = model.training
+
+    def __new__(cls, model=None, loss_fn=None, n_inputs: int = 1, n_targets: int = 1):
+        # A subclass per arity, whose forward names each argument: fx cannot trace *args.
+        key = (n_inputs, n_targets)
+        sub = _WITH_LOSS_CLASSES.get(key)
+        if sub is None:
+            ins = [f"input_{i}" for i in range(n_inputs)]
+            outs = [f"target_{j}" for j in range(n_targets)]
+            src = (f"def forward(self, {', '.join(ins + outs)}):\n"
+                   f"    return self._loss(({', '.join(ins)},), ({', '.join(outs)}{',' if outs else ''}))\n")
+            scope: dict = {}
+            exec(compile(src, f"<memfit.with_loss {key}>", "exec"), scope)  # noqa: S102 - a generated signature
+            sub = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__})
+            _WITH_LOSS_CLASSES[key] = sub
+        return super().__new__(sub)
+
+    def _loss(self, inputs, targets):
+        model = self._memfit_model
+        return self.loss_fn(type(model).forward(model, *inputs), *targets)
+
+
+_WITH_LOSS_CLASSES: dict = {}
+
+
+def with_loss(model: torch.nn.Module, loss_fn: Callable, n_inputs: int = 1, n_targets: int = 1) -> WithLoss:
+    """Bring a loss computed outside the model into it, so memfit plans and rewrites it with the
+    model: the output projection and its cross-entropy in chunks (logits never whole), the
+    loss's bytes in the plan like any node.
+
+        step = memfit.optimize(memfit.with_loss(model, loss_fn), "50%", example_inputs=(x, y))
+        step(x, y).backward()        # loss_fn(model(x), y), in less memory
+
+    `n_inputs`, `n_targets`: how many arguments are the model's, then the loss's. The module
+    shares the model's parameters (same state_dict keys)."""
+    return WithLoss(model, loss_fn, n_inputs, n_targets)

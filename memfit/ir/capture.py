@@ -163,7 +163,7 @@ def _user_function(fn) -> bool:
 
 
 @contextlib.contextmanager
-def _autograd_functions(applied: list):
+def _autograd_functions(applied: list, *, preserve_meta: bool = False):
     """While tracing: a user's autograd.Function applied to fx Proxies becomes one call node
     (symbolic_trace keeps it opaque); applied to anything else (torch.export's tracing), its
     class is recorded in `applied`, because export would inline its forward and lose its
@@ -178,7 +178,7 @@ def _autograd_functions(applied: list):
     def apply(fn, *args, **kwargs):
         proxies = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.fx.Proxy)]
         if fn is reentrant and proxies:   # torch.utils.checkpoint(use_reentrant=True): keep it
-            with _user_checkpoint_region():
+            with _traced_region(proxies[0].tracer.graph):
                 return original.__func__(fn, *args, **kwargs)
         if _user_function(fn) or fn is reentrant:
             if proxies:
@@ -191,7 +191,9 @@ def _autograd_functions(applied: list):
     def annotated(*args, **kwargs):
         # torch.utils.checkpoint(use_reentrant=False) runs the function between the two
         # yields of this generator: the nodes traced there are the user's region.
-        with _user_checkpoint_region():
+        proxies = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.fx.Proxy)]
+        region = _traced_region(proxies[0].tracer.graph) if proxies else _annotated_region()
+        with region:
             gen = generator(*args, **kwargs)
             yield next(gen)
         yield from gen
@@ -199,7 +201,9 @@ def _autograd_functions(applied: list):
     base.apply = classmethod(apply)
     tuc._checkpoint_without_reentrant_generator = annotated
     try:
-        with fx_traceback.preserve_node_meta():
+        # export copies annotations into node.meta["custom"] only with node meta preserved;
+        # symbolic_trace would then take nn_module_stack from it too (and lose it)
+        with (fx_traceback.preserve_node_meta() if preserve_meta else contextlib.nullcontext()):
             yield
     finally:
         base.apply = original
@@ -211,11 +215,22 @@ _user_regions = [0]
 
 
 @contextlib.contextmanager
-def _user_checkpoint_region():
-    """Nodes traced inside get node.meta["custom"][_USER_CKPT] = a new region number."""
+def _annotated_region():
+    """Nodes traced inside (torch.export) get node.meta["custom"][_USER_CKPT] = a new region number."""
     _user_regions[0] += 1
     with fx_traceback.annotate({_USER_CKPT: _user_regions[0]}):
         yield
+
+
+@contextlib.contextmanager
+def _traced_region(graph: torch.fx.Graph):
+    """The same for symbolic_trace: the nodes added to `graph` inside are tagged after."""
+    _user_regions[0] += 1
+    k, before = _user_regions[0], set(graph.nodes)
+    yield
+    for n in graph.nodes:
+        if n not in before:
+            n.meta.setdefault("custom", {})[_USER_CKPT] = k
 
 
 def _keep_user_checkpoints(cap: "Captured") -> None:
@@ -279,7 +294,7 @@ def _capture_export(model, args, kwargs, dynamic: bool = True) -> Captured:
     dyn = _dynamic_shapes(model, args, kwargs) if dynamic else None
     applied: list = []
     try:
-        with _autograd_functions(applied):
+        with _autograd_functions(applied, preserve_meta=True):
             ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
     except Exception as e:
         raise CaptureError(
