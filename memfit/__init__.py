@@ -13,6 +13,7 @@ _LAZY = {
     "optimize": "memfit.api:optimize",
     "optimize_": "memfit.api:optimize_",
     "plan": "memfit.api:plan",
+    "with_loss": "memfit.api:with_loss",
     "OptimizedModule": "memfit.ir.module:OptimizedModule",
     "Pass": "memfit.passes.infra.base:Pass",
     "PassResult": "memfit.passes.infra.base:PassResult",

@@ -11,14 +11,15 @@ import torch
 from memfit.budget import Budget
 from memfit.ir.capture import capture
 from memfit.cost_models.memory import analyze_step
-from memfit.errors import BudgetError
+from memfit.cost_models.optimizers import bind_targets
+from memfit.errors import BudgetError, MemfitError
 from memfit.memory_plan import Decision, MemoryPlan, downsample_timeline, module_rows
 
 log = logging.getLogger(__name__)
 
 
 def plan(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwargs: dict | None = None,
-         optimizer=None, loss_fn: Callable | None = None, capture_method: str = "auto",
+         example_targets=(), optimizer=None, loss_fn: Callable | None = None, capture_method: str = "auto",
          symbolic: bool = True) -> MemoryPlan:
     """Predict the memory of one training step of `model` (forward, backward, optimizer step).
 
@@ -29,7 +30,14 @@ def plan(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwar
     `symbolic`: keep batch size B and sequence length T symbolic, so the plan gives bytes as
     expressions in them and the largest batch that fits. False is faster (GPT-2-small:
     about 2 s instead of 7 s on a 2-core CPU) and gives the same bytes at the example size.
+
+    The loss: `loss_fn(output, *example_targets)`, or `loss_fn(output)` closing over real
+    tensors (labels), or by default the model's own `output.loss` (Hugging Face models given
+    `labels=` in example_kwargs) or the mean of its first float output. Targets given as
+    `example_targets` scale with the batch size in the plan; tensors a closure holds keep
+    their size.
     """
+    loss_fn = bind_targets(loss_fn, example_targets)
     budget_obj = Budget.parse(budget) if budget is not None else None
     cap = capture(model, example_inputs, example_kwargs, method=capture_method, dynamic=symbolic)
     return plan_captured(cap, budget_obj, optimizer=optimizer, loss_fn=loss_fn, symbolic=symbolic)
@@ -56,7 +64,7 @@ def plan_captured(cap, budget: Budget | None, *, optimizer=None, loss_fn=None, s
         max_batch=a.max_batch(budget_bytes) if budget_bytes is not None else None,
         flops=a.flops, modules=module_rows(a.nodes.values()), decisions=tuple(decisions),
         predicted_extra_time_s=extra_time_s, timeline=downsample_timeline(a.timeline),
-        notes=tuple(a.notes))
+        notes=tuple(cap.notes) + tuple(a.notes))
 
 
 def check_budget(plan_: MemoryPlan) -> None:
@@ -73,7 +81,7 @@ from memfit.planning.techniques import DEFAULT_TECHNIQUES, FUNCTION_CHANGING, TE
 
 
 def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwargs: dict | None = None,
-             optimizer=None, loss_fn: Callable | None = None, techniques=None, passes=None,
+             example_targets=(), optimizer=None, loss_fn: Callable | None = None, techniques=None, passes=None,
              mode: str = "train", verify: bool = False):
     """Rewrite `model` so one training step fits `budget`; returns a new module sharing its
     parameters (same state_dict keys and tensors), with the plan as `.memfit_plan`.
@@ -90,7 +98,23 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
     recompute chosen by the checkpoint planner; when recompute alone cannot reach the budget,
     quantized saved activations and recompute again. Raises BudgetError when nothing reaches
     the budget, with the floor. The user's model is not modified.
+
+    With an optimizer instance (any torch.optim class, mirrored exactly in the plan: groups,
+    hyper-parameters, existing state) the result is `(module, optimizer)`, as IPEX and
+    DeepSpeed return it; the optimizer already steps the module's parameters (they are the
+    model's). Inputs of another shape or dtype than the example's (the smaller last batch of
+    an epoch) are planned again on first sight, once per input signature, with the same budget
+    in bytes; a loss closing over the example's labels that does not fit them is replaced by
+    the default loss for that plan (logged).
     """
+    om = _optimize(model, budget, example_inputs=example_inputs, example_kwargs=example_kwargs,
+                   example_targets=example_targets, optimizer=optimizer, loss_fn=loss_fn, techniques=techniques,
+                   passes=passes, mode=mode, verify=verify)
+    return (om, optimizer) if isinstance(optimizer, torch.optim.Optimizer) else om
+
+
+def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets, optimizer, loss_fn, techniques,
+              passes, mode, verify):
     from memfit.ir.module import OptimizedModule
     from memfit.passes.infra.base import PassContext
     from memfit.passes.infra.pipeline import apply_rewrites, run_pipeline
@@ -100,6 +124,7 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
 
     if mode != "train":
         raise ValueError(f"mode={mode!r}: only mode='train' is supported (memory of a training step)")
+    loss_fn = bind_targets(loss_fn, example_targets)
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
@@ -144,15 +169,95 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
         changed = any(d.action in {TECHNIQUES[t] for t in FUNCTION_CHANGING} for d in decisions)
     else:
         changed = any(p.promise.kind == "changes_function" for p in as_passes(passes))
-    return OptimizedModule(model, cap, cap.gm, plan_, changes_function=changed)
+
+    def replan(args, kwargs):
+        again = dict(example_kwargs=kwargs, optimizer=optimizer, techniques=techniques, passes=passes, mode=mode,
+                     verify=verify, example_targets=())
+        try:
+            return _optimize(model, budget_bytes, example_inputs=args, loss_fn=loss_fn, **again)
+        except MemfitError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the loss was written for the example's labels
+            if loss_fn is None:
+                raise
+            log.info("memfit: the loss does not fit these inputs (%s: %s); planning them with the default loss",
+                     type(e).__name__, e)
+            return _optimize(model, budget_bytes, example_inputs=args, loss_fn=None, **again)
+
+    return OptimizedModule(model, cap, cap.gm, plan_, changes_function=changed, replan=replan)
 
 
-def optimize_(model: torch.nn.Module, budget=None, **kwargs) -> torch.nn.Module:
+def optimize_(model: torch.nn.Module, budget=None, **kwargs):
     """In-place variant of optimize(): `model.forward` runs the rewritten graph from now on
-    (the model object, its parameters and state_dict stay the same); returns `model`."""
+    (the model object, its parameters and state_dict stay the same); returns `model`, or
+    `(model, optimizer)` when given an optimizer instance (as optimize)."""
     import types
 
-    opt = optimize(model, budget, **kwargs)
-    model.forward = types.MethodType(lambda self, *a, **k: opt(*a, **k), model)
+    res = optimize(model, budget, **kwargs)
+    opt = res[0] if isinstance(res, tuple) else res
+    # The optimized module is found through `self`, not a closure: copy.deepcopy(model) (an
+    # EMA or teacher copy) then runs its own copy of the graph on its own parameters.
+    model.__dict__["_memfit_optimized"] = opt
+    model.forward = types.MethodType(_optimized_forward, model)
     model.memfit_plan = opt.memfit_plan
-    return model
+    return (model, res[1]) if isinstance(res, tuple) else model
+
+
+def _optimized_forward(self, *args, **kwargs):
+    return self.__dict__["_memfit_optimized"](*args, **kwargs)
+
+
+class WithLoss(torch.nn.Module):
+    """`model` and its loss as one module: forward(*inputs, *targets) -> loss_fn(model(*inputs),
+    *targets). What memfit.with_loss returns; see there. Its forward has explicit parameters
+    (input_0, ..., target_0, ...) so symbolic_trace can follow it too."""
+
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, n_inputs: int = 1, n_targets: int = 1):
+        super().__init__()
+        # The model's children, parameters and buffers under their own names (as
+        # OptimizedModule does): state_dict keys stay the model's, and module paths in the
+        # captured graph are the model's.
+        object.__setattr__(self, "_memfit_model", model)
+        for name, child in model.named_children():
+            self.add_module(name, child)
+        for name, p in model.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in model.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        self.loss_fn, self.n_inputs, self.n_targets = loss_fn, n_inputs, n_targets
+        self.training = model.training
+
+    def __new__(cls, model=None, loss_fn=None, n_inputs: int = 1, n_targets: int = 1):
+        # A subclass per arity, whose forward names each argument: fx cannot trace *args.
+        key = (n_inputs, n_targets)
+        sub = _WITH_LOSS_CLASSES.get(key)
+        if sub is None:
+            ins = [f"input_{i}" for i in range(n_inputs)]
+            outs = [f"target_{j}" for j in range(n_targets)]
+            src = (f"def forward(self, {', '.join(ins + outs)}):\n"
+                   f"    return self._loss(({', '.join(ins)},), ({', '.join(outs)}{',' if outs else ''}))\n")
+            scope: dict = {}
+            exec(compile(src, f"<memfit.with_loss {key}>", "exec"), scope)  # noqa: S102 - a generated signature
+            sub = type(cls.__name__, (cls,), {"forward": scope["forward"], "__module__": cls.__module__})
+            _WITH_LOSS_CLASSES[key] = sub
+        return super().__new__(sub)
+
+    def _loss(self, inputs, targets):
+        model = self._memfit_model
+        return self.loss_fn(type(model).forward(model, *inputs), *targets)
+
+
+_WITH_LOSS_CLASSES: dict = {}
+
+
+def with_loss(model: torch.nn.Module, loss_fn: Callable, n_inputs: int = 1, n_targets: int = 1) -> WithLoss:
+    """Bring a loss computed outside the model into it, so memfit plans and rewrites it with the
+    model: the output projection and its cross-entropy in chunks (logits never whole), the
+    loss's bytes in the plan like any node.
+
+        step = memfit.optimize(memfit.with_loss(model, loss_fn), "50%", example_inputs=(x, y))
+        step(x, y).backward()        # loss_fn(model(x), y), in less memory
+
+    `n_inputs`, `n_targets`: how many arguments are the model's, then the loss's. The module
+    shares the model's parameters (same state_dict keys)."""
+    return WithLoss(model, loss_fn, n_inputs, n_targets)

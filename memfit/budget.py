@@ -20,6 +20,7 @@ _UNITS = {
 }
 _SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-z]*)\s*$", re.IGNORECASE)
 _PCT_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*%\s*$")
+_NEG_RE = re.compile(r"^\s*-\s*[0-9]*\.?[0-9]+\s*[a-z%]*\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Budget:
         if isinstance(value, int):
             return cls(nbytes=value, text=format_bytes(value))
         if isinstance(value, float):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise BudgetError(f"budget must be a finite number of bytes, got {value!r}; e.g. 6GiB, 800MB or 50%")
             if value != int(value):
                 raise BudgetError(f"budget in bytes must be whole, got {value}; for a ratio write '{value:.0%}'")
             return cls(nbytes=int(value), text=format_bytes(int(value)))
@@ -59,6 +62,8 @@ class Budget:
         m = _PCT_RE.match(value)
         if m:
             return cls(fraction=float(m.group(1)) / 100.0, text=value.strip())
+        if _NEG_RE.match(value):
+            raise BudgetError(f"budget must be positive, got {value.strip()!r}; e.g. 6GiB, 800MB or 50%")
         m = _SIZE_RE.match(value)
         if not m or m.group(2).lower() not in _UNITS:
             raise BudgetError(

@@ -71,11 +71,15 @@ def _storages_bytes(tensors) -> tuple[int, set]:
     return total, seen
 
 
-def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, optimizer=None,
-            loss_fn: Callable | None = None) -> Measurement:
-    """Run one real training step of `model` and measure its memory (see module doc)."""
+def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, example_targets=(),
+            optimizer=None, loss_fn: Callable | None = None) -> Measurement:
+    """Run one real training step of `model` and measure its memory (see module doc).
+    The loss is `loss_fn(output, *example_targets)` (memfit.plan's rules)."""
     import time
 
+    from memfit.cost_models.optimizers import bind_targets
+
+    loss_fn = bind_targets(loss_fn, example_targets)
     if not isinstance(example_inputs, (tuple, list)):
         example_inputs = (example_inputs,)
     example_kwargs = dict(example_kwargs or {})
@@ -96,11 +100,11 @@ def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, o
                        if isinstance(v, torch.Tensor)]
         p_bytes, p_keys = _storages_bytes(model.parameters())
         b_bytes, b_keys = _storages_bytes(model.buffers())
-        in_bytes, in_keys = _storages_bytes(pytree.tree_leaves((example_inputs, example_kwargs)))
+        given = pytree.tree_leaves((example_inputs, example_kwargs, getattr(loss_fn, "targets", ())))
+        in_bytes, in_keys = _storages_bytes(given)
         o_bytes, o_keys = _storages_bytes(opt_tensors)
         excluded = p_keys | b_keys | in_keys | o_keys
-        baseline = _storages_bytes(list(model.parameters()) + list(model.buffers())
-                                   + pytree.tree_leaves((example_inputs, example_kwargs)) + opt_tensors)[0]
+        baseline = _storages_bytes(list(model.parameters()) + list(model.buffers()) + given + opt_tensors)[0]
         saved: dict = {}
 
         def pack(t):

@@ -29,7 +29,7 @@ import torch.fx
 import torch.utils._pytree as pytree
 
 from memfit.cost_models import probes
-from memfit.cost_models.optimizers import default_loss, make_optimizer  # noqa: F401 - also imported from here
+from memfit.cost_models.optimizers import LossWithTargets, default_loss, make_optimizer  # noqa: F401 - also imported here
 from memfit.cost_models.roofline import DeviceSpec
 from memfit.cost_models.tracker import _expr_and_hint, _Store, _Tracker
 from memfit.ir.capture import Captured
@@ -127,8 +127,10 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
 
     gm = cap.gm
     loss_fn = loss_fn or default_loss
-    fm = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=False)
-    tracker = _Tracker(fm.shape_env)
+    # Real tensors the loss closes over (labels) are converted where an operator reads them
+    # and counted as inputs (the tracker); the graph's own inputs and state are fakes below.
+    fm = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    tracker = _Tracker(fm.shape_env, fm)
 
     # Parameters and buffers: static shapes, ties kept (tied embeddings count once).
     fakes = fake_state(gm, fm)
@@ -158,11 +160,18 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
     for f in fake_inputs:
         if isinstance(f, torch.Tensor):
             tracker.register(f, "inputs")
+    if isinstance(loss_fn, LossWithTargets):
+        fake_targets = _fake_targets(fm, loss_fn.targets, fake_inputs, symbols)
+        for f in fake_targets:
+            if isinstance(f, torch.Tensor):
+                tracker.register(f, "inputs")
+        loss_fn = _bound(loss_fn.fn, fake_targets)
 
     # Optimizer state exists before a steady-state step: build it with one step on zero grads.
     opt = None
     if optimizer is not None:
-        opt = make_optimizer(optimizer, param_fakes, _order_real(model_params, param_real))
+        opt = make_optimizer(optimizer, param_fakes, _order_real(model_params, param_real),
+                             convert=lambda t: fm.from_tensor(t, static_shapes=True))
         with fm:
             for p in param_fakes:
                 p.grad = torch.zeros_like(p)
@@ -311,6 +320,30 @@ def _fake_inputs(fm, flat, symbolic, DimDynamic, Ctx):
             sym_exprs["T"], symbols["T"] = f.shape[1].node.expr, int(t.shape[1])
         out.append(f)
     return out, symbols, sym_exprs
+
+
+def _bound(fn, targets):
+    return lambda output: fn(output, *targets)
+
+
+def _fake_targets(fm, targets, fake_inputs, symbols):
+    """Fakes of the loss's targets: dim 0 equal to the batch size and dim 1 equal to the sequence
+    length (of the first input) take the inputs' symbols, so labels scale with B and T."""
+    sym: dict[int, object] = {}
+    first = next((f for f in fake_inputs if isinstance(f, torch.Tensor) and f.dim() >= 1), None)
+    if first is not None:
+        for i, name in ((0, "B"), (1, "T")):
+            if name in symbols and first.dim() > i and isinstance(first.shape[i], torch.SymInt):
+                sym[i] = (symbols[name], first.shape[i])
+    out = []
+    for t in targets:
+        if not isinstance(t, torch.Tensor):
+            out.append(t)
+            continue
+        sizes = [sym[i][1] if i in sym and int(s) == sym[i][0] else int(s) for i, s in enumerate(t.shape)]
+        with fm:
+            out.append(torch.empty(sizes, dtype=t.dtype, device=t.device))
+    return out
 
 
 def _build_analysis(gm, tracker: _Tracker, start_events: int, node_out_bytes, symbols, sym_exprs,

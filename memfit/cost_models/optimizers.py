@@ -16,12 +16,15 @@ OPTIMIZERS = {
 }
 
 
-def make_optimizer(spec, params: list[torch.Tensor], original_params: list[torch.Tensor] | None = None):
+def make_optimizer(spec, params: list[torch.Tensor], original_params: list[torch.Tensor] | None = None,
+                   convert=None):
     """An optimizer over `params` matching `spec` (None, a name, or an instance).
 
-    An instance is mirrored: same class, hyperparameters and parameter groups, with each of
-    its parameters replaced by the tensor at the same position in `params` (which lines up
-    with `original_params`). Parameters the instance does not hold get no state.
+    An instance of any torch.optim class is mirrored: same class, parameter groups with every
+    hyper-parameter of each group, each of its parameters replaced by the tensor at the same
+    position in `params` (which lines up with `original_params`), and its existing state
+    (`convert(tensor)` of each state tensor: FakeTensors in the cost model). Parameters the
+    instance does not hold get no state.
     """
     if spec is None:
         return None
@@ -39,12 +42,36 @@ def make_optimizer(spec, params: list[torch.Tensor], original_params: list[torch
         for g in spec.param_groups:
             mapped = [params[index[id(p)]] for p in g["params"] if id(p) in index]
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": mapped})
-        return type(spec)(groups, **spec.defaults)
+        new = _construct(type(spec), groups, spec.defaults)
+        for p, st in spec.state.items():
+            if id(p) in index:
+                new.state[params[index[id(p)]]] = {
+                    k: (convert(v) if convert is not None else v.detach().clone()) if isinstance(v, torch.Tensor) else v
+                    for k, v in st.items()}
+        return new
     raise TypeError(f"optimizer must be None, a name or a torch.optim.Optimizer, got {type(spec).__name__}")
 
 
+def _construct(cls, groups, defaults):
+    """`cls(groups, ...)` passing only the defaults its constructor takes: the groups carry
+    every hyper-parameter already, and some defaults are not constructor arguments (AdamW
+    sets `decoupled_weight_decay` itself)."""
+    import inspect
+
+    try:
+        accepted = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    kwargs = {k: v for k, v in defaults.items() if k in accepted and k != "params"}
+    return cls(groups, **kwargs)
+
+
 def default_loss(output) -> torch.Tensor:
-    """Scalar loss for models whose output is not one: the mean of every float output."""
+    """The loss when none is given: a model's own (`output.loss`, as Hugging Face models
+    return when given `labels=`), a scalar output, else the mean of the first float output."""
+    own = getattr(output, "loss", None)
+    if isinstance(own, torch.Tensor) and own.dim() == 0:
+        return own
     leaves = [t for t in pytree.tree_leaves(output)
               if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not leaves:
@@ -54,3 +81,28 @@ def default_loss(output) -> torch.Tensor:
     # For ModelOutput-like results only the first field (logits / last_hidden_state) is
     # used, which is what a task loss would read.
     return leaves[0].float().mean()
+
+
+class LossWithTargets:
+    """`loss_fn(output, *targets)` with the example targets bound, so the step's loss is one
+    callable of the output everywhere (planner, measure). Called for real it runs on the real
+    targets; the cost model (analyze_step) gives `fn` fakes sized like them that share the
+    inputs' batch (and sequence) symbols, so the plan stays an expression in B and T."""
+
+    def __init__(self, fn, targets):
+        if not callable(fn):
+            raise TypeError("example_targets needs loss_fn(output, *targets): pass loss_fn=")
+        self.fn = fn
+        self.targets = tuple(targets)
+
+    def __call__(self, output):
+        return self.fn(output, *self.targets)
+
+
+def bind_targets(loss_fn, targets):
+    """loss_fn as a callable of the output alone (LossWithTargets when there are targets)."""
+    if targets is None or (isinstance(targets, (tuple, list)) and not targets):
+        return loss_fn
+    if isinstance(targets, torch.Tensor):
+        targets = (targets,)
+    return LossWithTargets(loss_fn, targets)

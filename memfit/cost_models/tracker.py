@@ -34,9 +34,10 @@ class _Store:
 class _Tracker(TorchDispatchMode):
     """Records each operator's new output storages and (via weakref) their release."""
 
-    def __init__(self, shape_env):
+    def __init__(self, shape_env, fake_mode=None):
         super().__init__()
         self.shape_env = shape_env
+        self.fake_mode = fake_mode
         self.stores: list[_Store] = []
         self.events: list[tuple[int, _Store, str]] = []   # (+1 alloc / -1 free, store, phase)
         self.by_storage: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -70,6 +71,13 @@ class _Tracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.fake_mode is not None:
+            # A real tensor reaching an operator was made before the step (labels a loss
+            # closes over): fake mode converts it, memoized; count its storage as an input
+            # rather than as an allocation of this operator.
+            for t in pytree.tree_leaves((args, kwargs)):
+                if isinstance(t, torch.Tensor) and not _is_fake(t):
+                    self.register(self.fake_mode.fake_tensor_converter.from_real_tensor(self.fake_mode, t), "inputs")
         out = func(*args, **kwargs)
         packet = getattr(func, "_overloadpacket", None)
         if packet in self._flop_registry and self.phase == "forward" and self.node is not None:
@@ -103,6 +111,11 @@ def _kernel_scratch_bytes(func, args, out, kwargs=None) -> int:
     from memfit.cost_models import probes
 
     return probes.kernel_scratch_bytes(func, args, kwargs, out)
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t)
 
 
 def _expr_and_hint(v) -> tuple[Any, int]:

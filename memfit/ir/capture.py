@@ -16,6 +16,7 @@ the user's model is modified.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 import torch.fx
+import torch.fx.traceback as fx_traceback
 import torch.utils._pytree as pytree
 
 from memfit.errors import CaptureError
@@ -85,6 +87,28 @@ def capture(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: 
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     example_kwargs = dict(example_kwargs or {})
+    with _own_forward(model):
+        cap = _capture(model, example_inputs, example_kwargs, method, dynamic)
+    _keep_user_checkpoints(cap)
+    return cap
+
+
+@contextlib.contextmanager
+def _own_forward(model):
+    """Capture the model's own forward, not the one memfit.optimize_ put on the instance
+    (which runs a graph captured before)."""
+    patched = model.__dict__.get("forward") if "_memfit_optimized" in model.__dict__ else None
+    if patched is None:
+        yield
+        return
+    del model.__dict__["forward"]
+    try:
+        yield
+    finally:
+        model.__dict__["forward"] = patched
+
+
+def _capture(model, example_inputs, example_kwargs, method, dynamic) -> Captured:
     name = type(model).__name__
     errors: list[str] = []
     if method in ("auto", "symbolic_trace") and not _looks_like_transformers(model):
@@ -110,6 +134,127 @@ def capture(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: 
             "signature.") from e
 
 
+class _FunctionCall:
+    """A custom torch.autograd.Function kept whole in a symbolic_trace graph: the node calls
+    `Fn.apply`, so its forward and backward run as the user wrote them (memfit never traces
+    into it). One instance per class, so the graph's nodes read `apply_<Name>`."""
+
+    _instances: dict = {}
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.__name__ = self.__qualname__ = f"apply_{fn.__name__}"
+
+    @classmethod
+    def of(cls, fn) -> "_FunctionCall":
+        if fn not in cls._instances:
+            cls._instances[fn] = cls(fn)
+        return cls._instances[fn]
+
+    def __call__(self, *args, **kwargs):
+        return self.fn.apply(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"{self.fn.__qualname__}.apply"
+
+
+def _user_function(fn) -> bool:
+    return not str(getattr(fn, "__module__", "")).startswith("torch.")
+
+
+@contextlib.contextmanager
+def _autograd_functions(applied: list, *, preserve_meta: bool = False):
+    """While tracing: a user's autograd.Function applied to fx Proxies becomes one call node
+    (symbolic_trace keeps it opaque); applied to anything else (torch.export's tracing), its
+    class is recorded in `applied`, because export would inline its forward and lose its
+    backward."""
+    base = torch.autograd.function.Function
+    original = base.__dict__["apply"]
+
+    import torch.utils.checkpoint as tuc
+
+    reentrant = tuc.CheckpointFunction
+
+    def apply(fn, *args, **kwargs):
+        proxies = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.fx.Proxy)]
+        if fn is reentrant and proxies:   # torch.utils.checkpoint(use_reentrant=True): keep it
+            with _traced_region(proxies[0].tracer.graph):
+                return original.__func__(fn, *args, **kwargs)
+        if _user_function(fn) or fn is reentrant:
+            if proxies:
+                return proxies[0].tracer.create_proxy("call_function", _FunctionCall.of(fn), args, kwargs)
+            applied.append(fn)
+        return original.__func__(fn, *args, **kwargs)
+
+    generator = tuc._checkpoint_without_reentrant_generator
+
+    def annotated(*args, **kwargs):
+        # torch.utils.checkpoint(use_reentrant=False) runs the function between the two
+        # yields of this generator: the nodes traced there are the user's region.
+        proxies = [a for a in pytree.tree_leaves((args, kwargs)) if isinstance(a, torch.fx.Proxy)]
+        region = _traced_region(proxies[0].tracer.graph) if proxies else _annotated_region()
+        with region:
+            gen = generator(*args, **kwargs)
+            yield next(gen)
+        yield from gen
+
+    base.apply = classmethod(apply)
+    tuc._checkpoint_without_reentrant_generator = annotated
+    try:
+        # export copies annotations into node.meta["custom"] only with node meta preserved;
+        # symbolic_trace would then take nn_module_stack from it too (and lose it)
+        with (fx_traceback.preserve_node_meta() if preserve_meta else contextlib.nullcontext()):
+            yield
+    finally:
+        base.apply = original
+        tuc._checkpoint_without_reentrant_generator = generator
+
+
+_USER_CKPT = "memfit_user_checkpoint"
+_user_regions = [0]
+
+
+@contextlib.contextmanager
+def _annotated_region():
+    """Nodes traced inside (torch.export) get node.meta["custom"][_USER_CKPT] = a new region number."""
+    _user_regions[0] += 1
+    with fx_traceback.annotate({_USER_CKPT: _user_regions[0]}):
+        yield
+
+
+@contextlib.contextmanager
+def _traced_region(graph: torch.fx.Graph):
+    """The same for symbolic_trace: the nodes added to `graph` inside are tagged after."""
+    _user_regions[0] += 1
+    k, before = _user_regions[0], set(graph.nodes)
+    yield
+    for n in graph.nodes:
+        if n not in before:
+            n.meta.setdefault("custom", {})[_USER_CKPT] = k
+
+
+def _keep_user_checkpoints(cap: "Captured") -> None:
+    """The user's own torch.utils.checkpoint regions, traced through by both capture roads,
+    recomputed again: each becomes a memfit checkpointed region (the same recomputation, RNG
+    replayed), so the plan and the optimized module hold what the user's model holds."""
+    from memfit.ir.outline import checkpoint_region
+
+    groups: dict[int, list] = {}
+    for n in cap.gm.graph.nodes:
+        k = (n.meta.get("custom") or {}).get(_USER_CKPT)
+        if k is not None and n.op in ("call_function", "call_method", "call_module"):
+            groups.setdefault(k, []).append(n)
+    for i, nodes in enumerate(groups.values()):
+        label = f"user checkpoint {i}"
+        try:
+            checkpoint_region(cap.gm, nodes, f"user_ckpt_{i}", label)
+        except Exception as e:  # noqa: BLE001 - said in the plan, never silently dropped
+            cap.notes.append(f"the model's torch.utils.checkpoint region {i} could not be kept "
+                             f"({type(e).__name__}: {e}); it is planned without recomputation")
+    if groups:
+        cap.notes.append(f"the model's own torch.utils.checkpoint kept: {len(groups)} recomputed region(s)")
+
+
 def _looks_like_transformers(model) -> bool:
     # transformers' forward methods use **kwargs unpacking and output dataclasses that
     # symbolic_trace cannot handle (measured on BERT, GPT-2, ViT, ResNet, ConvNeXt, Swin).
@@ -130,7 +275,8 @@ def _capture_symbolic_trace(model, args, kwargs) -> Captured:
     if len(pytree.tree_leaves(args)) != len(args):
         raise CaptureError("symbolic_trace path takes flat tensor inputs only")
     # Tracing reads module attributes; it never writes them, so the user's model is safe.
-    gm = torch.fx.symbolic_trace(model)
+    with _autograd_functions([]):
+        gm = torch.fx.symbolic_trace(model)
     _propagate_fake(gm, args)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
     # Normalize the output to a flat tuple so analysis code sees one shape of graph.
@@ -146,14 +292,28 @@ def _capture_symbolic_trace(model, args, kwargs) -> Captured:
 def _capture_export(model, args, kwargs, dynamic: bool = True) -> Captured:
     leaves, in_spec = pytree.tree_flatten((args, kwargs))
     dyn = _dynamic_shapes(model, args, kwargs) if dynamic else None
+    applied: list = []
     try:
-        ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
+        with _autograd_functions(applied, preserve_meta=True):
+            ep = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dyn)
     except Exception as e:
         raise CaptureError(
             f"cannot capture {type(model).__name__} with torch.export: {_one_line(e)}. "
             "What to try: make data-dependent control flow static (torch.cond, or branch on "
             "shapes rather than values); build Hugging Face models with use_cache=False; check "
             "the example inputs match forward()'s signature.") from e
+    if applied:
+        names = ", ".join(sorted({f"{c.__module__}.{c.__qualname__}" for c in applied}))
+        if any(c is torch.utils.checkpoint.CheckpointFunction for c in applied):
+            raise CaptureError(
+                f"cannot capture {type(model).__name__} faithfully: it uses torch.utils.checkpoint with "
+                "use_reentrant=True, which torch.export traces into without its recomputation. What works: "
+                "use_reentrant=False (memfit keeps that checkpointing), or leave recomputation to memfit.")
+        raise CaptureError(
+            f"cannot capture {type(model).__name__} faithfully: it applies the custom torch.autograd.Function "
+            f"{names}, and torch.export traces through its forward and drops its backward (the gradient "
+            "would be wrong). What works: torch.compile(model, backend='memfit') keeps it; a model that "
+            "torch.fx.symbolic_trace can follow keeps it as one opaque call (method='symbolic_trace').")
     gm = ep.module()
     # Flatten the export module's pytree calling convention: placeholders become the flat
     # leaves, the output a flat tuple; we keep the specs to rebuild structures.

@@ -35,10 +35,15 @@ class OptimizedModule(nn.Module):
     modes change, and calling in other modes is refused."""
 
     def __init__(self, original: nn.Module, captured, gm: torch.fx.GraphModule | None = None, plan=None,
-                 *, pass_result=None, changes_function: bool = False):
+                 *, pass_result=None, changes_function: bool = False, replan=None):
         super().__init__()
         gm = captured.gm if gm is None else gm
         object.__setattr__(self, "_memfit_changes_function", changes_function)
+        # Shape guard: what each flat input must look like for this graph (None: any size).
+        object.__setattr__(self, "_memfit_expected", _expected_inputs(gm))
+        # replan(args, kwargs) -> OptimizedModule for inputs this graph was not made for
+        object.__setattr__(self, "_memfit_replan", replan)
+        object.__setattr__(self, "_memfit_variants", {})
         # Not registered: the original's children are registered directly below, so
         # parameters appear once and under their original names.
         object.__setattr__(self, "_memfit_original", original)
@@ -56,6 +61,21 @@ class OptimizedModule(nn.Module):
         self.training = original.training
         self.memfit_plan = plan
         self.pass_result = pass_result
+
+    def __deepcopy__(self, memo):
+        # copy.deepcopy(model) after optimize_ (an EMA or teacher copy) copies this module with
+        # the model: graph, parameters and all, through the same memo, so the copy runs its own
+        # weights. torch's pytree warns about its own specs while graph modules are copied.
+        import copy
+        import warnings
+
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            for k, v in self.__dict__.items():
+                new.__dict__[k] = copy.deepcopy(v, memo)
+        return new
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -90,7 +110,28 @@ class OptimizedModule(nn.Module):
                 object.__setattr__(self, "_memfit_warned", True)
             return type(original).forward(original, *args, **kwargs)
         cap = self._memfit_captured
-        return cap.unflatten_output(self._memfit_gm(*cap.flat_inputs(tuple(args), kwargs)))
+        flat = cap.flat_inputs(tuple(args), kwargs)
+        why = _mismatch(flat, self._memfit_expected)
+        if why is not None:
+            return self._variant(flat, why, args, kwargs)(*args, **kwargs)
+        return cap.unflatten_output(self._memfit_gm(*flat))
+
+    def _variant(self, flat, why: str, args, kwargs) -> "OptimizedModule":
+        """The module planned for these inputs (a smaller last batch, a longer sequence):
+        re-planned once per input signature, with the same budget in bytes and techniques."""
+        from memfit.errors import MemfitError
+
+        key = tuple((tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else ("value", repr(x)) for x in flat)
+        sub = self._memfit_variants.get(key)
+        if sub is None:
+            name = type(self._memfit_original).__name__
+            if self._memfit_replan is None:
+                raise MemfitError(f"{name} was captured by memfit for other inputs: {why}. The graph holds only "
+                                  "for the inputs it was made for; rewrite it again with these example inputs")
+            log.info("memfit: %s; planning %s again for these inputs (once per input signature)", why, name)
+            sub = self._memfit_replan(tuple(args), dict(kwargs))
+            self._memfit_variants[key] = sub
+        return sub
 
     def extra_repr(self) -> str:
         p = self.memfit_plan
@@ -98,3 +139,32 @@ class OptimizedModule(nn.Module):
             return ""
         from memfit.budget import format_bytes
         return f"memfit: predicted peak {format_bytes(p.peak_bytes)}, {len(p.decisions)} decisions"
+
+
+def _expected_inputs(gm: torch.fx.GraphModule) -> list:
+    """Per placeholder: (dtype, sizes with None where the graph is symbolic), or None for a
+    non-tensor input."""
+    out = []
+    for n in gm.graph.find_nodes(op="placeholder"):
+        v = n.meta.get("val")
+        if isinstance(v, torch.Tensor):
+            out.append((v.dtype, [s if isinstance(s, int) else None for s in v.shape]))
+        else:
+            out.append(None)
+    return out
+
+
+def _mismatch(flat, expected) -> str | None:
+    """Why these flat inputs are not ones the graph was made for, or None."""
+    for i, (x, exp) in enumerate(zip(flat, expected)):
+        if exp is None:
+            continue
+        dtype, dims = exp
+        if not isinstance(x, torch.Tensor):
+            return f"input {i} is a {type(x).__name__} where a tensor was captured"
+        if x.dtype != dtype:
+            return f"input {i} has dtype {x.dtype} where {dtype} was captured"
+        if x.dim() != len(dims) or any(d is not None and d != s for d, s in zip(dims, x.shape)):
+            shown = [d if d is not None else "*" for d in dims]
+            return f"input {i} has shape {list(x.shape)} where {shown} was captured"
+    return None

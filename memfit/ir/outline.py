@@ -31,7 +31,8 @@ import torch.fx
 from memfit.errors import PassError
 from memfit.ir.fx_utils import COMPUTE_OPS, REGION_META
 
-__all__ = ["borrowed_modules", "convexity_violation", "extract", "outline_region", "region_inputs_outputs"]
+__all__ = ["borrowed_modules", "checkpoint_region", "convexity_violation", "extract", "outline_region",
+           "region_inputs_outputs"]
 
 _KEPT_META = ("val", "tensor_meta")
 
@@ -220,6 +221,52 @@ def outline_region(gm: torch.fx.GraphModule, nodes, name: str, *,
     graph.lint()
     gm.recompile()
     return node
+
+
+def checkpoint_region(gm: torch.fx.GraphModule, nodes, name: str, label: str = "") -> torch.fx.Node:
+    """Outline `nodes` into a child run by memfit.runtime.checkpoint.CheckpointedRegion (recomputed
+    in backward: non-reentrant torch.utils.checkpoint, RNG replayed, buffer updates once). The
+    call node gets `meta["memfit_checkpoint"] = label`; returns it."""
+    from memfit.runtime.checkpoint import CheckpointedRegion
+
+    def run(child, inputs, region_nodes):
+        return CheckpointedRegion(child, name, *_mutated_state(gm, region_nodes, inputs))
+
+    return outline_region(gm, nodes, name, call=run, tuple_output=True, meta={"memfit_checkpoint": label or name})
+
+
+def _mutated_state(gm, region, inputs):
+    """Module buffers and input indices the region may update in place (BatchNorm running
+    statistics and counters, arguments written by in-place ops)."""
+    from torch.nn.modules.batchnorm import _NormBase
+
+    module_buffers = []
+    mutable: set[int] = set()
+    index = {a: i for i, a in enumerate(inputs)}
+    for n in region:
+        if n.op == "call_module":
+            for mod in gm.get_submodule(str(n.target)).modules():
+                if isinstance(mod, _NormBase):
+                    module_buffers.extend((mod, b) for b in mod._buffers)  # noqa: SLF001
+            continue
+        if n.op != "call_function":
+            continue
+        written = []
+        schema = getattr(n.target, "_schema", None)
+        if schema is not None:
+            for k, arg in enumerate(schema.arguments):
+                if arg.alias_info is not None and arg.alias_info.is_write:
+                    written.append(n.args[k] if k < len(n.args) else n.kwargs.get(arg.name))
+        tname = getattr(n.target, "__name__", str(n.target))
+        if "batch_norm" in tname or "instance_norm" in tname:
+            # aten.batch_norm / F.batch_norm update running_mean, running_var (args 3, 4)
+            written += [n.args[k] for k in (3, 4) if k < len(n.args)]
+            written += [n.kwargs.get(k) for k in ("running_mean", "running_var")]
+        for w in written:
+            if isinstance(w, torch.fx.Node) and w in index:
+                mutable.add(index[w])
+    return module_buffers, sorted(mutable)
+
 
 
 def _safe_name(gm: torch.nn.Module, name: str) -> str:

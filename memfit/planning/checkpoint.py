@@ -39,7 +39,7 @@ from memfit.errors import BudgetError, PassError
 from memfit.ir.capture import Captured
 from memfit.ir.fx_utils import COMPUTE_OPS as _CALL_OPS
 from memfit.ir.fx_utils import call_nodes, copy_graph_module, module_path
-from memfit.ir.outline import outline_region
+from memfit.ir.outline import checkpoint_region
 from memfit.passes.infra.base import Diagnostic
 from memfit.planning.solvers.search import first_fit
 
@@ -182,58 +182,17 @@ def price_units(gm: torch.fx.GraphModule, runs) -> list[Unit]:
 
 # ----------------------------------------------------------------------------- rewriting
 
-def _mutated_state(gm, region, inputs):
-    """Module buffers and input indices the region may update in place (BatchNorm running
-    statistics and counters, arguments written by in-place ops)."""
-    from torch.nn.modules.batchnorm import _NormBase
-
-    module_buffers = []
-    mutable: set[int] = set()
-    index = {a: i for i, a in enumerate(inputs)}
-    for n in region:
-        if n.op == "call_module":
-            for mod in gm.get_submodule(str(n.target)).modules():
-                if isinstance(mod, _NormBase):
-                    module_buffers.extend((mod, b) for b in mod._buffers)  # noqa: SLF001
-            continue
-        if n.op != "call_function":
-            continue
-        written = []
-        schema = getattr(n.target, "_schema", None)
-        if schema is not None:
-            for k, arg in enumerate(schema.arguments):
-                if arg.alias_info is not None and arg.alias_info.is_write:
-                    written.append(n.args[k] if k < len(n.args) else n.kwargs.get(arg.name))
-        tname = getattr(n.target, "__name__", str(n.target))
-        if "batch_norm" in tname or "instance_norm" in tname:
-            # aten.batch_norm / F.batch_norm update running_mean, running_var (args 3, 4)
-            written += [n.args[k] for k in (3, 4) if k < len(n.args)]
-            written += [n.kwargs.get(k) for k in ("running_mean", "running_var")]
-        for w in written:
-            if isinstance(w, torch.fx.Node) and w in index:
-                mutable.add(index[w])
-    return module_buffers, sorted(mutable)
-
-
 def apply_spans(gm: torch.fx.GraphModule, units: list[Unit], spans, *, in_place: bool = False):
     """`gm` (a copy of it unless `in_place`) with each span of units [i, j) recomputed:
     its nodes outlined (memfit.ir.outline) into a child run by CheckpointedRegion.
     Returns (graph module, call nodes)."""
-    from memfit.runtime.checkpoint import CheckpointedRegion
-
     new = gm if in_place else copy_graph_module(gm)
     nodes = call_nodes(new)
     made = []
     for k, (i, j) in enumerate(spans):
         region = nodes[units[i].start:units[j - 1].end]
         label = units[i].label if j - i == 1 else f"{units[i].label}..{units[j - 1].label}"
-        name = f"memfit_ckpt_{k}"
-
-        def run(child, inputs, region_nodes, name=name):
-            return CheckpointedRegion(child, name, *_mutated_state(new, region_nodes, inputs))
-
-        made.append(outline_region(new, region, name, call=run, tuple_output=True,
-                                   meta={"memfit_checkpoint": label}))
+        made.append(checkpoint_region(new, region, f"memfit_ckpt_{k}", label))
     return new, made
 
 

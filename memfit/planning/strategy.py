@@ -4,7 +4,9 @@
    (fuse-conv-bn, sdpa-attention) and, when named, reversible coupling; each is kept only if
    it changed the graph and is priced by re-running the analysis (a Decision with the
    predicted bytes saved at the peak).
-2. Over budget: recompute alone (exact) when it can meet the budget (CheckpointPlanner:
+2. Over budget, the loss first: the output projection and its cross-entropy in chunks
+   (chunked-ce, exact; one more matmul of the projection), kept if it lowers the peak. Then
+   recompute alone (exact) when it can meet the budget (CheckpointPlanner:
    the fastest frontier plan that fits); else 8-bit saved activations alone; else frontier
    recompute plans (fastest first) with the saved tensors left outside recomputed regions
    quantized. On each graph, 8 bits on every eligible saved tensor is simulated first; where
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+
+import torch
 
 from memfit.budget import format_bytes
 from memfit.errors import BudgetError, PassError
@@ -67,6 +71,11 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
     from memfit.memory_plan import Decision
     from memfit.passes.infra.registry import get_pass
 
+    decisions: list = []
+    if "chunked_ce" in allowed:
+        gm, peak, decisions = _chunked_loss(cap, gm, peak, ctx, verify)
+        if peak <= budget_bytes:
+            return gm, decisions
     planner = None
     first_error = None
     if "checkpoint" in allowed:
@@ -74,7 +83,7 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
         planner = CheckpointPlanner(dataclasses.replace(cap, gm=gm), optimizer=ctx.optimizer, loss_fn=ctx.loss_fn)
         try:
             cp = planner.plan(budget_bytes)
-            return cp.gm, list(cp.decisions)
+            return cp.gm, decisions + list(cp.decisions)
         except BudgetError as e:
             first_error = e
     q = None
@@ -103,7 +112,7 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
     ch = select_quantized(q, lambda: copy_graph_module(gm), budget_bytes, peak, cap, pass_ctx,
                           ctx.optimizer, ctx.loss_fn, verify=verify)
     if ch.fits:
-        return ch.gm, [decision("(model)", ch, peak)]
+        return ch.gm, decisions + [decision("(model)", ch, peak)]
     best = ch.peak
     if planner is not None:
         frontier = [p for p in planner.frontier if p.spans]
@@ -118,7 +127,7 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
                                   pass_ctx, ctx.optimizer, ctx.loss_fn, verify=verify)
             best = min(best, ch.peak)
             if ch.fits:
-                return ch.gm, planner.decisions_for(spans) + [
+                return ch.gm, decisions + planner.decisions_for(spans) + [
                     decision("(outside recomputed regions)", ch, ck_peak)]
     if planner is not None:
         best = min(best, planner.floor_bytes())  # recompute alone can go lower than with 8-bit
@@ -129,3 +138,43 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
         f"(passes='quantize-activations{{bits=4}}'), a smaller batch or sequence, a lighter "
         f"optimizer, or a budget of at least {format_bytes(best)}."
         + (f" Recompute alone: {first_error}" if first_error else ""))
+
+
+def _chunked_loss(cap, gm, peak: int, ctx, verify: bool):
+    """chunked-ce on `gm` when it lowers the predicted peak: (gm, peak, decisions)."""
+    from memfit.cost_models.memory import analyze_step
+    from memfit.memory_plan import Decision
+    from memfit.passes.infra.manager import PassManager
+    from memfit.passes.infra.registry import get_pass
+
+    from memfit.ir.fx_utils import copy_graph_module
+
+    p = get_pass(TECHNIQUES["chunked_ce"])()
+    res = PassManager([p], verify=verify).run(copy_graph_module(gm), ctx)   # kept only if it helps
+    if not res.modified:
+        return gm, peak, []
+    a = analyze_step(dataclasses.replace(cap, gm=res.gm), optimizer=ctx.optimizer, loss_fn=ctx.loss_fn,
+                     symbolic=False)
+    if a.peak_bytes >= peak:
+        return gm, peak, []
+    extra = _projection_time_s(res.gm)
+    n = res.stats.get(f"{p.name}.rewritten", 0)
+    return res.gm, a.peak_bytes, [Decision("(loss)", p.name, peak - a.peak_bytes, extra,
+                                           f"{n} output projection(s) + cross-entropy in chunks of rows")]
+
+
+def _projection_time_s(gm) -> float:
+    """Predicted extra time: the projection's matmul once more (logits recomputed in backward),
+    2 * N * D * V FLOPs at the device's rate."""
+    from memfit.cost_models.roofline import DeviceSpec
+    from memfit.runtime.chunked_ce import chunked_linear_cross_entropy
+
+    dev = next((q.device for q in gm.parameters()), torch.device("cpu"))
+    flops = 0
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is chunked_linear_cross_entropy:
+            h, w = n.args[0].meta.get("val"), n.args[1].meta.get("val")
+            if isinstance(h, torch.Tensor) and isinstance(w, torch.Tensor):
+                rows = h.numel() // h.shape[-1]
+                flops += 2 * int(rows) * int(w.shape[0]) * int(w.shape[1])
+    return flops / DeviceSpec.for_device(dev).flops_per_s

@@ -8,6 +8,7 @@ from __future__ import annotations
 TECHNIQUES = {
     "fuse_conv_bn": "fuse-conv-bn",
     "sdpa": "sdpa-attention",
+    "chunked_ce": "chunked-ce",
     "checkpoint": "checkpoint",
     "quantize": "quantize-activations",
     "reversible": "reversible",
@@ -15,7 +16,7 @@ TECHNIQUES = {
     "offload": None,  # designed for (DESIGN.md), not built yet
 }
 # used unless `techniques` says otherwise: every exact one, then 8-bit saves where exact ones cannot fit
-DEFAULT_TECHNIQUES = ("fuse_conv_bn", "sdpa", "checkpoint", "quantize")
+DEFAULT_TECHNIQUES = ("fuse_conv_bn", "sdpa", "chunked_ce", "checkpoint", "quantize")
 # exact graph rewrites applied before planning (memfit.optimize and the backend's default passes)
 EXACT_STRUCTURAL = ("fuse_conv_bn", "sdpa")
 # applied before planning when named: they change the function

@@ -25,6 +25,7 @@ _BUILTIN.update({
     "outline": "memfit.passes.outline:Outline",
     "checkpoint": "memfit.passes.checkpoint:Checkpoint",
     "fuse-conv-bn": "memfit.passes.fuse_conv_bn:FuseConvBN",
+    "chunked-ce": "memfit.passes.chunked_ce:ChunkedCE",
     "sdpa-attention": "memfit.passes.sdpa_attention:SDPAAttention",
     "quantize-activations": "memfit.passes.quantize:QuantizeActivations",
     "reversible": "memfit.passes.reversible:Reversible",
