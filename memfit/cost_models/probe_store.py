@@ -26,8 +26,10 @@ log = logging.getLogger("memfit.cost_models.probes")   # one logger for probing 
 CACHE_FORMAT = 1
 CACHE_FILE = f"probes-v{CACHE_FORMAT}.json"
 
+
 @functools.lru_cache(maxsize=None)
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo; platform's answer elsewhere)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -62,7 +64,7 @@ def device_signature(device: torch.device) -> str:
         onednn = f"onednn-{_onednn_version()}" if torch.backends.mkldnn.is_available() else "onednn-none"
         if not torch.backends.mkldnn.enabled:
             onednn += "-disabled"
-        return f"cpu/{_cpu_name()}/{torch.backends.cpu.get_cpu_capability()}/{onednn}"
+        return f"cpu/{cpu_name()}/{torch.backends.cpu.get_cpu_capability()}/{onednn}"
     return device.type
 
 

@@ -24,17 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-
-def _cpu_model() -> str:
-    # platform.processor() is empty on most Linux systems; /proc/cpuinfo names the part.
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
+from memfit.cost_models.probe_store import cpu_name  # noqa: E402 - after the root is on sys.path
 
 
 def machine(device: str | torch.device = "cpu") -> str:
@@ -43,7 +33,7 @@ def machine(device: str | torch.device = "cpu") -> str:
     if torch.device(device).type == "cuda":
         where = f"GPU {torch.cuda.get_device_name(device)}"
     else:
-        where = " ".join(s for s in ("CPU", platform.machine(), _cpu_model()) if s)
+        where = " ".join(s for s in ("CPU", platform.machine(), cpu_name()) if s)
     return (f"{where}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
             f"torch {torch.__version__}, {datetime.date.today()}")
 
