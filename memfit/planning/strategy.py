@@ -72,6 +72,7 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
     from memfit.passes.infra.registry import get_pass
 
     decisions: list = []
+    entry_peak = peak
     if "chunked_ce" in allowed:
         gm, peak, decisions = _chunked_loss(cap, gm, peak, ctx, verify)
         if peak <= budget_bytes:
@@ -133,8 +134,8 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
         best = min(best, planner.floor_bytes())  # recompute alone can go lower than with 8-bit
     raise BudgetError(
         f"the budget {format_bytes(budget_bytes)} cannot be met: the lowest predicted peak with "
-        f"recomputation and/or 8-bit saved activations is {format_bytes(best)} (unoptimized "
-        f"{format_bytes(peak)}). What would lower it: 4- or 2-bit activations "
+        f"recomputation and/or 8-bit saved activations is {format_bytes(best)} (before them "
+        f"{format_bytes(entry_peak)}). What would lower it: 4- or 2-bit activations "
         f"(passes='quantize-activations{{bits=4}}'), a smaller batch or sequence, a lighter "
         f"optimizer, or a budget of at least {format_bytes(best)}."
         + (f" Recompute alone: {first_error}" if first_error else ""))
