@@ -34,6 +34,7 @@ from memfit.cost_models.roofline import DeviceSpec
 from memfit.cost_models.tracker import _expr_and_hint, _Store, _Tracker
 from memfit.ir.capture import Captured
 from memfit.ir.fx_utils import fake_state, fetch_attr, module_path
+from memfit.runtime.optim import StepInBackward
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +170,10 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
 
     # Optimizer state exists before a steady-state step: build it with one step on zero grads.
     opt = None
+    fused = isinstance(optimizer, StepInBackward)   # the step runs inside backward, per parameter
     if optimizer is not None:
-        opt = make_optimizer(optimizer, param_fakes, _order_real(model_params, param_real),
+        opt = make_optimizer(optimizer.as_plain() if fused else optimizer, param_fakes,
+                             _order_real(model_params, param_real),
                              convert=lambda t: fm.from_tensor(t, static_shapes=True))
         with fm:
             for p in param_fakes:
@@ -182,6 +185,14 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
             for v in state.values():
                 if isinstance(v, torch.Tensor):
                     tracker.register(v, "optimizer_state")
+    grad_stores: list = []
+    if fused:
+        # the same hooks as at run time, on the fakes (armed); the gradients they free are
+        # recorded first (their _Store records, not the storages, which must be free to die)
+        for p in param_fakes:
+            p.register_post_accumulate_grad_hook(lambda q: grad_stores.append(tracker.by_storage.get(q.grad.untyped_storage())))
+        in_backward = StepInBackward(opt)
+        in_backward.arm()
     start_events = len(tracker.events)
 
     def pack(t):
@@ -235,16 +246,15 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
         else:
             tracker.notes = ["the loss does not require grad: no backward simulated"]
         del loss
-        if opt is not None:
+        if opt is not None and not fused:
             tracker.phase = "optimizer"
             opt.step()
 
     grads = set()
-    for p in param_fakes:
-        if p.grad is not None:
-            s = tracker.by_storage.get(p.grad.untyped_storage())
-            if s is not None:
-                grads.add(id(s))
+    stores = [tracker.by_storage.get(p.grad.untyped_storage()) for p in param_fakes if p.grad is not None]
+    for s in stores + grad_stores:
+        if s is not None:
+            grads.add(id(s))
     opt_state = set()
     if opt is not None:
         for state in opt.state.values():
