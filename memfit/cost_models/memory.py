@@ -19,6 +19,7 @@ symbolic (sympy) during the run, so every byte count is also an expression in B 
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -162,11 +163,11 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
         if isinstance(f, torch.Tensor):
             tracker.register(f, "inputs")
     if isinstance(loss_fn, LossWithTargets):
-        fake_targets = _fake_targets(fm, loss_fn.targets, fake_inputs, symbols)
+        fake_targets = loss_fn.fakes(fm, fake_inputs, symbols)
         for f in fake_targets:
             if isinstance(f, torch.Tensor):
                 tracker.register(f, "inputs")
-        loss_fn = _bound(loss_fn.fn, fake_targets)
+        loss_fn = functools.partial(_call_loss, loss_fn.fn, fake_targets)
 
     # Optimizer state exists before a steady-state step: build it with one step on zero grads.
     opt = None
@@ -332,28 +333,8 @@ def _fake_inputs(fm, flat, symbolic, DimDynamic, Ctx):
     return out, symbols, sym_exprs
 
 
-def _bound(fn, targets):
-    return lambda output: fn(output, *targets)
-
-
-def _fake_targets(fm, targets, fake_inputs, symbols):
-    """Fakes of the loss's targets: dim 0 equal to the batch size and dim 1 equal to the sequence
-    length (of the first input) take the inputs' symbols, so labels scale with B and T."""
-    sym: dict[int, object] = {}
-    first = next((f for f in fake_inputs if isinstance(f, torch.Tensor) and f.dim() >= 1), None)
-    if first is not None:
-        for i, name in ((0, "B"), (1, "T")):
-            if name in symbols and first.dim() > i and isinstance(first.shape[i], torch.SymInt):
-                sym[i] = (symbols[name], first.shape[i])
-    out = []
-    for t in targets:
-        if not isinstance(t, torch.Tensor):
-            out.append(t)
-            continue
-        sizes = [sym[i][1] if i in sym and int(s) == sym[i][0] else int(s) for i, s in enumerate(t.shape)]
-        with fm:
-            out.append(torch.empty(sizes, dtype=t.dtype, device=t.device))
-    return out
+def _call_loss(fn, targets, output):
+    return fn(output, *targets)
 
 
 def _build_analysis(gm, tracker: _Tracker, start_events: int, node_out_bytes, symbols, sym_exprs,

@@ -86,6 +86,26 @@ class LossWithTargets:
     def __call__(self, output):
         return self.fn(output, *self.targets)
 
+    def fakes(self, fm, fake_inputs, symbols) -> list:
+        """Fakes of the targets in fake mode `fm`: dim 0 equal to the batch size and dim 1 equal
+        to the sequence length (of the first input) take the inputs' symbols, so labels scale
+        with B and T."""
+        sym: dict[int, object] = {}
+        first = next((f for f in fake_inputs if isinstance(f, torch.Tensor) and f.dim() >= 1), None)
+        if first is not None:
+            for i, name in ((0, "B"), (1, "T")):
+                if name in symbols and first.dim() > i and isinstance(first.shape[i], torch.SymInt):
+                    sym[i] = (symbols[name], first.shape[i])
+        out = []
+        for t in self.targets:
+            if not isinstance(t, torch.Tensor):
+                out.append(t)
+                continue
+            sizes = [sym[i][1] if i in sym and int(s) == sym[i][0] else int(s) for i, s in enumerate(t.shape)]
+            with fm:
+                out.append(torch.empty(sizes, dtype=t.dtype, device=t.device))
+        return out
+
 
 def bind_targets(loss_fn, targets):
     """loss_fn as a callable of the output alone (LossWithTargets when there are targets)."""

@@ -64,6 +64,12 @@ class OptimizedModule(nn.Module):
         self.memfit_plan = plan
         self.pass_result = pass_result
 
+    def __reduce_ex__(self, protocol):
+        from memfit.errors import MemfitError
+        raise MemfitError("an optimized module holds generated graph code and cannot be pickled (torch.save of the "
+                          "module): save its state_dict(), whose keys and tensors are the model's, and call "
+                          "memfit.optimize again after loading")
+
     def __deepcopy__(self, memo):
         # copy.deepcopy(model) after optimize_ (an EMA or teacher copy) copies this module with
         # the model: graph, parameters and all, through the same memo, so the copy runs its own
