@@ -13,7 +13,8 @@ a real `torch.optim.AdamW` instance and a loss over real labels:
 
 Variants: eager (the unmodified step), per-block checkpointing (the model's own
 gradient_checkpointing_enable, non-reentrant), chunked cross-entropy alone (passes="chunked-ce"),
-memfit.optimize at fractions of the eager step's predicted peak. Per variant: the measured peak
+memfit.optimize at fractions of the eager step's predicted peak, with the default techniques and
+with the optimizer step in backward allowed too. Per variant: the measured peak
 of one whole step (memfit.measure: parameters, gradients, AdamW state, activations, the
 optimizer step), the step-time ratio to eager (forward + backward, medians of alternated
 repeats) and the loss after `--steps` AdamW steps from the same weights, relative to eager's.
@@ -32,6 +33,7 @@ import torch.nn.functional as F
 
 import memfit
 from memfit.budget import format_bytes
+from memfit.planning.techniques import DEFAULT_TECHNIQUES
 
 MiB = 2**20
 
@@ -76,10 +78,16 @@ def loss_of(out):
     return out if isinstance(out, torch.Tensor) else out.loss
 
 
-def train(fn, model, args, kwargs, steps: int, state) -> float:
-    """The loss after `steps` AdamW steps of `fn` from the weights and optimizer state in `state`."""
+def train(fn, model, args, kwargs, steps: int, state, fused=None) -> float:
+    """The loss after `steps` AdamW steps of `fn` from the weights in `state`, with a fresh AdamW
+    (or, for a plan that fused the step into backward, that optimizer from a fresh state)."""
+    from memfit.runtime.optim import StepInBackward
+
     model.load_state_dict(state[0])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+    if isinstance(fused, StepInBackward):
+        fused.load_state_dict(opt.state_dict())
+        opt = fused
     torch.manual_seed(0)
     loss = None
     for _ in range(steps):
@@ -98,20 +106,19 @@ def timed(fn, args, kwargs, params) -> float:
     return common.step_time(lambda *_: loss_of(fn(*args, **kwargs)), (), lambda v: v, params)
 
 
-def bench(name: str, layers: int, budgets, steps: int, repeats: int):
+def bench(name: str, layers: int, budgets, steps: int, repeats: int, device: str = "cpu"):
     torch.manual_seed(0)
     model, step, args, kwargs = MODELS[name](layers)
-    model.train()
+    model.to(device).train()
+    args = tuple(t.to(device) for t in args)
+    kwargs = {k: v.to(device) for k, v in kwargs.items()}
     state = (copy.deepcopy(model.state_dict()),)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     params = list(model.parameters())
 
-    def measure(fn):
-        return memfit.measure(fn, example_inputs=args, example_kwargs=kwargs, optimizer=opt, loss_fn=loss_of)
-
     eager_plan = memfit.plan(step, example_inputs=args, example_kwargs=kwargs, optimizer=opt, loss_fn=loss_of,
                              symbolic=False)
-    variants = {"eager": (step, None, "")}
+    variants = {"eager": (step, None, "", opt)}
 
     class _Ckpt(torch.nn.Module):    # the model's own per-block checkpointing, on while it runs
         def __init__(self):
@@ -125,31 +132,32 @@ def bench(name: str, layers: int, budgets, steps: int, repeats: int):
             finally:
                 model.gradient_checkpointing_disable()
 
-    variants["per-block checkpoint"] = (_Ckpt(), None, "")
+    variants["per-block checkpoint"] = (_Ckpt(), None, "", opt)
     ce_only = memfit.optimize(step, None, example_inputs=args, example_kwargs=kwargs, loss_fn=loss_of,
                               passes="chunked-ce")
-    variants["chunked-ce alone"] = (ce_only, None, "")
+    variants["chunked-ce alone"] = (ce_only, None, "", opt)
+    fused = DEFAULT_TECHNIQUES + ("step_in_backward",)
     for b in budgets:
-        label = f"memfit {b}%"
-        try:
-            om, _ = memfit.optimize(step, f"{b}%", example_inputs=args, example_kwargs=kwargs, loss_fn=loss_of,
-                                    optimizer=opt)
-            p = om.memfit_plan
-            what = ", ".join(sorted({d.action.split("{")[0] for d in p.decisions}))
-            variants[label] = (om, p, what)
-        except memfit.BudgetError as e:
-            variants[label] = (None, None, f"refused: {str(e).split('. What')[0]}")
+        for label, techniques in ((f"memfit {b}%", None), (f"memfit {b}% + step in backward", fused)):
+            try:
+                om, new_opt = memfit.optimize(step, f"{b}%", example_inputs=args, example_kwargs=kwargs,
+                                              loss_fn=loss_of, optimizer=opt, techniques=techniques)
+                p = om.memfit_plan
+                what = ", ".join(sorted({d.action.split("{")[0] for d in p.decisions if d.action != "kept"}))
+                variants[label] = (om, p, what, new_opt)
+            except memfit.BudgetError as e:
+                variants[label] = (None, None, f"refused: {str(e).split('. What')[0]}", None)
     rows, base = [], None
-    runs = {k: functools.partial(timed, fn, args, kwargs, params) for k, (fn, _, _) in variants.items() if fn is not None}
+    runs = {k: functools.partial(timed, fn, args, kwargs, params) for k, (fn, *_) in variants.items() if fn is not None}
     t = common.alternated(runs, repeats, baseline="eager", warmup=1)
     eager_loss = train(step, model, args, kwargs, steps, state)
-    for k, (fn, p, what) in variants.items():
+    for k, (fn, p, what, o) in variants.items():
         if fn is None:
             rows.append([k, "-", "-", "-", "-", what])
             continue
-        m = measure(fn)
+        m = memfit.measure(fn, example_inputs=args, example_kwargs=kwargs, optimizer=o, loss_fn=loss_of)
         base = base or m.peak_bytes
-        loss = eager_loss if k == "eager" else train(fn, model, args, kwargs, steps, state)
+        loss = eager_loss if k == "eager" else train(fn, model, args, kwargs, steps, state, o)
         pred = f"{p.peak_bytes / MiB:.0f} (budget {p.budget_bytes / MiB:.0f})" if p is not None else "-"
         rows.append([k, f"{m.peak_bytes / MiB:.0f} ({m.peak_bytes / base:.0%})", pred, f"{t.ratio[k]:.2f}x",
                      f"{(loss - eager_loss) / abs(eager_loss):+.2e}", what])
@@ -167,11 +175,12 @@ def main():
     ap.add_argument("--budgets", default="50,30,20", help="percentages of the eager step's predicted peak")
     ap.add_argument("--steps", type=int, default=3, help="AdamW steps for the loss comparison")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    print(common.machine())
+    print(common.machine(a.device))
     for name in a.models.split(","):
-        bench(name, a.layers, [int(b) for b in a.budgets.split(",") if b], a.steps, a.repeats)
+        bench(name, a.layers, [int(b) for b in a.budgets.split(",") if b], a.steps, a.repeats, a.device)
 
 
 if __name__ == "__main__":
