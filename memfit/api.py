@@ -12,6 +12,7 @@ from memfit.budget import Budget
 from memfit.ir.capture import capture
 from memfit.cost_models.memory import analyze_step
 from memfit.cost_models.optimizers import bind_targets
+from memfit.runtime.optim import StepInBackward
 from memfit.errors import BudgetError, MemfitError
 from memfit.memory_plan import Decision, MemoryPlan, downsample_timeline, module_rows
 
@@ -55,6 +56,8 @@ def plan_captured(cap, budget: Budget | None, *, optimizer=None, loss_fn=None, s
         device = str(p.device)
         break
     opt_name = optimizer if isinstance(optimizer, (str, type(None))) else type(optimizer).__name__
+    if isinstance(optimizer, StepInBackward):
+        opt_name = f"{optimizer.inner_class.__name__} (step in backward)"
     return MemoryPlan(
         model=cap.model_name, device=device, capture_method=cap.method, optimizer=opt_name,
         peak_bytes=a.peak_bytes, peak_phase=a.peak_phase, categories=dict(a.totals),
@@ -110,7 +113,7 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
     om = _optimize(model, budget, example_inputs=example_inputs, example_kwargs=example_kwargs,
                    example_targets=example_targets, optimizer=optimizer, loss_fn=loss_fn, techniques=techniques,
                    passes=passes, mode=mode, verify=verify)
-    return (om, optimizer) if isinstance(optimizer, torch.optim.Optimizer) else om
+    return (om, om.memfit_optimizer) if isinstance(optimizer, torch.optim.Optimizer) else om
 
 
 def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets, optimizer, loss_fn, techniques,
@@ -160,6 +163,7 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
         if budget_bytes is not None and peak > budget_bytes:
             gm, more = fit_budget(cap, gm, budget_bytes, peak, allowed, ctx, verify=verify)
             decisions += more
+            optimizer = ctx.optimizer          # a StepInBackward when the planner fused the step
         cap = dataclasses.replace(cap, gm=gm)
     extra = sum(d.extra_time_s for d in decisions)
     plan_ = plan_captured(cap, budget_obj, optimizer=optimizer, loss_fn=loss_fn, symbolic=False,
@@ -172,7 +176,7 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
 
     def replan(args, kwargs):
         again = dict(example_kwargs=kwargs, optimizer=optimizer, techniques=techniques, passes=passes, mode=mode,
-                     verify=verify, example_targets=())
+                     verify=verify, example_targets=())   # `optimizer`: the one this plan hands back
         try:
             return _optimize(model, budget_bytes, example_inputs=args, loss_fn=loss_fn, **again)
         except MemfitError:
@@ -184,7 +188,13 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
                      type(e).__name__, e)
             return _optimize(model, budget_bytes, example_inputs=args, loss_fn=None, **again)
 
-    return OptimizedModule(model, cap, cap.gm, plan_, changes_function=changed, replan=replan)
+    arm = None
+    if isinstance(optimizer, StepInBackward):
+        optimizer.install()
+        arm = optimizer.arm
+    om = OptimizedModule(model, cap, cap.gm, plan_, changes_function=changed, replan=replan, before_forward=arm)
+    om.memfit_optimizer = optimizer
+    return om
 
 
 def optimize_(model: torch.nn.Module, budget=None, **kwargs):

@@ -86,3 +86,50 @@ def test_bad_input_is_one_line_exit_2(factory, args, needle):
 def test_debug_shows_traceback(factory):
     r = run("plan", f"{factory}:make", "--budget", "6 parsecs", "--debug", "--quiet")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def unruly(tmp_path_factory):
+    f = tmp_path_factory.mktemp("unruly") / "unruly.py"
+    f.write_text(textwrap.dedent("""
+        import sys, torch
+        class DataDependent(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.l = torch.nn.Linear(4, 4)
+            def forward(self, x):
+                return self.l(x) if x.sum() > 0 else x       # no capture road follows this
+        def make():
+            return DataDependent(), (torch.randn(2, 4),)
+        def exits():
+            sys.exit(3)
+    """))
+    return str(f)
+
+
+def test_factories_come_from_files_unless_module_is_asked_for(factory):
+    r = run("plan", "os:getcwd", "--quiet")
+    assert r.returncode == 2 and "not a .py file" in r.stderr and "--module" in r.stderr
+    r = run("plan", "examples.gpt2_like:make", "--module", "--static", "--quiet", "-D", "batch_size=2",
+            "-D", "layers=1", "-D", "d=32", "-D", "heads=2", "-D", "vocab=64", "-D", "seq_len=16")
+    assert r.returncode == 0, r.stderr
+
+
+def test_exiting_factory_huge_input_and_failed_capture_are_one_line(unruly):
+    r = run("plan", f"{unruly}:exits", "--quiet")
+    assert r.returncode == 2 and r.stderr.strip() == "memfit: error: calling exits() exited (status 3)"
+    r = run("plan", f"{unruly}:make", "--input", "float32[99999999,99999999]", "--quiet")
+    assert r.returncode == 2 and "more than half of this machine's memory" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    r = run("plan", f"{unruly}:make", "--quiet")
+    assert r.returncode == 2 and "cannot capture DataDependent" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr       # no torch graph dumps, no log lines
+
+
+def test_measure_prints_nothing(capfd):
+    import torch
+
+    import memfit
+    memfit.measure(torch.nn.Linear(8, 8), example_inputs=(torch.randn(2, 8),))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""

@@ -9,8 +9,8 @@ import pytest
 
 from memfit.cli import main
 
-MODEL = "tests.models:MLP"
-INPUT = ["--input", "float32[4,64]", "--quiet"]
+MODEL = "tests.models:MLP"      # an installed module's factory: --module (INPUT below)
+INPUT = ["--module", "--input", "float32[4,64]", "--quiet"]
 
 
 def test_passes_lists_builtin_and_loaded(tmp_path, capsys):

@@ -286,3 +286,39 @@ def test_users_own_checkpointing_is_kept(method):
 def test_reentrant_checkpoint_on_the_export_road_is_refused():
     with pytest.raises(CaptureError, match="use_reentrant=True"):
         memfit.plan(CkptNet(reentrant=True), example_inputs=(torch.randn(4, 32),), capture_method="export")
+
+
+# --- outputs, dtypes, saving -----------------------------------------------------------------
+
+class DictOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 4)
+        self.register_buffer("b", torch.ones(4))
+
+    def forward(self, x):
+        return {"out": self.l(x) + self.b, "aux": [x.sum(), x.mean()]}
+
+
+@pytest.mark.parametrize("method", ["symbolic_trace", "export"])
+def test_dict_outputs_come_back_as_dicts_and_dtype_changes_replan(method):
+    torch.manual_seed(0)
+    m, x = DictOut(), torch.randn(2, 4)
+    cap = memfit.capture(m, (x,), method=method, dynamic=False)
+    o = memfit.OptimizedModule(m, cap)(x)
+    assert type(o) is dict and type(o["aux"]) is list
+    om = memfit.optimize(m, None, example_inputs=(x,), loss_fn=lambda o: o["out"].sum())
+    m.double()
+    out = om(x.double())                     # planned again for float64 inputs
+    assert out["out"].dtype == torch.float64
+    torch.testing.assert_close(out["out"], m(x.double())["out"])
+
+
+def test_pickling_an_optimized_module_is_refused_clearly():
+    import io
+
+    m, x = DictOut(), torch.randn(2, 4)
+    om = memfit.optimize(m, None, example_inputs=(x,))
+    with pytest.raises(MemfitError, match="save its state_dict"):
+        torch.save(om, io.BytesIO())
+    torch.save(om.state_dict(), io.BytesIO())

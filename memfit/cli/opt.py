@@ -70,7 +70,8 @@ def cmd_opt(args) -> int:
     load_pass_modules(args.load)
     progress = Progress(not args.quiet)
     with progress.stage(f"loading {args.model}"):
-        model, inputs, kwargs = load_factory(args.model, args.input, parse_kv(args.factory_args))
+        model, inputs, kwargs = load_factory(args.model, args.input, parse_kv(args.factory_args),
+                                             allow_module=args.module)
     # Parse after loading: the model file may register the passes it uses.
     pipeline = parse_pipeline(args.passes)
     name = type(model).__name__

@@ -36,7 +36,8 @@ def cmd_plan(args) -> int:
         _require_matplotlib()
     progress = Progress(not args.quiet)
     with progress.stage(f"loading {args.model}"):
-        model, inputs, kwargs = load_factory(args.model, args.input, parse_kv(args.factory_args))
+        model, inputs, kwargs = load_factory(args.model, args.input, parse_kv(args.factory_args),
+                                             allow_module=args.module)
         loss_fn = factory_loss_fn(args.model)
     opt = optimizer_arg(args.optimizer)
     with progress.stage(f"capturing {type(model).__name__}"):

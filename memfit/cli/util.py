@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import math
 import os
 import re
 import sys
@@ -35,9 +36,22 @@ def parse_input_spec(spec: str) -> torch.Tensor:
                          f"{', '.join(sorted(_DTYPES))}, e.g. float32[8,3,224,224]")
     shape = [int(x) for x in m.group(2).split(",") if x.strip()]
     dtype = _DTYPES[m.group(1)]
+    nbytes = math.prod(shape) * dtype.itemsize
+    total = _total_memory()
+    if total and nbytes > total // 2:
+        raise UsageError(f"--input {spec!r} takes {nbytes:,} bytes, more than half of this machine's memory: "
+                         "give a smaller shape (-D batch_size=...), or build the model and its inputs under "
+                         "torch.device('meta') in the factory to plan without memory")
     if dtype.is_floating_point:
         return torch.randn(shape, dtype=dtype)
     return torch.zeros(shape, dtype=dtype)
+
+
+def _total_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def parse_kv(items) -> dict:
@@ -79,8 +93,9 @@ def import_file(path: str, what: str = "") -> types.ModuleType:
     return module
 
 
-def load_factory(spec: str, inputs: list[str] | None = None, factory_kwargs: dict | None = None):
-    """Load 'path/file.py:factory' (or 'package.module:factory') and call it.
+def load_factory(spec: str, inputs: list[str] | None = None, factory_kwargs: dict | None = None,
+                 *, allow_module: bool = False):
+    """Load 'path/file.py:factory' (with `allow_module`, also 'package.module:factory') and call it.
 
     The factory returns a model, or (model, example_inputs), or (model, example_inputs,
     example_kwargs). `inputs` ('float32[8,3,224,224]' specs) replace the example inputs.
@@ -91,6 +106,9 @@ def load_factory(spec: str, inputs: list[str] | None = None, factory_kwargs: dic
     path, _, name = spec.rpartition(":")
     if path.endswith(".py") or os.sep in path:
         module = import_file(path)
+    elif not allow_module:
+        raise UsageError(f"{path!r} is not a .py file: memfit loads factories from files (FILE.py:FACTORY); "
+                         "to call a factory of an installed module, pass --module")
     else:
         try:
             module = importlib.import_module(path)
@@ -99,10 +117,12 @@ def load_factory(spec: str, inputs: list[str] | None = None, factory_kwargs: dic
     factory = getattr(module, name, None)
     if factory is None or not callable(factory):
         raise UsageError(f"{path} has no callable {name!r}")
+    call = f"{name}({', '.join(f'{k}={v!r}' for k, v in (factory_kwargs or {}).items())})"
     try:
         result = factory(**(factory_kwargs or {}))
+    except SystemExit as e:       # a factory that exits ends memfit's run, said in one line
+        raise UsageError(f"calling {call} exited (status {e.code})") from e
     except Exception as e:  # noqa: BLE001 - any failure of user code is reported in one line
-        call = f"{name}({', '.join(f'{k}={v!r}' for k, v in (factory_kwargs or {}).items())})"
         raise UsageError(f"calling {call} failed: {type(e).__name__}: {e}") from e
     if isinstance(result, torch.nn.Module):
         model, args, kwargs = result, (), {}
@@ -166,6 +186,8 @@ def add_model_args(p) -> None:
                    help="keyword argument for the factory, e.g. -D batch_size=4")
     p.add_argument("--optimizer", default="adamw",
                    help="sgd, sgd-momentum, adam, adamw or none (default adamw)")
+    p.add_argument("--module", action="store_true",
+                   help="MODEL names PACKAGE.MODULE:FACTORY of an installed module instead of a file")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 

@@ -25,7 +25,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from memfit.cost_models.memory import default_loss, make_optimizer
-from memfit.cost_models.probes import profiler_peak
+from memfit.cost_models.allocations import cpu_allocations, profiler_peak
+from memfit.runtime.optim import StepInBackward
 
 
 @dataclass
@@ -90,7 +91,9 @@ def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, e
 
     with _restored(model, optimizer):
         opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(optimizer, params)
-        if opt is not None and not any(opt.state.values()):
+        if isinstance(opt, StepInBackward):
+            opt.warm_up()
+        elif opt is not None and not any(opt.state.values()):
             for p in params:
                 p.grad = torch.zeros_like(p)
             opt.step()
@@ -137,9 +140,8 @@ def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, e
                 notes.append(f"{start - baseline} bytes were allocated on the device before the "
                              "step besides the model, inputs and optimizer state; not counted")
         else:
-            from torch.profiler import ProfilerActivity, profile
             t0 = time.perf_counter()
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with cpu_allocations() as prof:
                 step()
             dt = time.perf_counter() - t0
             peak = baseline + profiler_peak(prof)

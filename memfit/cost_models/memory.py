@@ -19,6 +19,7 @@ symbolic (sympy) during the run, so every byte count is also an expression in B 
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -34,6 +35,7 @@ from memfit.cost_models.roofline import DeviceSpec
 from memfit.cost_models.tracker import _expr_and_hint, _Store, _Tracker
 from memfit.ir.capture import Captured
 from memfit.ir.fx_utils import fake_state, fetch_attr, module_path
+from memfit.runtime.optim import StepInBackward
 
 log = logging.getLogger(__name__)
 
@@ -161,16 +163,18 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
         if isinstance(f, torch.Tensor):
             tracker.register(f, "inputs")
     if isinstance(loss_fn, LossWithTargets):
-        fake_targets = _fake_targets(fm, loss_fn.targets, fake_inputs, symbols)
+        fake_targets = loss_fn.fakes(fm, fake_inputs, symbols)
         for f in fake_targets:
             if isinstance(f, torch.Tensor):
                 tracker.register(f, "inputs")
-        loss_fn = _bound(loss_fn.fn, fake_targets)
+        loss_fn = functools.partial(_call_loss, loss_fn.fn, fake_targets)
 
     # Optimizer state exists before a steady-state step: build it with one step on zero grads.
     opt = None
+    fused = isinstance(optimizer, StepInBackward)   # the step runs inside backward, per parameter
     if optimizer is not None:
-        opt = make_optimizer(optimizer, param_fakes, _order_real(model_params, param_real),
+        opt = make_optimizer(optimizer.as_plain() if fused else optimizer, param_fakes,
+                             _order_real(model_params, param_real),
                              convert=lambda t: fm.from_tensor(t, static_shapes=True))
         with fm:
             for p in param_fakes:
@@ -182,6 +186,14 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
             for v in state.values():
                 if isinstance(v, torch.Tensor):
                     tracker.register(v, "optimizer_state")
+    grad_stores: list = []
+    if fused:
+        # the same hooks as at run time, on the fakes (armed); the gradients they free are
+        # recorded first (their _Store records, not the storages, which must be free to die)
+        for p in param_fakes:
+            p.register_post_accumulate_grad_hook(lambda q: grad_stores.append(tracker.by_storage.get(q.grad.untyped_storage())))
+        in_backward = StepInBackward(opt)
+        in_backward.arm()
     start_events = len(tracker.events)
 
     def pack(t):
@@ -235,16 +247,15 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
         else:
             tracker.notes = ["the loss does not require grad: no backward simulated"]
         del loss
-        if opt is not None:
+        if opt is not None and not fused:
             tracker.phase = "optimizer"
             opt.step()
 
     grads = set()
-    for p in param_fakes:
-        if p.grad is not None:
-            s = tracker.by_storage.get(p.grad.untyped_storage())
-            if s is not None:
-                grads.add(id(s))
+    stores = [tracker.by_storage.get(p.grad.untyped_storage()) for p in param_fakes if p.grad is not None]
+    for s in stores + grad_stores:
+        if s is not None:
+            grads.add(id(s))
     opt_state = set()
     if opt is not None:
         for state in opt.state.values():
@@ -322,28 +333,8 @@ def _fake_inputs(fm, flat, symbolic, DimDynamic, Ctx):
     return out, symbols, sym_exprs
 
 
-def _bound(fn, targets):
-    return lambda output: fn(output, *targets)
-
-
-def _fake_targets(fm, targets, fake_inputs, symbols):
-    """Fakes of the loss's targets: dim 0 equal to the batch size and dim 1 equal to the sequence
-    length (of the first input) take the inputs' symbols, so labels scale with B and T."""
-    sym: dict[int, object] = {}
-    first = next((f for f in fake_inputs if isinstance(f, torch.Tensor) and f.dim() >= 1), None)
-    if first is not None:
-        for i, name in ((0, "B"), (1, "T")):
-            if name in symbols and first.dim() > i and isinstance(first.shape[i], torch.SymInt):
-                sym[i] = (symbols[name], first.shape[i])
-    out = []
-    for t in targets:
-        if not isinstance(t, torch.Tensor):
-            out.append(t)
-            continue
-        sizes = [sym[i][1] if i in sym and int(s) == sym[i][0] else int(s) for i, s in enumerate(t.shape)]
-        with fm:
-            out.append(torch.empty(sizes, dtype=t.dtype, device=t.device))
-    return out
+def _call_loss(fn, targets, output):
+    return fn(output, *targets)
 
 
 def _build_analysis(gm, tracker: _Tracker, start_events: int, node_out_bytes, symbols, sym_exprs,

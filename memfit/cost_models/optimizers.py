@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 import torch.utils._pytree as pytree
 
+from memfit.runtime.optim import construct
+
 
 OPTIMIZERS = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=1e-3),
@@ -42,7 +44,7 @@ def make_optimizer(spec, params: list[torch.Tensor], original_params: list[torch
         for g in spec.param_groups:
             mapped = [params[index[id(p)]] for p in g["params"] if id(p) in index]
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": mapped})
-        new = _construct(type(spec), groups, spec.defaults)
+        new = construct(type(spec), groups, spec.defaults)
         for p, st in spec.state.items():
             if id(p) in index:
                 new.state[params[index[id(p)]]] = {
@@ -50,20 +52,6 @@ def make_optimizer(spec, params: list[torch.Tensor], original_params: list[torch
                     for k, v in st.items()}
         return new
     raise TypeError(f"optimizer must be None, a name or a torch.optim.Optimizer, got {type(spec).__name__}")
-
-
-def _construct(cls, groups, defaults):
-    """`cls(groups, ...)` passing only the defaults its constructor takes: the groups carry
-    every hyper-parameter already, and some defaults are not constructor arguments (AdamW
-    sets `decoupled_weight_decay` itself)."""
-    import inspect
-
-    try:
-        accepted = inspect.signature(cls.__init__).parameters
-    except (TypeError, ValueError):
-        accepted = {}
-    kwargs = {k: v for k, v in defaults.items() if k in accepted and k != "params"}
-    return cls(groups, **kwargs)
 
 
 def default_loss(output) -> torch.Tensor:
@@ -97,6 +85,26 @@ class LossWithTargets:
 
     def __call__(self, output):
         return self.fn(output, *self.targets)
+
+    def fakes(self, fm, fake_inputs, symbols) -> list:
+        """Fakes of the targets in fake mode `fm`: dim 0 equal to the batch size and dim 1 equal
+        to the sequence length (of the first input) take the inputs' symbols, so labels scale
+        with B and T."""
+        sym: dict[int, object] = {}
+        first = next((f for f in fake_inputs if isinstance(f, torch.Tensor) and f.dim() >= 1), None)
+        if first is not None:
+            for i, name in ((0, "B"), (1, "T")):
+                if name in symbols and first.dim() > i and isinstance(first.shape[i], torch.SymInt):
+                    sym[i] = (symbols[name], first.shape[i])
+        out = []
+        for t in self.targets:
+            if not isinstance(t, torch.Tensor):
+                out.append(t)
+                continue
+            sizes = [sym[i][1] if i in sym and int(s) == sym[i][0] else int(s) for i, s in enumerate(t.shape)]
+            with fm:
+                out.append(torch.empty(sizes, dtype=t.dtype, device=t.device))
+        return out
 
 
 def bind_targets(loss_fn, targets):

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from memfit.cost_models.allocations import cpu_allocations, profiler_peak  # noqa: F401 - re-exported
 from memfit.cost_models.probe_store import (CACHE_FILE, cache_dir, cache_path, clear_memo,  # noqa: F401 - re-exported
                                             device_signature, lookup, memoize, write_cache)
 from memfit.ir.fx_utils import size_hint
@@ -205,28 +206,6 @@ def _device_of(margs, mkwargs) -> torch.device:
 
 # ----------------------------------------------------------------------------- measuring
 
-def profiler_peak(prof) -> int:
-    """Largest net bytes allocated on the CPU (above the start) among a profile's allocation events."""
-    allocs = []
-
-    def walk(ev):
-        if ev.tag == torch._C._profiler._EventType.Allocation:  # noqa: SLF001
-            f = ev.extra_fields
-            if f.device.type == "cpu":
-                allocs.append((ev.start_time_ns, f.alloc_size))
-        for c in ev.children:
-            walk(c)
-
-    for root in prof.profiler.kineto_results.experimental_event_tree():
-        walk(root)
-    allocs.sort(key=lambda a: a[0])
-    cur = peak = 0
-    for _, size in allocs:
-        cur += size
-        peak = max(peak, cur)
-    return peak
-
-
 def _new_bytes(out, inputs) -> int:
     """Bytes of the storages in `out` (real or fake) that are not among the inputs' storages."""
     ins = [t.untyped_storage() for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
@@ -284,8 +263,7 @@ def _measure(func, margs, mkwargs) -> int:
             torch.cuda.synchronize(device)
             peak = torch.cuda.max_memory_allocated(device) - before
         else:
-            from torch.profiler import ProfilerActivity, profile
-            with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            with cpu_allocations() as prof:
                 out = func(*rargs, **rkwargs)
             peak = profiler_peak(prof)
         out_bytes = _new_bytes(out, (rargs, rkwargs))

@@ -87,10 +87,38 @@ def capture(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: 
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     example_kwargs = dict(example_kwargs or {})
-    with _own_forward(model):
+    with _own_forward(model), _quiet_torch():
         cap = _capture(model, example_inputs, example_kwargs, method, dynamic)
     _keep_user_checkpoints(cap)
     return cap
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """torch's own log lines, warnings and prints to stderr while capturing (a failed road
+    dumps its partial graph and guards there before memfit's one-line CaptureError) are kept out
+    of the user's terminal; `logging.getLogger("torch")` at DEBUG, or MEMFIT_TORCH_LOGS=1, lets
+    them through."""
+    import io
+    import logging
+    import os
+    import warnings
+
+    if os.environ.get("MEMFIT_TORCH_LOGS") or logging.getLogger("torch").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    loggers = [lg for name, lg in logging.Logger.manager.loggerDict.items()
+               if (name == "torch" or name.startswith("torch.")) and isinstance(lg, logging.Logger)]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.filterwarnings("ignore", module=r"torch(\..*)?$")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 @contextlib.contextmanager
@@ -255,6 +283,19 @@ def _keep_user_checkpoints(cap: "Captured") -> None:
         cap.notes.append(f"the model's own torch.utils.checkpoint kept: {len(groups)} recomputed region(s)")
 
 
+def _plain(obj):
+    """fx's immutable_dict / immutable_list as the dict / list the model built."""
+    from torch.fx.immutable_collections import immutable_dict, immutable_list
+
+    if isinstance(obj, immutable_dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, immutable_list):
+        return [_plain(v) for v in obj]
+    if type(obj) is tuple:
+        return tuple(_plain(v) for v in obj)
+    return obj
+
+
 def _looks_like_transformers(model) -> bool:
     # transformers' forward methods use **kwargs unpacking and output dataclasses that
     # symbolic_trace cannot handle (measured on BERT, GPT-2, ViT, ResNet, ConvNeXt, Swin).
@@ -279,8 +320,9 @@ def _capture_symbolic_trace(model, args, kwargs) -> Captured:
         gm = torch.fx.symbolic_trace(model)
     _propagate_fake(gm, args)
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    # Normalize the output to a flat tuple so analysis code sees one shape of graph.
-    flat, out_spec = pytree.tree_flatten(out_node.args[0])
+    # Normalize the output to a flat tuple so analysis code sees one shape of graph; fx keeps
+    # node arguments in immutable containers, the model returned plain ones.
+    flat, out_spec = pytree.tree_flatten(_plain(out_node.args[0]))
     out_node.args = (tuple(flat),)
     gm.recompile()
     in_spec = pytree.tree_flatten((tuple(args), {}))[1]

@@ -35,8 +35,10 @@ class OptimizedModule(nn.Module):
     modes change, and calling in other modes is refused."""
 
     def __init__(self, original: nn.Module, captured, gm: torch.fx.GraphModule | None = None, plan=None,
-                 *, pass_result=None, changes_function: bool = False, replan=None):
+                 *, pass_result=None, changes_function: bool = False, replan=None, before_forward=None):
         super().__init__()
+        # called before each forward that builds a graph (arms an optimizer step in backward)
+        object.__setattr__(self, "_memfit_before_forward", before_forward)
         gm = captured.gm if gm is None else gm
         object.__setattr__(self, "_memfit_changes_function", changes_function)
         # Shape guard: what each flat input must look like for this graph (None: any size).
@@ -61,6 +63,12 @@ class OptimizedModule(nn.Module):
         self.training = original.training
         self.memfit_plan = plan
         self.pass_result = pass_result
+
+    def __reduce_ex__(self, protocol):
+        from memfit.errors import MemfitError
+        raise MemfitError("an optimized module holds generated graph code and cannot be pickled (torch.save of the "
+                          "module): save its state_dict(), whose keys and tensors are the model's, and call "
+                          "memfit.optimize again after loading")
 
     def __deepcopy__(self, memo):
         # copy.deepcopy(model) after optimize_ (an EMA or teacher copy) copies this module with
@@ -109,6 +117,8 @@ class OptimizedModule(nn.Module):
                          type(original).__name__)
                 object.__setattr__(self, "_memfit_warned", True)
             return type(original).forward(original, *args, **kwargs)
+        if self._memfit_before_forward is not None and torch.is_grad_enabled():
+            self._memfit_before_forward()
         cap = self._memfit_captured
         flat = cap.flat_inputs(tuple(args), kwargs)
         why = _mismatch(flat, self._memfit_expected)

@@ -5,8 +5,11 @@
    it changed the graph and is priced by re-running the analysis (a Decision with the
    predicted bytes saved at the peak).
 2. Over budget, the loss first: the output projection and its cross-entropy in chunks
-   (chunked-ce, exact; one more matmul of the projection), kept if it lowers the peak. Then
-   recompute alone (exact) when it can meet the budget (CheckpointPlanner:
+   (chunked-ce, exact; one more matmul of the projection), kept if it lowers the peak. Then,
+   when named (it constrains the training loop), the optimizer step in backward (exact: each
+   parameter updated and its gradient freed as soon as it is accumulated; `ctx.optimizer`
+   becomes the StepInBackward the user gets back). Then recompute alone (exact) when it can
+   meet the budget (CheckpointPlanner:
    the fastest frontier plan that fits); else 8-bit saved activations alone; else frontier
    recompute plans (fastest first) with the saved tensors left outside recomputed regions
    quantized. On each graph, 8 bits on every eligible saved tensor is simulated first; where
@@ -75,6 +78,11 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
     entry_peak = peak
     if "chunked_ce" in allowed:
         gm, peak, decisions = _chunked_loss(cap, gm, peak, ctx, verify)
+        if peak <= budget_bytes:
+            return gm, decisions
+    if "step_in_backward" in allowed:
+        peak, more = _fused_step(cap, gm, peak, ctx)
+        decisions += more
         if peak <= budget_bytes:
             return gm, decisions
     planner = None
@@ -179,3 +187,27 @@ def _projection_time_s(gm) -> float:
                 rows = h.numel() // h.shape[-1]
                 flops += 2 * int(rows) * int(w.shape[0]) * int(w.shape[1])
     return flops / DeviceSpec.for_device(dev).flops_per_s
+
+
+def _fused_step(cap, gm, peak: int, ctx):
+    """The optimizer step in backward when it lowers the predicted peak: (peak, decisions);
+    sets ctx.optimizer to the StepInBackward."""
+    from memfit.cost_models.memory import analyze_step
+    from memfit.memory_plan import Decision
+    from memfit.runtime.optim import StepInBackward, why_not
+
+    opt = ctx.optimizer
+    if isinstance(opt, StepInBackward):
+        return peak, []
+    why = why_not(opt)
+    if why is not None:
+        return peak, [Decision("(gradients)", "kept", 0, 0.0, f"step in backward not applicable: {why}")]
+    fused = StepInBackward(opt)
+    new_peak = analyze_step(dataclasses.replace(cap, gm=gm), optimizer=fused, loss_fn=ctx.loss_fn,
+                            symbolic=False).peak_bytes
+    if new_peak >= peak:
+        return peak, []
+    ctx.optimizer = fused
+    return new_peak, [Decision("(gradients)", "step-in-backward", peak - new_peak, 0.0,
+                               f"{type(opt).__name__} steps each parameter as its gradient is ready; the loop "
+                               "must not clip, accumulate or read gradients (optimizer.step() is a no-op)")]

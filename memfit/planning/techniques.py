@@ -10,6 +10,7 @@ TECHNIQUES = {
     "sdpa": "sdpa-attention",
     "chunked_ce": "chunked-ce",
     "checkpoint": "checkpoint",
+    "step_in_backward": "step-in-backward",   # not a pass: planning/strategy.py and runtime/optim.py
     "quantize": "quantize-activations",
     "reversible": "reversible",
     "token_merge": "token-merge",

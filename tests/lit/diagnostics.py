@@ -70,7 +70,7 @@ def test_cli_one_line_errors():
     for argv in (["--passes", "nope"], ["--passes", "outline{min_nodes=-1}"], ["--input", "float32[4,x]"]):
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
-            code = main(["opt", "tests.models:MLP", "--input", "float32[4,64]", "--quiet", *argv])
+            code = main(["opt", "tests.models:MLP", "--module", "--input", "float32[4,64]", "--quiet", *argv])
         print(f"exit {code}: {err.getvalue().strip()}")
 # CHECK-LABEL: TEST: test_cli_one_line_errors
 # CHECK-NEXT: exit 2: memfit: error: unknown pass 'nope'
