@@ -48,3 +48,25 @@ def test_absolute_budget_and_floor_message():
     msg = str(ei.value)
     assert "cannot meet the budget 1000 B" in msg and "quantized saved activations" in msg
     assert "smaller batch" in msg
+
+
+def test_floor_is_the_lowest_plan_and_the_same_at_every_refused_budget():
+    # a 2-layer GPT-2-like model where the frontier's most-recomputing plan is not its lowest
+    from examples.gpt2_like import loss_fn, make
+
+    torch.manual_seed(0)
+    model, inputs = make(layers=2, batch_size=8, seq_len=256, d=128, vocab=1024)
+    cap = capture(model, inputs, dynamic=False)
+    planner = CheckpointPlanner(cap, optimizer="sgd", loss_fn=loss_fn)
+    peaks, refusals = [], set()
+    for pct in range(95, 30, -5):
+        try:
+            peaks.append(planner.plan(f"{pct}%").peak_bytes)
+        except BudgetError as e:
+            refusals.add(str(e).split("recomputation is ")[1].split(" ")[0])
+    floor = planner.floor_bytes()
+    assert peaks == sorted(peaks, reverse=True)             # monotone in the budget
+    assert all(p >= floor for p in peaks)                    # the stated floor is below every plan found
+    assert len(refusals) == 1                                # the same floor at every refused budget
+    just_over = int(floor / (1.0 - planner.margin)) + 1     # the budget the refusal names plans
+    assert floor <= planner.plan(just_over).peak_bytes <= just_over

@@ -58,3 +58,31 @@ def test_vit_eager():
     res = run_pass(capture(model, (x,), dynamic=False))
     assert res.stats["sdpa-attention.rewritten"] == 2
     check_exact(model, res.gm, (x,))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_materialized_causal_masks_become_is_causal(family):
+    """Hugging Face's sdpa attention passes is_causal=True in eager, but the exported graph hands
+    SDPA a materialized (B, 1, T, T) mask; the pass folds it back, exactly, and the optimized
+    module's measured peak is no higher than the user's model's."""
+    import memfit
+    from memfit.passes import PassContext, PassManager
+
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    if family == "gpt2":
+        model = tf.GPT2LMHeadModel(tf.GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, bos_token_id=0,
+                                                 eos_token_id=0, use_cache=False, attn_implementation="sdpa"))
+    else:
+        model = tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=2,
+                                                   num_key_value_heads=2, intermediate_size=128, vocab_size=100,
+                                                   use_cache=False, attn_implementation="sdpa"))
+    model.eval()
+    ids = torch.randint(0, 100, (2, 64))
+    cap = capture(model, (ids,), dynamic=False)
+    res = PassManager("sdpa-attention", verify=True).run(cap.gm, PassContext(captured=cap))
+    assert res.stats["sdpa-attention.causal_mask_dropped"] == 2
+    sdpa = [n for n in res.gm.graph.nodes if "scaled_dot_product" in str(n.target)]
+    assert all(n.kwargs.get("is_causal") or (len(n.args) > 5 and n.args[5]) for n in sdpa)
+    om = memfit.optimize(model, None, example_inputs=(ids,))
+    assert memfit.measure(om, example_inputs=(ids,)).peak_bytes <= memfit.measure(model, example_inputs=(ids,)).peak_bytes

@@ -90,10 +90,21 @@ def copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     kept, so trials can be rewritten (partitioners, passes rewriting in place) while the original
     stays as it was.
     """
+    from torch.fx.graph_module import _copy_attr
+
     with warnings.catch_warnings():  # pytree's LeafSpec deprecation, raised by deepcopy
         warnings.simplefilter("ignore", FutureWarning)
         graph = copy.deepcopy(gm.graph)
-    return torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    new = torch.fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    # GraphModule(root, graph) copies only what the graph reads; a parameter or buffer a pass
+    # left unread (a causal-mask buffer once SDPA takes is_causal) is still held by the model,
+    # and the cost model must count it.
+    have = {n for n, _ in new.named_parameters(remove_duplicate=False)} | \
+        {n for n, _ in new.named_buffers(remove_duplicate=False)}
+    for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
+        if name not in have:
+            _copy_attr(gm, new, name)
+    return new
 
 
 def fake_state(module: torch.nn.Module, mode, *, static_shapes: bool = True) -> dict[str, torch.Tensor]:

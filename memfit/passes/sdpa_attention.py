@@ -43,6 +43,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from memfit.ir.fx_utils import erase_dead as _erase_dead
+from memfit.ir.fx_utils import fetch_attr, is_pure
 from memfit.ir.fx_utils import fake_mode_of as _fake_mode
 from memfit.ir.fx_utils import run_fake as _run_fake
 from memfit.passes.attention_patterns import (_FN_TO_KIND, _arg, _const_fill, _describe, _is_causal_cond,
@@ -116,10 +117,14 @@ class SDPAAttention(Pass):
             stats["rewritten"] += 1
             stats["causal"] += int(m.is_causal)
             stats["masked"] += int(m.attn_mask is not None)
-        if stats["rewritten"]:
+        stats["causal_mask_dropped"] = sum(_drop_constant_causal_mask(gm, n) for n in list(gm.graph.nodes)
+                                           if n.op == "call_function" and n.target in _SDPA_FUNCS)
+        changed = stats["rewritten"] + stats["causal_mask_dropped"] > 0
+        if changed:
+            gm.graph.eliminate_dead_code()
             gm.graph.lint()
             gm.recompile()
-        return PassResult(gm, modified=stats["rewritten"] > 0, stats=stats, diagnostics=diags)
+        return PassResult(gm, modified=changed, stats=stats, diagnostics=diags)
 
     # ------------------------------------------------------------------ matching
 
@@ -360,3 +365,85 @@ class SDPAAttention(Pass):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+_SDPA_FUNCS = (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention)
+_MASK_EVAL_LIMIT = 1 << 24        # elements: larger constant masks are left as they are
+
+
+def _drop_constant_causal_mask(gm, n: torch.fx.Node) -> bool:
+    """An SDPA call given a materialized top-left causal mask that depends on no graph input
+    (Hugging Face models build one where eager attention passes is_causal=True) becomes
+    is_causal=True without the mask: the same attention, no (B, 1, T, T) mask per call. The mask
+    is computed once here from its constant subgraph and must equal tril(ones) on every leading
+    index (bool: True keeps; float: 0 keeps, -inf masks). Returns whether it rewrote `n`."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+    bound = dict(zip(names, n.args))
+    bound.update(n.kwargs)
+    mask = bound.get("attn_mask")
+    if not isinstance(mask, torch.fx.Node) or bound.get("is_causal"):
+        return False
+    qv, kv = _val(bound["query"]), _val(bound["key"])
+    if qv is None or kv is None or qv.shape[-2] != kv.shape[-2]:
+        return False                    # is_causal is top-left aligned: only square scores
+    keep = _constant_value(gm, mask)
+    if keep is None or keep.dim() < 2 or keep.shape[-1] != keep.shape[-2] or keep.shape[-1] != qv.shape[-2]:
+        return False
+    if keep.dtype != torch.bool:
+        if not keep.is_floating_point() or not bool(((keep == 0) | (keep == float("-inf"))).all()):
+            return False
+        keep = keep == 0
+    size = keep.shape[-1]
+    if not bool((keep.reshape(-1, size, size) == torch.ones(size, size, dtype=torch.bool).tril()).all()):
+        return False
+    args = list(n.args)
+    if len(args) > 3:
+        args[3] = None
+    kwargs = dict(n.kwargs)
+    if "attn_mask" in kwargs:
+        kwargs["attn_mask"] = None
+    if len(args) > 5:
+        args[5] = True
+    else:
+        kwargs["is_causal"] = True
+    n.args, n.kwargs = tuple(args), kwargs
+    return True
+
+
+def _constant_value(gm, node: torch.fx.Node):
+    """The value of `node` when its subgraph reads no placeholder and no parameter (only
+    constants and buffers), computed on real tensors; None otherwise or when too large."""
+    order, seen, stack = [], set(), [node]
+    while stack:
+        m = stack.pop()
+        if m in seen:
+            continue
+        seen.add(m)
+        if m.op == "placeholder" or m.op in ("call_module", "output"):
+            return None
+        if m.op == "get_attr":
+            t = fetch_attr(gm, str(m.target))
+            if isinstance(t, torch.nn.Parameter):
+                return None
+        if m.op == "call_function" and not is_pure(m):
+            return None
+        order.append(m)
+        stack.extend(m.all_input_nodes)
+    v = _val(node)
+    if not isinstance(v, torch.Tensor) or v.numel() > _MASK_EVAL_LIMIT:
+        return None
+    env: dict = {}
+    pos = {m: i for i, m in enumerate(gm.graph.nodes)}
+    try:
+        for m in sorted(order, key=pos.__getitem__):
+            if m.op == "get_attr":
+                env[m] = fetch_attr(gm, str(m.target))
+            else:
+                args = torch.fx.node.map_arg(m.args, lambda a: env[a])
+                kwargs = torch.fx.node.map_arg(m.kwargs, lambda a: env[a])
+                env[m] = m.target(*args, **kwargs) if m.op == "call_function" else \
+                    getattr(args[0], m.target)(*args[1:], **kwargs)
+    except Exception:  # noqa: BLE001 - a subgraph that does not evaluate here is left alone
+        return None
+    out = env[node]
+    return out if isinstance(out, torch.Tensor) else None

@@ -314,12 +314,25 @@ class CheckpointPlanner:
         return self._figures[i]
 
     def floor_plan(self) -> tuple[int, int]:
-        """(frontier index, figure) of the most-recomputing plan: the floor of recompute alone,
-        the same for every budget."""
+        """(frontier index, figure) of the plan with the lowest figure on the frontier: the floor of
+        recompute alone, the same for every budget. Branch and bound: plans are simulated in order
+        of their lower bounds until the next bound is no lower than the best figure found, so the
+        minimum is exact without simulating the whole frontier."""
         if self._floor is None:
-            i = len(self.frontier) - 1
-            self._floor = (i, self.figure(i))
+            order = sorted(range(len(self.frontier)), key=lambda i: (self._bound(i), -i))
+            best = None
+            for i in order:
+                if best is not None and self._bound(i) >= best[1]:
+                    break
+                f = self.figure(i)
+                if best is None or f < best[1] or (f == best[1] and i < best[0]):
+                    best = (i, f)
+            self._floor = best
         return self._floor
+
+    def _bound(self, i: int) -> int:
+        p = self.frontier[i]
+        return self.lower_bound(p) if p.spans else self.a0.peak_bytes
 
     def floor_bytes(self) -> int:
         return self.floor_plan()[1]

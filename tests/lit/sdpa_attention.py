@@ -1,6 +1,8 @@
 # RUN: %python %s | filecheck %s
 # sdpa-attention: explicit attention becomes one scaled_dot_product_attention node.
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from memfit.testing import run, show_calls as show
 from tests.models import Block
@@ -66,3 +68,23 @@ def test_dropout_is_a_diagnostic():
 # CHECK-NOT: scaled_dot_product_attention
 # CHECK: // stats: sdpa-attention.skipped=1
 # CHECK-NEXT: // info: [sdpa-attention] at softmax: attention dropout p=0.1 in a training graph: SDPA's dropout masks differ from the graph's, so the rewrite matches in distribution only; pass allow_dropout=true to accept
+
+
+class MaskedSDPA(nn.Module):
+    """Calls SDPA with a causal mask it builds from arange (as transformers' sdpa_mask does)."""
+
+    def forward(self, q, k, v):
+        t = q.shape[-2]
+        i = torch.arange(t)
+        keep = (i[:, None] >= i[None, :]).expand(q.shape[0], 1, t, t)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+
+
+@run
+def test_constant_causal_mask_becomes_is_causal():
+    qkv = tuple(torch.randn(2, 2, 8, 4) for _ in range(3))
+    show(MaskedSDPA(), qkv, "sdpa-attention", "export")
+# CHECK-LABEL: TEST: test_constant_causal_mask_becomes_is_causal
+# CHECK: aten.scaled_dot_product_attention.default(%q, %k, %v, None, is_causal=True)
+# CHECK-NOT: aten.expand
+# CHECK: // stats: sdpa-attention.causal_mask_dropped=1

@@ -38,9 +38,12 @@ def machine(device: str | torch.device = "cpu") -> str:
             f"torch {torch.__version__}, {datetime.date.today()}")
 
 
-def _sync(inputs) -> None:
-    # CUDA kernels run asynchronously: without a sync the clock stops before the step ends.
-    for t in inputs:
+def sync(*trees) -> None:
+    """Wait for the CUDA device of the first CUDA tensor among `trees` (inputs, kwargs): CUDA
+    kernels run asynchronously, and without a sync the clock stops before the step ends."""
+    import torch.utils._pytree as pytree
+
+    for t in pytree.tree_leaves(trees):
         if isinstance(t, torch.Tensor) and t.is_cuda:
             torch.cuda.synchronize(t.device)
             return
@@ -57,10 +60,10 @@ def step_time(fn, inputs: Sequence, loss_fn: Callable, params: Iterable[torch.Te
     params = list(fn.parameters() if params is None else params)
     for p in params:
         p.grad = None
-    _sync(inputs)
+    sync(inputs)
     t0 = time.perf_counter()
     loss_fn(fn(*inputs)).backward()
-    _sync(inputs)
+    sync(inputs)
     dt = time.perf_counter() - t0
     for p in params:
         p.grad = None

@@ -16,8 +16,8 @@ gradient_checkpointing_enable, non-reentrant), chunked cross-entropy alone (pass
 memfit.optimize at fractions of the eager step's predicted peak, with the default techniques and
 with the optimizer step in backward allowed too. Per variant: the measured peak
 of one whole step (memfit.measure: parameters, gradients, AdamW state, activations, the
-optimizer step), the step-time ratio to eager (forward + backward, medians of alternated
-repeats) and the loss after `--steps` AdamW steps from the same weights, relative to eager's.
+optimizer step), the step-time ratio to eager (forward, backward and the optimizer step,
+medians of alternated repeats) and the loss after `--steps` AdamW steps from the same weights, relative to eager's.
 A budget no plan meets is reported with memfit's refusal (its floor).
 """
 
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
+import time
 
 import common  # noqa: F401 - puts the repository root on sys.path
 import torch
@@ -102,8 +103,15 @@ def train(fn, model, args, kwargs, steps: int, state, fused=None) -> float:
     return final
 
 
-def timed(fn, args, kwargs, params) -> float:
-    return common.step_time(lambda *_: loss_of(fn(*args, **kwargs)), (), lambda v: v, params)
+def timed(fn, args, kwargs, opt) -> float:
+    """Seconds of one training step, optimizer step included (a fused step runs inside backward)."""
+    opt.zero_grad(set_to_none=True)
+    common.sync(args, kwargs)
+    t0 = time.perf_counter()
+    loss_of(fn(*args, **kwargs)).backward()
+    opt.step()
+    common.sync(args, kwargs)
+    return time.perf_counter() - t0
 
 
 def bench(name: str, layers: int, budgets, steps: int, repeats: int, device: str = "cpu"):
@@ -148,8 +156,18 @@ def bench(name: str, layers: int, budgets, steps: int, repeats: int, device: str
             except memfit.BudgetError as e:
                 variants[label] = (None, None, f"refused: {str(e).split('. What')[0]}", None)
     rows, base = [], None
-    runs = {k: functools.partial(timed, fn, args, kwargs, params) for k, (fn, *_) in variants.items() if fn is not None}
+    from memfit.runtime.optim import StepInBackward
+
+    def stepper(o):    # a fused optimizer steps inside backward; the others get their own AdamW here
+        return o if isinstance(o, StepInBackward) else torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+
+    runs = {k: functools.partial(timed, fn, args, kwargs, stepper(o)) for k, (fn, _, _, o) in variants.items()
+            if fn is not None}
     t = common.alternated(runs, repeats, baseline="eager", warmup=1)
+    model.load_state_dict(state[0])             # the timed steps moved the weights
+    for _, _, _, o in variants.values():
+        if isinstance(o, StepInBackward):
+            o.load_state_dict(torch.optim.AdamW(params).state_dict())
     eager_loss = train(step, model, args, kwargs, steps, state)
     for k, (fn, p, what, o) in variants.items():
         if fn is None:
