@@ -1,4 +1,4 @@
-"""The torch.compile backend (memfit/backend.py).
+"""The torch.compile backend (memfit/compile/).
 
 Most tests use codegen="eager" (AOTAutograd with memfit's partitioner, graphs run as fx
 code: a few seconds per compile); one test compiles with Inductor (slow marker).
