@@ -17,6 +17,7 @@ def test_budget_sweep_monotone_and_measured_within_budget():
     cap = capture(model, inputs)
     planner = CheckpointPlanner(cap)     # one analysis, simulations cached across budgets
     rows = []
+    measured = {}
     failed_at = None
     for pct in (100, 85, 70, 60, 50, 40, 30, 20):
         try:
@@ -26,8 +27,13 @@ def test_budget_sweep_monotone_and_measured_within_budget():
             failed_at = failed_at or pct
             continue
         assert failed_at is None, f"{pct}% planned although {failed_at}% could not be"
-        m = measure(OptimizedModule(model, cap, p.gm), example_inputs=inputs)
-        rows.append((pct, p.budget_bytes, p.peak_bytes, m.peak_bytes, len(p.spans), p.extra_time_s))
+        # a plan already measured at a looser budget is not run again: two runs of one graph can
+        # differ by a few KiB on 2 threads (worker threads' scratch overlapping or not), and the
+        # sweep compares plans, not that noise
+        key = (p.peak_bytes, tuple(map(str, p.spans)))
+        if key not in measured:
+            measured[key] = measure(OptimizedModule(model, cap, p.gm), example_inputs=inputs).peak_bytes
+        rows.append((pct, p.budget_bytes, p.peak_bytes, measured[key], len(p.spans), p.extra_time_s))
     assert failed_at is not None, "some budget in the sweep should be under the floor"
     assert len(rows) >= 4, rows
     assert any(r[4] for r in rows), "no budget made the pass recompute anything"
