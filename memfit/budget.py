@@ -82,13 +82,18 @@ class Budget:
         return self.text or (format_bytes(self.nbytes) if self.nbytes is not None else f"{self.fraction:.0%}")
 
 
-def format_bytes(n: float) -> str:
-    """Human form with binary units: 1536 -> '1.50 KiB'."""
+def format_bytes(n: float, *, up: bool = False) -> str:
+    """Human form with binary units: 1536 -> '1.50 KiB'. `up`: rounded up, not to the nearest
+    (for a least budget: the figure shown, read back, is still enough)."""
+    import math
+
     n = float(n)
     sign = "-" if n < 0 else ""
     n = abs(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
-            return f"{sign}{n:.0f} {unit}" if unit == "B" else f"{sign}{n:.2f} {unit}"
+            if unit == "B":
+                return f"{sign}{math.ceil(n) if up else n:.0f} {unit}"
+            return f"{sign}{math.ceil(n * 100) / 100 if up else n:.2f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")

@@ -337,6 +337,10 @@ class CheckpointPlanner:
     def floor_bytes(self) -> int:
         return self.floor_plan()[1]
 
+    def min_budget_bytes(self) -> int:
+        """The smallest budget `plan` meets: the floor plus the margin kept free."""
+        return int(self.floor_bytes() / (1.0 - self.margin)) + 1
+
     def decisions_for(self, spans) -> list:
         from memfit.memory_plan import Decision
 
@@ -389,7 +393,7 @@ class CheckpointPlanner:
             f"state, inputs, temporaries), which recompute cannot lower; saved activations "
             f"{format_bytes(acts)}). What would lower it: quantized saved activations (technique "
             f"'quantize'), a smaller batch or sequence{batch}, a lighter optimizer (8-bit states, "
-            f"SGD), or a budget of at least {format_bytes(int(floor_bytes / (1.0 - self.margin)) + 1)}.")
+            f"SGD), or a budget of at least {format_bytes(self.min_budget_bytes(), up=True)}.")
 
     def forced(self, regions: str) -> CheckpointPlan:
         """Recompute every module matching the fnmatch patterns in `regions` (comma-separated)."""
