@@ -109,3 +109,22 @@ class ConvNet(nn.Module):
         for layer in self.layers:
             x = layer(x)
         return self.head(x.mean(dim=(2, 3)))
+
+
+def gelu_mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    """Linear-GELU-Linear-GELU-Linear, seeded (the optimizer tests' model)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(d_in, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                         nn.Linear(hidden, d_out))
+
+
+def ce(out, y):
+    return torch.nn.functional.cross_entropy(out, y)
+
+
+def decay_groups(model):
+    """Two parameter groups as training loops write them: weights decayed, the rest not, at
+    their own learning rate."""
+    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
+    return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0, "lr": 3e-3}]

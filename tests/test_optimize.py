@@ -120,3 +120,25 @@ def test_budget_is_met_when_measured_and_gradients_are_exact(name, kw, budget):
     g_ref = _grads(model, mod.loss_fn(model(*inputs)))
     assert g_opt.keys() == g_ref.keys()
     assert _rel(g_opt, g_ref) < 1e-5
+
+
+@pytest.mark.parametrize("techniques", [("checkpoint",), ("checkpoint", "quantize")])
+def test_the_refusals_least_budget_is_met_when_asked(techniques):
+    """A refusal's 'a budget of at least X', read back as the budget, plans; the recompute
+    planner keeps a margin free, so X is above the lowest peak, never below it."""
+    import re
+
+    from examples.gpt2_like import loss_fn, make
+
+    torch.manual_seed(0)
+    model, inputs = make(layers=2, batch_size=4, seq_len=64, d=64, heads=4, vocab=256)
+    kw = dict(example_inputs=inputs, optimizer="adamw", loss_fn=loss_fn, techniques=techniques)
+    with pytest.raises(BudgetError) as ei:
+        memfit.optimize(model, "5%", **kw)
+    msg = str(ei.value)
+    floor = re.search(r"lowest predicted peak with .*? is ([0-9.]+ [KMG]iB)", msg).group(1)
+    least = re.findall(r"a budget of at least ([0-9.]+ [KMG]iB)", msg)[0]
+    om = memfit.optimize(model, least.replace(" ", ""), **kw)
+    assert om.memfit_plan.fits
+    size = lambda text: memfit.Budget.parse(text.replace(" ", "")).resolve(0)   # noqa: E731
+    assert size(least) >= size(floor)

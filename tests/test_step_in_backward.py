@@ -6,29 +6,18 @@ import copy
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import memfit
 from memfit.runtime.optim import StepInBackward, why_not
+from tests.models import ce, decay_groups as groups, gelu_mlp
 
 
 def mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 10))
+    return gelu_mlp(64, 256, 10)
 
 
 X, Y = torch.randn(16, 64), torch.randint(0, 10, (16,))
-
-
-def ce(out, y):
-    return F.cross_entropy(out, y)
-
-
-def groups(model):
-    decay = [p for n, p in model.named_parameters() if n.endswith("weight")]
-    rest = [p for n, p in model.named_parameters() if not n.endswith("weight")]
-    return [{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0, "lr": 3e-3}]
 
 
 @pytest.mark.parametrize("make", [

@@ -70,3 +70,13 @@ def profiler_peak(prof) -> int:
         cur += size
         peak = max(peak, cur)
     return peak
+
+
+def inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors holding `t`'s memory: `t` itself, or for a wrapper tensor subclass
+    (torchao's low-bit optimizer states) the tensors it flattens into, recursively."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is None or type(t) in (torch.Tensor, torch.nn.Parameter):
+        return [t]
+    names, _ = flatten()
+    return [x for n in names if isinstance(getattr(t, n), torch.Tensor) for x in inner_tensors(getattr(t, n))]

@@ -25,7 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from memfit.cost_models.memory import default_loss, make_optimizer
-from memfit.cost_models.allocations import cpu_allocations, profiler_peak
+from memfit.cost_models.allocations import cpu_allocations, inner_tensors, profiler_peak
 from memfit.runtime.optim import StepInBackward
 
 
@@ -60,9 +60,7 @@ class Measurement:
 def _storages_bytes(tensors) -> tuple[int, set]:
     seen = set()
     total = 0
-    for t in tensors:
-        if not isinstance(t, torch.Tensor):
-            continue
+    for t in [x for t in tensors if isinstance(t, torch.Tensor) for x in inner_tensors(t)]:
         st = t.untyped_storage()
         key = (st.device.type, st.data_ptr())
         if key in seen or st.nbytes() == 0:

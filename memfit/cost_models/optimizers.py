@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.utils._pytree as pytree
 
+from memfit.runtime.lowbit import is_low_bit, settings
 from memfit.runtime.optim import construct
 
 
@@ -26,7 +27,8 @@ def make_optimizer(spec, params: list[torch.Tensor], original_params: list[torch
     hyper-parameter of each group, each of its parameters replaced by the tensor at the same
     position in `params` (which lines up with `original_params`), and its existing state
     (`convert(tensor)` of each state tensor: FakeTensors in the cost model). Parameters the
-    instance does not hold get no state.
+    instance does not hold get no state. With `convert` given, a torchao low-bit optimizer
+    becomes its stand-in (memfit.cost_models.lowbit), which allocates what it would.
     """
     if spec is None:
         return None
@@ -44,7 +46,13 @@ def make_optimizer(spec, params: list[torch.Tensor], original_params: list[torch
         for g in spec.param_groups:
             mapped = [params[index[id(p)]] for p in g["params"] if id(p) in index]
             groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": mapped})
+        if convert is not None and is_low_bit(spec):
+            # simulated: torchao's states and compiled step do not run on FakeTensors
+            from memfit.cost_models.lowbit import LowBitStandIn
+            return LowBitStandIn(groups, source=spec)
         new = construct(type(spec), groups, spec.defaults)
+        for k, v in settings(spec).items():
+            setattr(new, k, v)
         for p, st in spec.state.items():
             if id(p) in index:
                 new.state[params[index[id(p)]]] = {

@@ -87,14 +87,14 @@ def capture(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: 
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     example_kwargs = dict(example_kwargs or {})
-    with _own_forward(model), _quiet_torch():
+    with _own_forward(model), quiet_torch():
         cap = _capture(model, example_inputs, example_kwargs, method, dynamic)
     _keep_user_checkpoints(cap)
     return cap
 
 
 @contextlib.contextmanager
-def _quiet_torch():
+def quiet_torch():
     """torch's own log lines, warnings and prints to stderr while capturing (a failed road
     dumps its partial graph and guards there before memfit's one-line CaptureError) are kept out
     of the user's terminal; `logging.getLogger("torch")` at DEBUG, or MEMFIT_TORCH_LOGS=1, lets

@@ -8,13 +8,23 @@
    (chunked-ce, exact; one more matmul of the projection), kept if it lowers the peak. Then,
    when named (it constrains the training loop), the optimizer step in backward (exact: each
    parameter updated and its gradient freed as soon as it is accumulated; `ctx.optimizer`
-   becomes the StepInBackward the user gets back). Then recompute alone (exact) when it can
-   meet the budget (CheckpointPlanner:
-   the fastest frontier plan that fits); else 8-bit saved activations alone; else frontier
-   recompute plans (fastest first) with the saved tensors left outside recomputed regions
-   quantized. On each graph, 8 bits on every eligible saved tensor is simulated first; where
-   that fits, only the shortest prefix of tensors ranked by bytes saved that still meets the
-   budget is quantized (memfit.planning.quantize.select_quantized).
+   becomes the StepInBackward the user gets back).
+3. Then a ladder of (optimizer state, activations) pairs, the first that fits taken (RUNGS):
+   the state as given with recompute alone (exact: CheckpointPlanner, the fastest frontier
+   plan that fits); 8-bit optimizer states with recompute alone; the state as given with
+   8-bit saved activations; 8-bit states with 8-bit saved activations; 4-bit states with
+   recompute alone, then with 8-bit saved activations. Low-bit states (torchao's Adam/AdamW,
+   memfit.runtime.lowbit; approximate) come first among the approximate options because
+   their error stays in the update and does not reach the gradients; 4-bit last, the
+   coarsest. A low-bit state is offered only when it lowers the predicted peak (its step's
+   scratch is probed, and on some devices outweighs the state it saves); where it fits
+   without recompute, nothing else is done. "8-bit saved activations" is: 8 bits on the
+   graph alone, else on up to 6 frontier recompute plans (fastest first) with the tensors
+   left outside recomputed regions quantized. On each graph, 8 bits on every eligible saved
+   tensor is simulated first; where that fits, only the shortest prefix of tensors ranked by
+   bytes saved that still meets the budget is quantized
+   (memfit.planning.quantize.select_quantized). The refusal's floor is the lowest peak over
+   every rung tried, the same at every budget below it.
 
 Quantization runs after checkpointing, so it wraps only what stays saved: inside a
 recomputed region nothing is kept, and quantizing there would only add work.
@@ -70,8 +80,8 @@ def structural(cap, gm, peak: int, allowed, ctx, *, verify: bool = False):
 
 def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: bool = False):
     """Meet `budget_bytes` (module doc, step 2). Returns (gm, decisions); BudgetError with the
-    floor and what would lower it when no plan fits."""
-    from memfit.memory_plan import Decision
+    floor and what would lower it when no plan fits. May set `ctx.optimizer` (the optimizer
+    the user gets back: stepping in backward, low-bit states)."""
     from memfit.passes.infra.registry import get_pass
 
     decisions: list = []
@@ -85,30 +95,152 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
         decisions += more
         if peak <= budget_bytes:
             return gm, decisions
-    planner = None
-    first_error = None
-    if "checkpoint" in allowed:
-        from memfit.planning.checkpoint import CheckpointPlanner
-        planner = CheckpointPlanner(dataclasses.replace(cap, gm=gm), optimizer=ctx.optimizer, loss_fn=ctx.loss_fn)
-        try:
-            cp = planner.plan(budget_bytes)
-            return cp.gm, decisions + list(cp.decisions)
-        except BudgetError as e:
-            first_error = e
     q = None
     if "quantize" in allowed:
         try:
             q = get_pass(TECHNIQUES["quantize"])()
         except PassError as e:
             log.info("technique quantize skipped: %s", e)
-    if q is None:
+    states, notes = _state_options(cap, gm, peak, ctx, allowed)
+    planners: dict = {}
+    floors: list[tuple[int, int]] = []       # (lowest predicted peak, smallest budget met) per rung
+    first_error = None
+    for bits, quantized in RUNGS:
+        if bits not in states or (quantized and q is None) or (not quantized and "checkpoint" not in allowed
+                                                                and bits is None):
+            continue
+        opt, state_peak, state_decisions = states[bits]
+        c = dataclasses.replace(ctx, optimizer=opt)
+        if state_peak <= budget_bytes:
+            ctx.optimizer = opt
+            return gm, decisions + state_decisions
+        planner = planners.get(bits)
+        if planner is None and "checkpoint" in allowed:
+            from memfit.planning.checkpoint import CheckpointPlanner
+            planner = planners[bits] = CheckpointPlanner(dataclasses.replace(cap, gm=gm), optimizer=opt,
+                                                         loss_fn=ctx.loss_fn)
+        if not quantized:
+            if planner is None:
+                continue
+            try:
+                cp = planner.plan(budget_bytes)
+            except BudgetError as e:
+                first_error = first_error or e
+                floors.append((planner.floor_bytes(), planner.min_budget_bytes()))
+                continue
+            ctx.optimizer = opt
+            return cp.gm, decisions + state_decisions + list(cp.decisions)
+        found, best = _quantized_saves(cap, gm, budget_bytes, state_peak, c, q, planner, verify)
+        floors.append(best)
+        if found is not None:
+            ctx.optimizer = opt
+            return found[0], decisions + state_decisions + found[1]
+    if not floors:
         if first_error is not None:
             raise first_error
         raise BudgetError(f"predicted peak {format_bytes(peak)} exceeds the budget {format_bytes(budget_bytes)} "
                           f"and neither 'checkpoint' nor 'quantize' is among the allowed techniques "
                           f"{list(allowed)}")
+    best, needed = min(f[0] for f in floors), min(f[1] for f in floors)
+    used = (["recomputation"] if "checkpoint" in allowed else []) + (
+        ["8-bit saved activations"] if q is not None else []) + [
+        f"{b}-bit optimizer states" for b in states if b is not None]
+    used = ", ".join(used[:-1]) + (" and " if len(used) > 1 else "") + used[-1]
+    raise BudgetError(
+        f"the budget {format_bytes(budget_bytes)} cannot be met: the lowest predicted peak with "
+        f"{used} is {format_bytes(best)} (before them {format_bytes(entry_peak)}). What would lower "
+        f"it: 4- or 2-bit activations (passes='quantize-activations{{bits=4}}'), a smaller batch or "
+        f"sequence, {_more_hint(ctx, allowed)}or a budget of at least {format_bytes(needed, up=True)}."
+        + "".join(f" Not used: {n}." for n in notes)
+        + (f" Recompute alone: {first_error}" if first_error and len(floors) == 1 else ""))
 
+
+# The approximate ladder after the exact techniques (module doc): (optimizer-state bits or None
+# for the state as given, quantized saved activations?), tried in this order.
+RUNGS = ((None, False), (8, False), (None, True), (8, True), (4, False), (4, True))
+
+
+def _state_options(cap, gm, peak: int, ctx, allowed):
+    """{bits: (optimizer, predicted peak on `gm`, decisions)} for the state as given (None) and
+    each allowed low-bit state; and notes on why a low-bit state is not offered."""
+    from memfit.cost_models.memory import analyze_step
+    from memfit.runtime import lowbit
+
+    out = {None: (ctx.optimizer, peak, [])}
+    notes = []
+    wanted = [b for b in lowbit.BITS if f"optimizer_{b}bit" in allowed]
+    if not wanted:
+        return out, notes
+    why = _low_bit_why_not(ctx.optimizer) or lowbit.available()
+    if why is not None:
+        notes.append(f"optimizer states in {'/'.join(map(str, wanted))} bits: {why}")
+        return out, notes
+    for bits in wanted:
+        opt = _with_low_bit(ctx.optimizer, bits)
+        a = analyze_step(dataclasses.replace(cap, gm=gm), optimizer=opt, loss_fn=ctx.loss_fn, symbolic=False)
+        if a.peak_bytes >= peak:
+            notes.append(f"{bits}-bit optimizer states would not lower the peak ({format_bytes(a.peak_bytes)}: "
+                         "their step's scratch outweighs the state saved)")
+            continue
+        out[bits] = (opt, a.peak_bytes, [_state_decision(ctx.optimizer, opt, bits, peak - a.peak_bytes)])
+    return out, notes
+
+
+def _low_bit_why_not(opt) -> str | None:
+    from memfit.runtime import lowbit
+    from memfit.runtime.optim import StepInBackward
+
+    return lowbit.why_not(opt.as_plain() if isinstance(opt, StepInBackward) else opt)
+
+
+def _with_low_bit(opt, bits: int):
+    """`opt` with `bits`-bit states (stepping in backward still, when it did)."""
+    from memfit.runtime import lowbit
+    from memfit.runtime.optim import StepInBackward
+
+    if isinstance(opt, StepInBackward):
+        return StepInBackward(lowbit.to_low_bit(opt.as_plain(), bits))
+    return lowbit.to_low_bit(opt, bits)
+
+
+def _state_decision(given, opt, bits: int, saved: int):
+    from memfit.cost_models.lowbit import step_scratch_bytes
+    from memfit.cost_models.roofline import DeviceSpec
+    from memfit.memory_plan import Decision
+    from memfit.runtime.optim import StepInBackward
+
+    inner = opt.as_plain() if isinstance(opt, StepInBackward) else opt
+    src = given.as_plain() if isinstance(given, StepInBackward) else given
+    params = [p for g in inner.param_groups for p in g["params"] if p.requires_grad]
+    # roofline: the step's fp32 temporaries written and read once more than an fp32 step's
+    scratch = sum(step_scratch_bytes(inner, p) for p in params)
+    dev = params[0].device if params else torch.device("cpu")
+    extra = 2 * scratch / DeviceSpec.for_device(dev).bytes_per_s
+    return Decision("(optimizer state)", f"optimizer-{bits}bit", saved, extra,
+                    f"{type(src).__name__} -> torchao {type(inner).__name__}: Adam's moments block-wise "
+                    f"quantized to {bits} bits (approximate); the first step compiles torchao's update for "
+                    f"{len({tuple(p.shape) for p in params})} parameter shape(s)")
+
+
+def _more_hint(ctx, allowed) -> str:
+    from memfit.runtime import lowbit
+
+    hints = []
+    if "step_in_backward" not in allowed and ctx.optimizer is not None:
+        hints.append("the optimizer step in backward (technique 'step_in_backward', if the loop does not "
+                     "clip or accumulate gradients)")
+    missing = [b for b in lowbit.BITS if f"optimizer_{b}bit" not in allowed]
+    if missing and lowbit.why_not(ctx.optimizer) is None:
+        hints.append(f"{'/'.join(map(str, missing))}-bit optimizer states (technique "
+                     f"{', '.join(repr(f'optimizer_{b}bit') for b in missing)})")
+    return "".join(h + ", " for h in hints) + "a lighter optimizer, "
+
+
+def _quantized_saves(cap, gm, budget_bytes: int, peak: int, ctx, q, planner, verify: bool):
+    """8-bit saved activations on `gm` alone, then on frontier checkpoint plans (module doc):
+    ((gm, decisions) or None, (the lowest peak seen, the smallest budget met))."""
     from memfit.ir.fx_utils import copy_graph_module
+    from memfit.memory_plan import Decision
     from memfit.planning.quantize import select_quantized
 
     def pass_ctx(g):
@@ -121,7 +253,7 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
     ch = select_quantized(q, lambda: copy_graph_module(gm), budget_bytes, peak, cap, pass_ctx,
                           ctx.optimizer, ctx.loss_fn, verify=verify)
     if ch.fits:
-        return ch.gm, decisions + [decision("(model)", ch, peak)]
+        return (ch.gm, [decision("(model)", ch, peak)]), (ch.peak, ch.peak)
     best = ch.peak
     if planner is not None:
         frontier = [p for p in planner.frontier if p.spans]
@@ -136,17 +268,12 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
                                   pass_ctx, ctx.optimizer, ctx.loss_fn, verify=verify)
             best = min(best, ch.peak)
             if ch.fits:
-                return ch.gm, decisions + planner.decisions_for(spans) + [
-                    decision("(outside recomputed regions)", ch, ck_peak)]
-    if planner is not None:
-        best = min(best, planner.floor_bytes())  # recompute alone can go lower than with 8-bit
-    raise BudgetError(
-        f"the budget {format_bytes(budget_bytes)} cannot be met: the lowest predicted peak with "
-        f"recomputation and/or 8-bit saved activations is {format_bytes(best)} (before them "
-        f"{format_bytes(entry_peak)}). What would lower it: 4- or 2-bit activations "
-        f"(passes='quantize-activations{{bits=4}}'), a smaller batch or sequence, a lighter "
-        f"optimizer, or a budget of at least {format_bytes(best)}."
-        + (f" Recompute alone: {first_error}" if first_error else ""))
+                return (ch.gm, planner.decisions_for(spans) + [decision("(outside recomputed regions)", ch,
+                                                                          ck_peak)]), (ch.peak, ch.peak)
+        # recompute alone can go lower than with 8-bit; the planner keeps a margin free
+        if planner.floor_bytes() < best:
+            return None, (planner.floor_bytes(), planner.min_budget_bytes())
+    return None, (best, best)
 
 
 def _chunked_loss(cap, gm, peak: int, ctx, verify: bool):

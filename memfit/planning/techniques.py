@@ -12,12 +12,17 @@ TECHNIQUES = {
     "checkpoint": "checkpoint",
     "step_in_backward": "step-in-backward",   # not a pass: planning/strategy.py and runtime/optim.py
     "quantize": "quantize-activations",
+    "optimizer_8bit": "optimizer-8bit",       # not a pass: planning/strategy.py and runtime/lowbit.py
+    "optimizer_4bit": "optimizer-4bit",
     "reversible": "reversible",
     "token_merge": "token-merge",
     "offload": None,  # designed for (DESIGN.md), not built yet
 }
-# used unless `techniques` says otherwise: every exact one, then 8-bit saves where exact ones cannot fit
-DEFAULT_TECHNIQUES = ("fuse_conv_bn", "sdpa", "chunked_ce", "checkpoint", "quantize")
+# used unless `techniques` says otherwise: every exact one, then the approximate ones (8-bit saved
+# activations, 8- and 4-bit optimizer states with an optimizer instance and torchao installed)
+# where exact ones cannot fit
+DEFAULT_TECHNIQUES = ("fuse_conv_bn", "sdpa", "chunked_ce", "checkpoint", "quantize", "optimizer_8bit",
+                      "optimizer_4bit")
 # exact graph rewrites applied before planning (memfit.optimize and the backend's default passes)
 EXACT_STRUCTURAL = ("fuse_conv_bn", "sdpa")
 # applied before planning when named: they change the function

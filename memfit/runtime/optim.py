@@ -40,6 +40,20 @@ def construct(cls, groups, defaults):
     return cls(groups, **kwargs)
 
 
+def like(optimizer, groups):
+    """An optimizer of `optimizer`'s class and settings over `groups` (StepInBackward's
+    per-parameter ones; the cost model's stand-ins build their own)."""
+    from memfit.runtime.lowbit import settings
+
+    own = getattr(optimizer, "memfit_like", None)
+    if own is not None:
+        return own(groups)
+    new = construct(type(optimizer), groups, optimizer.defaults)
+    for k, v in settings(optimizer).items():       # torchao's: block size and the like
+        setattr(new, k, v)
+    return new
+
+
 # Optimizers whose step updates each parameter from its own gradient and state only.
 PER_PARAMETER = ("SGD", "Adam", "AdamW", "Adagrad", "Adamax", "NAdam", "RAdam", "RMSprop", "Adadelta", "ASGD")
 
@@ -48,8 +62,11 @@ def why_not(optimizer) -> str | None:
     """Why `optimizer` cannot step in backward, or None when it can."""
     if not isinstance(optimizer, torch.optim.Optimizer):
         return "the optimizer is not a torch.optim.Optimizer instance (give one to let memfit fuse its step)"
+    from memfit.runtime.lowbit import is_low_bit
+
     names = {c.__name__ for c in type(optimizer).__mro__ if c.__module__.startswith("torch.optim")}
-    if not names & set(PER_PARAMETER):
+    per_parameter = is_low_bit(optimizer) or getattr(type(optimizer), "memfit_per_parameter", False)
+    if not (names & set(PER_PARAMETER) or per_parameter):
         return f"{type(optimizer).__name__} is not known to update each parameter on its own"
     for g in optimizer.param_groups:
         if g.get("fused") or g.get("differentiable"):
@@ -67,7 +84,7 @@ class StepInBackward(torch.optim.Optimizer):
         if why is not None:
             raise ValueError(f"cannot step in backward: {why}")
         self.inner_class = type(optimizer)
-        self._groups_src = optimizer.param_groups
+        self._template = optimizer      # class and settings of the per-parameter optimizers
         super().__init__([dict(g) for g in optimizer.param_groups], dict(optimizer.defaults))
         self.per_param: dict[torch.Tensor, torch.optim.Optimizer] = {}
         # p -> index of its group: load_state_dict replaces the group dicts, an index survives it
@@ -76,7 +93,7 @@ class StepInBackward(torch.optim.Optimizer):
             for p in g["params"]:
                 if not p.requires_grad:
                     continue
-                one = construct(self.inner_class, [{**_hyper(g), "params": [p]}], optimizer.defaults)
+                one = like(optimizer, [{**_hyper(g), "params": [p]}])
                 if p in optimizer.state:
                     one.state[p] = dict(optimizer.state[p])
                     self.state[p] = one.state[p]
@@ -147,7 +164,7 @@ class StepInBackward(torch.optim.Optimizer):
     def as_plain(self) -> torch.optim.Optimizer:
         """An optimizer of the inner class over the same groups and state, without hooks (what
         the cost model mirrors before simulating this one)."""
-        plain = construct(self.inner_class, [dict(g) for g in self.param_groups], self.defaults)
+        plain = like(self._template, [dict(g) for g in self.param_groups])
         for p, one in self.per_param.items():
             if p in one.state:
                 plain.state[p] = one.state[p]

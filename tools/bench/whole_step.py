@@ -13,6 +13,7 @@ a real `torch.optim.AdamW` instance and a loss over real labels:
 
 Variants: eager (the unmodified step), per-block checkpointing (the model's own
 gradient_checkpointing_enable, non-reentrant), chunked cross-entropy alone (passes="chunked-ce"),
+torchao's AdamW8bit alone (when torchao is installed),
 memfit.optimize at fractions of the eager step's predicted peak, with the default techniques and
 with the optimizer step in backward allowed too. Per variant: the measured peak
 of one whole step (memfit.measure: parameters, gradients, AdamW state, activations, the
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 import memfit
+import memfit.runtime.lowbit as memfit_lowbit
 from memfit.budget import format_bytes
 from memfit.planning.techniques import DEFAULT_TECHNIQUES
 
@@ -79,16 +81,26 @@ def loss_of(out):
     return out if isinstance(out, torch.Tensor) else out.loss
 
 
-def train(fn, model, args, kwargs, steps: int, state, fused=None) -> float:
-    """The loss after `steps` AdamW steps of `fn` from the weights in `state`, with a fresh AdamW
-    (or, for a plan that fused the step into backward, that optimizer from a fresh state)."""
+def own(o) -> bool:
+    """Whether a variant steps with the optimizer memfit (or the variant) gave it: fused into
+    backward or with low-bit states. The others get a fresh AdamW."""
+    from memfit.runtime.lowbit import is_low_bit
     from memfit.runtime.optim import StepInBackward
 
+    return isinstance(o, StepInBackward) or is_low_bit(o)
+
+
+def reset(o):
+    """`o` with its state dropped (its groups and hyper-parameters kept): a fresh start."""
+    o.load_state_dict({"state": {}, "param_groups": o.state_dict()["param_groups"]})
+    return o
+
+
+def train(fn, model, args, kwargs, steps: int, state, given=None) -> float:
+    """The loss after `steps` AdamW steps of `fn` from the weights in `state`, with a fresh AdamW
+    (or the variant's own optimizer, `own`, from a fresh state)."""
     model.load_state_dict(state[0])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    if isinstance(fused, StepInBackward):
-        fused.load_state_dict(opt.state_dict())
-        opt = fused
+    opt = reset(given) if own(given) else torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
     torch.manual_seed(0)
     loss = None
     for _ in range(steps):
@@ -144,6 +156,9 @@ def bench(name: str, layers: int, budgets, steps: int, repeats: int, device: str
     ce_only = memfit.optimize(step, None, example_inputs=args, example_kwargs=kwargs, loss_fn=loss_of,
                               passes="chunked-ce")
     variants["chunked-ce alone"] = (ce_only, None, "", opt)
+    if memfit_lowbit.available() is None:
+        ao = memfit_lowbit.torchao_optim()
+        variants["torchao AdamW8bit alone"] = (step, None, "", ao.AdamW8bit(params, lr=1e-4, weight_decay=0.1))
     fused = DEFAULT_TECHNIQUES + ("step_in_backward",)
     for b in budgets:
         for label, techniques in ((f"memfit {b}%", None), (f"memfit {b}% + step in backward", fused)):
@@ -156,18 +171,17 @@ def bench(name: str, layers: int, budgets, steps: int, repeats: int, device: str
             except memfit.BudgetError as e:
                 variants[label] = (None, None, f"refused: {str(e).split('. What')[0]}", None)
     rows, base = [], None
-    from memfit.runtime.optim import StepInBackward
 
-    def stepper(o):    # a fused optimizer steps inside backward; the others get their own AdamW here
-        return o if isinstance(o, StepInBackward) else torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
+    def stepper(o):
+        return o if own(o) else torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1)
 
     runs = {k: functools.partial(timed, fn, args, kwargs, stepper(o)) for k, (fn, _, _, o) in variants.items()
             if fn is not None}
     t = common.alternated(runs, repeats, baseline="eager", warmup=1)
     model.load_state_dict(state[0])             # the timed steps moved the weights
     for _, _, _, o in variants.values():
-        if isinstance(o, StepInBackward):
-            o.load_state_dict(torch.optim.AdamW(params).state_dict())
+        if own(o):
+            reset(o)
     eager_loss = train(step, model, args, kwargs, steps, state)
     for k, (fn, p, what, o) in variants.items():
         if fn is None:
