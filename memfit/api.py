@@ -123,7 +123,7 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
     from memfit.passes.infra.pipeline import apply_rewrites, run_pipeline
     from memfit.passes.infra.registry import as_passes, get_pass
     from memfit.planning.strategy import fit_budget, structural
-    from memfit.planning.techniques import parse_techniques
+    from memfit.planning.techniques import OPTIMIZER_CHANGING, parse_techniques
 
     if mode != "train":
         raise ValueError(f"mode={mode!r}: only mode='train' is supported (memory of a training step)")
@@ -174,9 +174,13 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
     else:
         changed = any(p.promise.kind == "changes_function" for p in as_passes(passes))
 
+    # `optimizer`: the one this plan hands back, which the user holds: the plans for other inputs
+    # keep it (OPTIMIZER_CHANGING left out)
+    kept = tuple(t for t in allowed if t not in OPTIMIZER_CHANGING)
+
     def replan(args, kwargs):
-        again = dict(example_kwargs=kwargs, optimizer=optimizer, techniques=techniques, passes=passes, mode=mode,
-                     verify=verify, example_targets=())   # `optimizer`: the one this plan hands back
+        again = dict(example_kwargs=kwargs, optimizer=optimizer, techniques=kept, passes=passes, mode=mode,
+                     verify=verify, example_targets=())
         try:
             return _optimize(model, budget_bytes, example_inputs=args, loss_fn=loss_fn, **again)
         except MemfitError:

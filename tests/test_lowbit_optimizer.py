@@ -287,3 +287,18 @@ def test_hugging_face_gpt2_with_labels_and_adamw():
     with torch.no_grad():
         l_ours, l_ref = om(**kw).loss.item(), ref(**kw).loss.item()
     assert abs(l_ours - l_ref) / l_ref < 0.01, (l_ours, l_ref)
+
+
+def test_inputs_planned_again_keep_the_optimizer_the_user_holds():
+    """A module planned again for other inputs cannot hand back another optimizer: the user
+    trains with the one optimize returned. At B=2048, 56 MiB is met by recompute with fp32
+    AdamW; at B=2600 only 8-bit states would meet it, so the new plan refuses rather than
+    price a state the user's optimizer does not have."""
+    model = mlp()
+    x, y = torch.randn(2048, 256), torch.randint(0, 256, (2048,))
+    om, opt = memfit.optimize(model, "56MiB", example_inputs=(x,), example_targets=(y,), loss_fn=ce,
+                              optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+    assert type(opt) is torch.optim.AdamW
+    om(x)
+    with pytest.raises(memfit.BudgetError, match="cannot be met"):
+        om(torch.randn(2600, 256))

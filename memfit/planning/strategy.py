@@ -226,7 +226,7 @@ def _more_hint(ctx, allowed) -> str:
     from memfit.runtime import lowbit
 
     hints = []
-    if "step_in_backward" not in allowed and ctx.optimizer is not None:
+    if "step_in_backward" not in allowed and isinstance(ctx.optimizer, torch.optim.Optimizer):
         hints.append("the optimizer step in backward (technique 'step_in_backward', if the loop does not "
                      "clip or accumulate gradients)")
     missing = [b for b in lowbit.BITS if f"optimizer_{b}bit" not in allowed]

@@ -27,6 +27,9 @@ DEFAULT_TECHNIQUES = ("fuse_conv_bn", "sdpa", "chunked_ce", "checkpoint", "quant
 EXACT_STRUCTURAL = ("fuse_conv_bn", "sdpa")
 # applied before planning when named: they change the function
 FUNCTION_CHANGING = ("reversible", "token_merge")
+# they change the optimizer the user gets back: a module planned again for other inputs (the
+# last batch) keeps the optimizer the user already holds, so its plan may not use them
+OPTIMIZER_CHANGING = ("step_in_backward", "optimizer_8bit", "optimizer_4bit")
 
 
 def parse_techniques(techniques) -> tuple[str, ...]:
