@@ -302,3 +302,44 @@ def test_inputs_planned_again_keep_the_optimizer_the_user_holds():
     om(x)
     with pytest.raises(memfit.BudgetError, match="cannot be met"):
         om(torch.randn(2600, 256))
+
+
+def test_row_chunks_fall_on_blocks():
+    assert lowbit.row_chunks((1024, 1024), 256, True) is None            # 1M elements: whole
+    spans = lowbit.row_chunks((4096, 257), 256, True)                     # rows of 257: 256-row units
+    assert spans == [(0, 3840), (3840, 4096)]
+    assert all(s * 257 % 256 == 0 for s, _ in spans)
+    assert lowbit.row_chunks((3000, 1000), 256, False) == [(0, 1048), (1048, 2096), (2096, 3000)]
+    assert lowbit.row_chunks((5_000_000,), 256, True)[0] == (0, 1 << 20)
+    assert lowbit.row_chunks((), 256, True) is None
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_chunked_step_is_torchaos_update_with_one_chunks_scratch(bits):
+    """A parameter over CHUNK_ELEMENTS (4096 x 768: three chunks of 1365-1366 rows) steps bit
+    for bit as torchao's own optimizer does, with a third of its scratch, as predicted."""
+    from memfit.cost_models.allocations import cpu_allocations, profiler_peak
+    from memfit.cost_models.lowbit import step_scratch_bytes
+
+    ao = lowbit.torchao_optim()
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(768, 4096, bias=False), torch.nn.Linear(768, 4096, bias=False)
+    b.load_state_dict(a.state_dict())
+    theirs = getattr(ao, f"AdamW{bits}bit")(a.parameters(), lr=1e-3)
+    ours = lowbit.to_low_bit(torch.optim.AdamW(b.parameters(), lr=1e-3), bits)
+    assert isinstance(ours, type(theirs)) and ours.memfit_chunk_elements == lowbit.CHUNK_ELEMENTS
+    x = torch.randn(16, 768)
+    peaks = {}
+    for i in range(3):
+        for m, o in ((a, theirs), (b, ours)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            with cpu_allocations() as prof:
+                o.step()
+            peaks[o is ours] = profiler_peak(prof)
+    assert torch.equal(a.weight, b.weight)
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(theirs.state[a.weight][k].dequantize(), ours.state[b.weight][k].dequantize())
+    assert peaks[True] < 0.4 * peaks[False], peaks
+    assert peaks[True] == step_scratch_bytes(ours, b.weight), peaks
+    assert peaks[False] == step_scratch_bytes(theirs, a.weight), peaks

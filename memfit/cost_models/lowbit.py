@@ -16,7 +16,8 @@ real one does and nothing else:
   kernel probes (memfit.cost_models.probe_store), keyed by class, block size, path, dtype,
   device, threads, torch and torchao versions. On this project's CPU figures (2-core Xeon,
   torch 2.13, torchao 0.18): 8.03 B per element for 8-bit states, 26.06 for 4-bit, 12 B flat
-  for fp32 states.
+  for fp32 states. An optimizer memfit made steps large parameters in row chunks
+  (memfit.runtime.lowbit.row_chunks): its scratch is the line at the largest chunk's size.
 """
 
 from __future__ import annotations
@@ -107,12 +108,36 @@ def _path(source, p) -> str:
 # ----------------------------------------------------------------------------- the step probe
 
 def step_scratch_bytes(source, p: torch.Tensor) -> int:
-    """Scratch of one step of `source` on `p` (module doc): the probed line at p's size."""
+    """Scratch of one step of `source` on `p` (module doc): the probed line at the size of the
+    largest piece stepped at once (p, or its largest row chunk when `source` steps in chunks:
+    memfit.runtime.lowbit.row_chunks)."""
+    from memfit.runtime.lowbit import row_chunks
+
     path = _path(source, p)
     entry = _probe_line(source, path, p.dtype, p.device)
     if entry is None:
         return 0
-    return max(0, int(round(entry["fixed"] + entry["per_element"] * _numel(p))))
+    n = _numel(p)
+    chunk = getattr(source, "memfit_chunk_elements", None)
+    spans = row_chunks(tuple(int(s) for s in p.shape), _settings(source).get("block_size", 1),
+                       path == "quantized", chunk) if chunk else None
+    extra = 0
+    if spans:
+        n = max(e - s for s, e in spans) * (n // int(p.shape[0]))
+        extra = _codebook_bytes(source, p)      # each chunk's state slices clone the code book
+    return max(0, int(round(entry["fixed"] + entry["per_element"] * n))) + extra
+
+
+def _codebook_bytes(source, p) -> int:
+    return _codebooks(type(source), tuple(sorted(_settings(source).items())), tuple(p.shape), p.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _codebooks(cls, settings, shape, dtype) -> int:
+    with torch.device("meta"):
+        p = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
+    books = [getattr(_buffer(cls, dict(settings), p, signed), "qmap", None) for signed in (True, False)]
+    return sum(int(b.nbytes) for b in books if isinstance(b, torch.Tensor))
 
 
 def _numel(p) -> int:

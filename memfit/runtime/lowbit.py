@@ -15,10 +15,21 @@ the code book); smaller ones keep fp32 states. Its step is `torch.compile`d once
 shape, so the first step of a model with k distinct shapes compiles k times. The learning rate
 becomes a tensor in each group: LR schedulers update it in place; assigning a float to
 `group["lr"]` afterwards is refused by torchao's step.
+
+Large parameters are stepped in row chunks (`CHUNK_ELEMENTS`, `row_chunks`): torchao's step
+dequantizes a parameter's two moments to fp32 for its update, which outside a fused GPU kernel
+(torch.compile's CPU code) is 8 bytes of scratch per element of the largest parameter (a
+GPT-2 embedding: 295 MiB). The classes `to_low_bit` makes are torchao's with that one change
+(`chunked_class`): the same compiled update on row slices whose boundaries fall on
+quantization blocks (torchao's states support exactly such slices), so every block is
+quantized as a whole and the update is torchao's, while the scratch is that of one chunk.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import math
 import warnings
 
 import torch
@@ -100,6 +111,93 @@ def low_bit_class(optimizer, bits: int):
     return getattr(torchao_optim(), _CLASSES[(bits, decoupled(optimizer))])
 
 
+# Rows of a large parameter stepped at once: about this many elements (a design choice, not a
+# measurement: 1M elements keep the 8-bit step's scratch near 8 MiB on a CPU and cost a few
+# more kernel launches per large parameter on a GPU).
+CHUNK_ELEMENTS = 1 << 20
+# torchao's per-parameter update, whose arguments the chunked step passes on
+_STEP_ARGS = ("p", "grad", "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "lr", "beta1", "beta2",
+              "weight_decay", "eps", "IS_ADAMW", "BF16_STOCHASTIC_ROUND")
+
+
+def row_chunks(shape, block_size: int, quantized: bool, target: int = CHUNK_ELEMENTS):
+    """[(start, end), ...] rows of a parameter of `shape` stepped at once, or None for the
+    whole. With quantized states each boundary falls on a block (start * row % block == 0)."""
+    if len(shape) == 0:
+        return None
+    rows = shape[0]
+    row = math.prod(shape[1:])
+    if rows * row <= target or rows < 2:
+        return None
+    step = max(1, target // max(row, 1))
+    if quantized:
+        unit = block_size // math.gcd(row, block_size)
+        step = max(unit, step // unit * unit)
+    if step >= rows:
+        return None
+    return [(i, min(i + step, rows)) for i in range(0, rows, step)]
+
+
+@functools.lru_cache(maxsize=None)
+def _update_fn():
+    """torchao's single_param_adam when its arguments are the ones the chunked step passes,
+    else None (then torchao's own step runs, unchunked)."""
+    import torchao.optim.adam as adam
+
+    fn = getattr(adam, "single_param_adam", None)
+    if fn is None or tuple(inspect.signature(fn).parameters) != _STEP_ARGS:
+        return None
+    return fn
+
+
+class _ChunkedStep:
+    """torchao's `_AdamBase.step` with large parameters updated a chunk of rows at a time
+    (module doc). `memfit_chunk_elements` tells the cost model how it steps."""
+
+    memfit_chunk_elements = CHUNK_ELEMENTS
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        update = torch.compile(_update_fn(), fullgraph=True, dynamic=False)
+        with torch._dynamo.utils.disable_cache_limit():     # noqa: SLF001 - as torchao's own step
+            for group in self.param_groups:
+                if not isinstance(group["lr"], torch.Tensor):
+                    raise RuntimeError("lr was changed to a non-Tensor object; update it in place "
+                                       "(optimizer.param_groups[0]['lr'].fill_(new_lr))")
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    if p.grad.is_sparse:
+                        raise RuntimeError("Sparse gradient is not supported")
+                    state = self.state[p]
+                    if len(state) == 0:
+                        state["step"] = torch.tensor(0.0)
+                        state["exp_avg"] = self._new_buffer(p, True)
+                        state["exp_avg_sq"] = self._new_buffer(p, False)
+                    state["step"] += 1
+                    quantized = type(state["exp_avg"]) is not torch.Tensor
+                    parts = (p.detach(), p.grad, state["exp_avg"], state["exp_avg_sq"])
+                    for span in row_chunks(tuple(p.shape), self.block_size, quantized) or [None]:
+                        w, g, m, v = parts if span is None else (t[span[0]:span[1]] for t in parts)
+                        update(w, g, state["step"], m, v, None, group["lr"], group["betas"][0],
+                               group["betas"][1], group["weight_decay"], group["eps"], self.is_adamw,
+                               self.bf16_stochastic_round and p.dtype is torch.bfloat16)
+        return loss
+
+
+@functools.lru_cache(maxsize=None)
+def chunked_class(cls):
+    """`cls` (torchao's) stepping large parameters in chunks; `cls` itself when torchao's
+    update function is not the one this was written against."""
+    if _update_fn() is None:
+        return cls
+    return type(cls.__name__, (_ChunkedStep, cls), {"__module__": __name__, "__qualname__": cls.__name__})
+
+
 def to_low_bit(optimizer: torch.optim.Optimizer, bits: int) -> torch.optim.Optimizer:
     """torchao's Adam/AdamW with `bits`-bit states over `optimizer`'s groups (every
     hyper-parameter kept), its existing moments and step counts carried over (quantized).
@@ -107,7 +205,7 @@ def to_low_bit(optimizer: torch.optim.Optimizer, bits: int) -> torch.optim.Optim
     why = why_not(optimizer)
     if why is not None:
         raise ValueError(f"cannot give the optimizer low-bit states: {why}")
-    cls = low_bit_class(optimizer, bits)
+    cls = chunked_class(low_bit_class(optimizer, bits))
     groups = []
     for g in optimizer.param_groups:
         lr = g["lr"]
