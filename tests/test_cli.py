@@ -133,3 +133,24 @@ def test_measure_prints_nothing(capfd):
     memfit.measure(torch.nn.Linear(8, 8), example_inputs=(torch.randn(2, 8),))
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+
+
+def test_plan_over_budget_may_choose_the_optimizers_states(tmp_path):
+    """`--optimizer adamw` stands for the AdamW instance a loop holds: where recompute cannot
+    meet the budget (an MLP whose activations are under 1% of its step), the plan shows the
+    8-bit states optimize would give that optimizer."""
+    pytest.importorskip("torchao")
+    f = tmp_path / "wide.py"
+    f.write_text(textwrap.dedent("""
+        import torch
+        def make(batch_size=32):
+            m = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 1024),
+                                    torch.nn.GELU(), torch.nn.Linear(1024, 256))
+            return m, (torch.randn(batch_size, 256),)
+    """))
+    r = run("plan", f"{f}:make", "--budget", "80%", "--optimizer", "adamw", "--static", "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    plan = json.loads(r.stdout)
+    assert plan["fits"] and plan["optimizer"] == "AdamW8bit", plan["decisions"]
+    assert [d["action"] for d in plan["decisions"] if d["target"] == "(optimizer state)"] == ["optimizer-8bit"]
+    assert r.stderr == ""

@@ -46,9 +46,15 @@ def cmd_plan(args) -> int:
         p = plan_captured(cap, budget, optimizer=opt, loss_fn=loss_fn, symbolic=not args.static)
     if p.fits is False and not args.no_optimize:
         # Over budget: show what optimize() would do (the same planner and decisions).
+        # an instance of the named optimizer, as a training loop holds one: the planner may then
+        # choose its states (8-bit) or step it in backward, as optimize would for that loop
+        from memfit.cost_models.optimizers import make_optimizer
+
+        given = make_optimizer(opt, [t for t in model.parameters() if t.requires_grad]) if opt else None
         with progress.stage(f"planning passes to fit {args.budget} (techniques: {args.techniques or 'default'})"):
-            p = optimize(model, args.budget, example_inputs=inputs, example_kwargs=kwargs, optimizer=opt,
-                         loss_fn=loss_fn, techniques=args.techniques).memfit_plan
+            out = optimize(model, args.budget, example_inputs=inputs, example_kwargs=kwargs, optimizer=given,
+                           loss_fn=loss_fn, techniques=args.techniques)
+            p = (out[0] if isinstance(out, tuple) else out).memfit_plan
     if args.json:
         print(p.to_json(indent=2))
     else:

@@ -146,11 +146,17 @@ def bench(name: str, layers: int, budgets, steps: int, repeats: int, device: str
             self.inner = step
 
         def forward(self, *a, **k):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers 5 renamed it (the old name warns on every call); 4.x has only the old
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                off = model.activation_checkpointing_disable
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                off = model.gradient_checkpointing_disable
             try:
                 return self.inner(*a, **k)
             finally:
-                model.gradient_checkpointing_disable()
+                off()
 
     variants["per-block checkpoint"] = (_Ckpt(), None, "", opt)
     ce_only = memfit.optimize(step, None, example_inputs=args, example_kwargs=kwargs, loss_fn=loss_of,
