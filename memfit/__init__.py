@@ -50,7 +50,6 @@ def __dir__():
     return sorted(list(globals()) + list(_LAZY))
 
 
-
 class _NoiseFilter(logging.Filter):
     """Drops the lines importing torchao (memfit[optim]) logs on a machine without its optional
     CUDA extensions (their .so files fail to load; nothing memfit uses needs them), and torch's
