@@ -341,5 +341,7 @@ def test_chunked_step_is_torchaos_update_with_one_chunks_scratch(bits):
     for k in ("exp_avg", "exp_avg_sq"):
         assert torch.equal(theirs.state[a.weight][k].dequantize(), ours.state[b.weight][k].dequantize())
     assert peaks[True] < 0.4 * peaks[False], peaks
-    assert peaks[True] == step_scratch_bytes(ours, b.weight), peaks
-    assert peaks[False] == step_scratch_bytes(theirs, a.weight), peaks
+    # equal to the byte on this project's Xeon at 1 and 2 threads; 0.5% leaves room for
+    # thread-timing noise in the allocator's events (a few KiB on CI's 2 threads elsewhere)
+    assert abs(peaks[True] - step_scratch_bytes(ours, b.weight)) <= 0.005 * peaks[True], peaks
+    assert abs(peaks[False] - step_scratch_bytes(theirs, a.weight)) <= 0.005 * peaks[False], peaks
