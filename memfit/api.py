@@ -182,15 +182,23 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
         again = dict(example_kwargs=kwargs, optimizer=optimizer, techniques=kept, passes=passes, mode=mode,
                      verify=verify, example_targets=())
         try:
-            return _optimize(model, budget_bytes, example_inputs=args, loss_fn=loss_fn, **again)
-        except MemfitError:
-            raise
-        except Exception as e:  # noqa: BLE001 - the loss was written for the example's labels
-            if loss_fn is None:
+            try:
+                return _optimize(model, budget_bytes, example_inputs=args, loss_fn=loss_fn, **again)
+            except MemfitError:
                 raise
-            log.info("memfit: the loss does not fit these inputs (%s: %s); planning them with the default loss",
-                     type(e).__name__, e)
-            return _optimize(model, budget_bytes, example_inputs=args, loss_fn=None, **again)
+            except Exception as e:  # noqa: BLE001 - the loss was written for the example's labels
+                if loss_fn is None:
+                    raise
+                log.info("memfit: the loss does not fit these inputs (%s: %s); planning them with the default "
+                         "loss", type(e).__name__, e)
+                return _optimize(model, budget_bytes, example_inputs=args, loss_fn=None, **again)
+        except BudgetError as e:
+            left = [t for t in allowed if t in OPTIMIZER_CHANGING]
+            shapes = ", ".join(str(tuple(a.shape)) for a in args if isinstance(a, torch.Tensor)) or "new inputs"
+            raise BudgetError(
+                f"planning again for inputs {shapes} (the example's were planned): {e}"
+                + (f" This plan keeps the optimizer the first one returned, so it does not use {', '.join(left)}."
+                   if left and optimizer is not None else "")) from e
 
     arm = None
     if isinstance(optimizer, StepInBackward):

@@ -300,8 +300,11 @@ def test_inputs_planned_again_keep_the_optimizer_the_user_holds():
                               optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
     assert type(opt) is torch.optim.AdamW
     om(x)
-    with pytest.raises(memfit.BudgetError, match="cannot be met"):
+    with pytest.raises(memfit.BudgetError, match="cannot be met") as ei:
         om(torch.randn(2600, 256))
+    msg = str(ei.value)
+    assert msg.startswith("planning again for inputs (2600, 256)")
+    assert "does not use optimizer_8bit, optimizer_4bit" in msg
 
 
 def test_row_chunks_fall_on_blocks():
