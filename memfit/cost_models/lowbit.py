@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 
 import torch
 
@@ -77,7 +78,7 @@ class LowBitStandIn(torch.optim.Optimizer):
 
 def state_parts(source, p: torch.Tensor, signed: bool) -> tuple[int, ...]:
     """Bytes of each tensor torchao's `source` keeps for one moment of `p`."""
-    return _state_parts(type(source), tuple(sorted(_settings(source).items())), tuple(p.shape), p.dtype, signed)
+    return _meta_states(source, p)[signed][0]
 
 
 def _settings(source) -> dict:
@@ -85,12 +86,23 @@ def _settings(source) -> dict:
     return settings(source)
 
 
+def _meta_states(source, p) -> dict:
+    return _states_of(type(source), tuple(sorted(_settings(source).items())), tuple(p.shape), p.dtype)
+
+
 @functools.lru_cache(maxsize=None)
-def _state_parts(cls, settings, shape, dtype, signed) -> tuple[int, ...]:
+def _states_of(cls, settings, shape, dtype) -> dict:
+    """{signed: (bytes of each tensor of the state, bytes of its code book)}: the buffers torchao
+    builds for a parameter of `shape`, built on the meta device."""
     with torch.device("meta"):
         p = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
-    buf = _buffer(cls, dict(settings), p, signed)
-    return tuple(int(t.nbytes) for t in inner_tensors(buf))
+    out = {}
+    for signed in (True, False):
+        buf = _buffer(cls, dict(settings), p, signed)
+        book = getattr(buf, "qmap", None)
+        out[signed] = (tuple(int(t.nbytes) for t in inner_tensors(buf)),
+                       int(book.nbytes) if isinstance(book, torch.Tensor) else 0)
+    return out
 
 
 def _buffer(cls, settings, p, signed):
@@ -117,34 +129,15 @@ def step_scratch_bytes(source, p: torch.Tensor) -> int:
     entry = _probe_line(source, path, p.dtype, p.device)
     if entry is None:
         return 0
-    n = _numel(p)
+    n = math.prod(int(s) for s in p.shape)
     chunk = getattr(source, "memfit_chunk_elements", None)
     spans = row_chunks(tuple(int(s) for s in p.shape), _settings(source).get("block_size", 1),
                        path == "quantized", chunk) if chunk else None
     extra = 0
     if spans:
         n = max(e - s for s, e in spans) * (n // int(p.shape[0]))
-        extra = _codebook_bytes(source, p)      # each chunk's state slices clone the code book
+        extra = sum(book for _, book in _meta_states(source, p).values())  # each chunk's slices clone it
     return max(0, int(round(entry["fixed"] + entry["per_element"] * n))) + extra
-
-
-def _codebook_bytes(source, p) -> int:
-    return _codebooks(type(source), tuple(sorted(_settings(source).items())), tuple(p.shape), p.dtype)
-
-
-@functools.lru_cache(maxsize=None)
-def _codebooks(cls, settings, shape, dtype) -> int:
-    with torch.device("meta"):
-        p = torch.nn.Parameter(torch.empty(shape, dtype=dtype))
-    books = [getattr(_buffer(cls, dict(settings), p, signed), "qmap", None) for signed in (True, False)]
-    return sum(int(b.nbytes) for b in books if isinstance(b, torch.Tensor))
-
-
-def _numel(p) -> int:
-    n = 1
-    for s in p.shape:
-        n *= int(s)
-    return n
 
 
 def probe_key(source, path: str, dtype: torch.dtype, device: torch.device) -> str:
@@ -167,7 +160,7 @@ def _probe_line(source, path: str, dtype: torch.dtype, device: torch.device) -> 
     if key in _SKIPPED:
         return None
     try:
-        points = [(_numel_of(shape), _measure(source, shape, dtype, device, path))
+        points = [(math.prod(shape), _measure(source, shape, dtype, device, path))
                   for shape in _PROBE_SHAPES[path]]
     except _Unavailable as e:
         _SKIPPED[key] = str(e)
@@ -185,13 +178,6 @@ def _probe_line(source, path: str, dtype: torch.dtype, device: torch.device) -> 
 def skipped() -> dict[str, str]:
     """Probes that could not run here (key -> why): their scratch was taken as 0 bytes."""
     return dict(_SKIPPED)
-
-
-def _numel_of(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 class _Unavailable(RuntimeError):
