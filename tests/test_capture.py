@@ -125,3 +125,21 @@ def test_export_with_keyword_inputs_keeps_dynamic_dims():
     assert cap.method == "export"
     out = cap.unflatten_output(cap.gm(*cap.flat_inputs((ids,), {"attention_mask": torch.ones(2, 16, dtype=torch.long)})))
     assert out.last_hidden_state.shape == (2, 16, 32)
+
+
+@pytest.mark.parametrize("method", ["symbolic_trace", "export"])
+def test_int64_batch_into_a_linear_is_refused_as_eager_refuses_it(method):
+    """FakeTensor's matmul kernels accept mixed dtypes where eager raises; plan and optimize
+    used to plan (and return a module for) a step that cannot run."""
+    import memfit
+    from memfit.errors import CaptureError
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 4))
+    x = torch.randint(0, 5, (2, 8))
+    with pytest.raises(RuntimeError, match="same dtype"):
+        m(x)
+    for f in (memfit.plan, memfit.optimize):
+        with pytest.raises(CaptureError, match=r"aten::addmm in module '0' .*float32 and int64.*x\.float\(\)") as ei:
+            f(m, None, example_inputs=(x,), capture_method=method) if f is memfit.plan else f(m, "50%", example_inputs=(x,))
+        assert "While executing" not in str(ei.value)
+    memfit.plan(m, None, example_inputs=(x.float(),), capture_method=method)   # the same model, given floats

@@ -33,6 +33,7 @@ from memfit.cost_models import probes
 from memfit.cost_models.optimizers import LossWithTargets, default_loss, make_optimizer  # noqa: F401 - also imported here
 from memfit.cost_models.roofline import DeviceSpec
 from memfit.cost_models.tracker import _expr_and_hint, _Store, _Tracker
+from memfit.errors import MemfitError
 from memfit.ir.capture import Captured
 from memfit.ir.fx_utils import fake_state, fetch_attr, module_path
 from memfit.runtime.optim import StepInBackward
@@ -212,7 +213,13 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
 
         def run_node(self, n):
             tracker.node = n.name if n.op not in ("placeholder", "output") else None
-            out = super().run_node(n)
+            tracker.fx_node = n
+            try:
+                out = super().run_node(n)
+            except MemfitError as e:
+                # memfit's own error names the node already; fx would append the graph's code
+                self.extra_traceback = False
+                raise e
             if tracker.node is not None:
                 total = 0
                 seen = set()
@@ -233,7 +240,7 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
         tracker.phase = "forward"
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             flat_out = _Runner(gm).run(*fake_inputs)
-            tracker.node = None
+            tracker.node = tracker.fx_node = None
             if forward_only:
                 return None
             tracker.phase = "loss"
@@ -276,8 +283,10 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
         else:
             s.category = "transient"
 
+    settled = _settle_symbols(symbols, sym_exprs, fm.shape_env, tracker.specialized)
     analysis = _build_analysis(gm, tracker, start_events, node_out_bytes, symbols, sym_exprs,
                                fm.shape_env, device_spec or DeviceSpec.for_device(_device_of(flat, gm)))
+    analysis.notes[:0] = settled
     if probed.note():
         analysis.notes.append(probed.note())
     # Keep the fake objects alive until here so no free events are appended late.
@@ -307,9 +316,15 @@ def _device_of(flat, gm) -> torch.device:
 
 
 def _fake_inputs(fm, flat, symbolic, DimDynamic, Ctx):
-    """Fake inputs with symbolic batch (dim 0) and sequence (dim 1 of integer 2-D) sizes."""
+    """Fake inputs with symbolic batch (dim 0) and sequence (dim 1 of integer 2-D) sizes.
+
+    B and T are the first such input's. The same dim of a later input (labels, a decoder's
+    ids) of the same example size takes the same symbol (so `labels.view(-1)` against the
+    logits' B*T rows is no guard to specialize on); of another size, its own (B2, T2, ...: a
+    decoder length other than the encoder's)."""
     symbols: dict[str, int] = {}
     sym_exprs: dict[str, Any] = {}
+    by_role: dict[tuple[int, int], Any] = {}     # (dim, example size) -> SymInt
     out = []
     for t in flat:
         if not isinstance(t, torch.Tensor):
@@ -320,17 +335,57 @@ def _fake_inputs(fm, flat, symbolic, DimDynamic, Ctx):
             dyn[0] = DimDynamic.DYNAMIC
         if symbolic and t.dim() == 2 and not t.is_floating_point() and t.shape[1] >= 2:
             dyn[1] = DimDynamic.DYNAMIC
-        if any(d == DimDynamic.DYNAMIC for d in dyn):
+        shared = {d: by_role[(d, int(t.shape[d]))] for d in range(t.dim())
+                  if dyn[d] == DimDynamic.DYNAMIC and (d, int(t.shape[d])) in by_role}
+        if shared and t.is_contiguous() and not t.requires_grad:
+            with fm:
+                f = torch.empty([shared.get(d, int(n)) for d, n in enumerate(t.shape)], dtype=t.dtype, device=t.device)
+            for d in range(t.dim()):
+                if d not in shared:
+                    dyn[d] = DimDynamic.STATIC      # a fresh symbol would need a source of its own
+        elif any(d == DimDynamic.DYNAMIC for d in dyn):
             ctx = Ctx(dynamic_sizes=dyn, constraint_sizes=[None] * t.dim())
             f = fm.from_tensor(t, symbolic_context=ctx)
+            shared = {}
         else:
             f = fm.from_tensor(t, static_shapes=True)
-        if dyn and dyn[0] == DimDynamic.DYNAMIC and "B" not in sym_exprs:
-            sym_exprs["B"], symbols["B"] = f.shape[0].node.expr, int(t.shape[0])
-        if len(dyn) == 2 and dyn[1] == DimDynamic.DYNAMIC and "T" not in sym_exprs:
-            sym_exprs["T"], symbols["T"] = f.shape[1].node.expr, int(t.shape[1])
+        for dim, base in ((0, "B"), (1, "T")):
+            if dim < len(dyn) and dyn[dim] == DimDynamic.DYNAMIC and dim not in shared:
+                k, name = 1, base
+                while name in sym_exprs:
+                    k += 1
+                    name = f"{base}{k}"
+                sym_exprs[name], symbols[name] = f.shape[dim].node.expr, int(t.shape[dim])
+                by_role[(dim, int(t.shape[dim]))] = f.shape[dim]
         out.append(f)
     return out, symbols, sym_exprs
+
+
+def _settle_symbols(symbols: dict, sym_exprs: dict, shape_env, specialized: dict) -> list[str]:
+    """After the simulated step: drop the names (B2, T2, ...) whose symbol a guard merged
+    into an earlier one, and say which dims the step fixed to their example value (an
+    operator's guard specialized them; `specialized`: symbol -> (operator, node), from the
+    tracker), for which the plan's expressions do not hold. Returns the notes; `symbols` and
+    `sym_exprs` are updated in place."""
+    notes, seen = [], {}
+    for name in list(sym_exprs):
+        e = shape_env.simplify(sym_exprs[name])
+        if isinstance(e, sympy.Symbol) and e in seen and name not in ("B", "T"):
+            del sym_exprs[name], symbols[name]
+            continue
+        if e.is_number:
+            what = {"B": "the batch size", "T": "the sequence length"}.get(name[0], name)
+            func, node = specialized.get(sym_exprs[name], (None, None))
+            by = ""
+            if func is not None:
+                path = module_path(node) if node is not None else ""
+                by = f" by {func.name()} in " + (f"module {path!r}" if path else f"node {node.name}" if node else "the loss")
+            notes.append(f"{what} {name}={symbols[name]} was fixed while simulating the step{by} (its value "
+                         f"decides a size there); this plan holds for {name}={symbols[name]} only")
+            del sym_exprs[name], symbols[name]
+            continue
+        seen.setdefault(e, name)
+    return notes
 
 
 def _call_loss(fn, targets, output):
@@ -354,6 +409,7 @@ def _build_analysis(gm, tracker: _Tracker, start_events: int, node_out_bytes, sy
     bsym = sympy.Symbol("B")
     line_cache: dict[Any, tuple[int, int] | None] = {}
     nonlinear = False
+    made_up = [False]
 
     def line(s: _Store) -> tuple[int, int]:
         nonlocal nonlinear
@@ -361,6 +417,10 @@ def _build_analysis(gm, tracker: _Tracker, start_events: int, node_out_bytes, sy
         r = line_cache.get(e)
         if r is None:
             fixed = e.subs({sympy.Symbol(k): v for k, v in symbols.items() if k != "B"})
+            if fixed.free_symbols - {bsym}:
+                # a size the step made up (data-dependent): its example value, and no batch line
+                fixed = fixed.subs({v: shape_env.var_to_val.get(v, 0) for v in fixed.free_symbols - {bsym}})
+                nonlinear = made_up[0] = True
             a = fixed.subs(bsym, 0)
             b = fixed.subs(bsym, 1) - a
             if fixed.subs(bsym, 7) != a + 7 * b or fixed.subs(bsym, 64) != a + 64 * b:
@@ -448,13 +508,15 @@ def _build_analysis(gm, tracker: _Tracker, start_events: int, node_out_bytes, sy
         nodes[n.name] = rec
 
     notes = list(getattr(tracker, "notes", []))
-    if has_b and nonlinear:
+    if has_b and made_up[0]:
+        notes.append("some allocation's size depends on tensor values (a data-dependent size), taken at "
+                     "its example value; the largest-batch answer is not given")
+    elif has_b and nonlinear:
         notes.append("some allocation grows faster than linearly in the batch size; "
                      "the largest-batch answer is not given")
     if symbols and any(sympy.Symbol(k) not in peak_expr.free_symbols for k in symbols):
         fixed = [k for k in symbols if sympy.Symbol(k) not in peak_expr.free_symbols]
-        notes.append("peak does not depend on " + ", ".join(fixed) +
-                     " (the model fixes it, or it does not affect the peak)")
+        notes.append("peak does not depend on " + ", ".join(fixed))
     return StepAnalysis(nodes=nodes, totals=totals, peak_bytes=peak, peak_breakdown=peak_breakdown,
                         peak_phase=peak_phase, peak_node=peak_node, timeline=timeline,
                         symbols=symbols, peak_expr=sympy.expand(peak_expr),

@@ -77,6 +77,8 @@ _PROBED: dict[Any, _OpSpec] = {
         (_aten("convolution_backward"), _OpSpec(batch_args=(0, 1))),
         (_aten("native_batch_norm_backward"), _OpSpec(batch_args=(0, 1))),
         (_aten("_safe_softmax"), _OpSpec(batch_args=(0,))),
+        # logsumexp computes exp(x - max) whole, then sums it (chunked-ce's forward per chunk)
+        (_aten("logsumexp"), _OpSpec(batch_args=(0,))),
         (_aten("_scaled_dot_product_flash_attention_for_cpu"),
          _OpSpec(batch_args=(0, 1, 2), batch_kwargs=("attn_mask",))),
         (_aten("_scaled_dot_product_flash_attention_for_cpu_backward"),

@@ -14,6 +14,7 @@ from typing import Any
 
 import sympy
 import torch
+import torch._refs
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -44,6 +45,8 @@ class _Tracker(TorchDispatchMode):
         self._refs: list[weakref.ref] = []
         self.phase = "start"
         self.node: str | None = None
+        self.fx_node: torch.fx.Node | None = None    # the graph node running, for errors
+        self.specialized: dict = {}     # shape symbol -> (operator, node) whose guard fixed it
         self.flops_expr: Any = 0
         self.node_flops: dict[str, int] = {}
         from torch.utils.flop_counter import flop_registry
@@ -78,7 +81,18 @@ class _Tracker(TorchDispatchMode):
             for t in pytree.tree_leaves((args, kwargs)):
                 if isinstance(t, torch.Tensor) and not _is_fake(t):
                     self.register(self.fake_mode.fake_tensor_converter.from_real_tensor(self.fake_mode, t), "inputs")
-        out = func(*args, **kwargs)
+        _check_dtypes(func, args, self.fx_node)
+        se = self.shape_env
+        known = len(se.replacements) if se is not None else 0
+        ref = _SYMBOLIC_REFS.get(func)
+        if ref is not None and se is not None and _has_symbolic_size(args):
+            out = ref(*args, **kwargs)
+        else:
+            out = func(*args, **kwargs)
+        if se is not None and len(se.replacements) > known:
+            for sym, val in list(se.replacements.items())[known:]:
+                if getattr(val, "is_number", False):
+                    self.specialized.setdefault(sym, (func, self.fx_node))
         packet = getattr(func, "_overloadpacket", None)
         if packet in self._flop_registry and self.phase == "forward" and self.node is not None:
             try:
@@ -99,6 +113,43 @@ class _Tracker(TorchDispatchMode):
             self.events.append((1, s, self.phase))
             self.events.append((-1, s, self.phase))
         return out
+
+
+_aten = torch.ops.aten
+# Operators whose eager kernels need all their tensor arguments in one dtype, which their meta
+# kernels (FakeTensor's, so the whole simulated step) do not check: an int64 batch into a
+# Linear would be planned while eager raises "mat1 and mat2 must have the same dtype".
+_ONE_DTYPE = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default,
+              _aten.addbmm.default, _aten.mv.default, _aten.addmv.default, _aten.dot.default,
+              _aten.convolution.default}
+
+
+# Operators whose kernels read sizes as plain ints (specializing a symbolic batch or sequence
+# length to its example value) where a reference implementation of the same allocations keeps
+# them symbolic: constant_pad_nd (Hugging Face's causal-LM loss pads the labels) allocates its
+# output, fills it and copies the input in, as eager's kernel does.
+_SYMBOLIC_REFS = {_aten.constant_pad_nd.default: torch._refs.constant_pad_nd}
+
+
+def _has_symbolic_size(args) -> bool:
+    return any(isinstance(a, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in a.shape)
+               for a in pytree.tree_leaves(args))
+
+
+def _check_dtypes(func, args, node) -> None:
+    if func not in _ONE_DTYPE:
+        return
+    dtypes = [a.dtype for a in args if isinstance(a, torch.Tensor)]
+    if len(set(dtypes)) > 1:
+        from memfit.errors import CaptureError
+        from memfit.ir.fx_utils import module_path
+        path = module_path(node) if node is not None else ""
+        where = "the loss" if node is None else (f"module {path!r} (node {node.name})" if path else f"node {node.name}")
+        names = " and ".join(str(d).replace("torch.", "") for d in dict.fromkeys(dtypes))
+        raise CaptureError(
+            f"the step does not run in eager PyTorch: {func.name()} in {where or 'the loss'} gets tensors of "
+            f"{names}, and its kernels need one dtype (eager raises a dtype error there). "
+            f"Give the model inputs of its parameters' dtype (for example x.float()), or convert them in forward.")
 
 
 def _kernel_scratch_bytes(func, args, out, kwargs=None) -> int:

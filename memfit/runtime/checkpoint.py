@@ -6,7 +6,11 @@ preserve_rng_state=True)`, so the region saves only its inputs and runs again du
 backward. Exactness:
 
 - random ops (dropout) replay the same values: checkpoint saves the CPU and device RNG
-  states before the forward and restores them around the recomputation;
+  states before the forward and restores them around the recomputation. A region whose
+  every operator is an aten operator not tagged `nondeterministic_seeded` draws nothing
+  random, and skips that (the CPU generator's state is a 5056-byte tensor per region, held
+  until the region's backward). Where it is kept, the cost model sees it: on FakeTensors
+  the region allocates stand-ins of the same bytes, with the same lifetimes;
 - autocast: checkpoint records the autocast state of the forward and recomputes under it;
 - buffers mutated in the forward (BatchNorm's running_mean / running_var /
   num_batches_tracked, any in-place update of module state) are updated once per step:
@@ -41,6 +45,7 @@ class CheckpointedRegion:
         self._mutable_args = tuple(mutable_args)       # indices of arguments the region may update
         self.__name__ = f"memfit_checkpoint_{name}"
         self.__qualname__ = self.__name__
+        self.draws_random = may_draw_random(gm)
 
     def __repr__(self) -> str:
         return f"CheckpointedRegion({self.name})"
@@ -57,6 +62,10 @@ class CheckpointedRegion:
         if not torch.is_grad_enabled():
             return self.gm(*args)
         state = {"calls": 0, "mutated": []}
+        simulated = self.draws_random and _any_fake(args)
+        if simulated:
+            # what checkpoint saves for the replay, held as long (by `run`'s frame)
+            state["rng"] = torch.empty(rng_state_bytes(args), dtype=torch.uint8)
         # Arguments the region writes (buffers) are not handed to checkpoint: it would save
         # them with their version and refuse to unpack them after the in-place update.
         fixed = {i: args[i] for i in self._mutable_args}
@@ -81,7 +90,9 @@ class CheckpointedRegion:
                 out = self.gm(*a)
                 state["mutated"] = known + [t for t, v in zip(others, before) if t._version != v]
                 return out
-            # Recomputation in backward: undo the buffer updates it makes.
+            # Recomputation in backward: undo the buffer updates it makes. (torch.random.fork_rng
+            # holds the generator's current state meanwhile.)
+            forked = torch.empty(rng_state_bytes(a), dtype=torch.uint8) if simulated else None  # noqa: F841
             keep = [b.detach().clone() for b in state["mutated"]]
             try:
                 return self.gm(*a)
@@ -90,4 +101,44 @@ class CheckpointedRegion:
                     for b, k in zip(state["mutated"], keep):
                         b.copy_(k)
 
-        return tuc.checkpoint(run, *[args[i] for i in passed], use_reentrant=False, preserve_rng_state=True)
+        return tuc.checkpoint(run, *[args[i] for i in passed], use_reentrant=False,
+                              preserve_rng_state=self.draws_random)
+
+
+def may_draw_random(gm: torch.fx.GraphModule) -> bool:
+    """False when every call in `gm` is known not to draw random numbers: aten operators not
+    tagged nondeterministic_seeded, operator-module functions, and nested regions that draw
+    none. Anything else (a module call, a Python function) may."""
+    import operator
+
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "output", "get_attr"):
+            continue
+        t = n.target
+        if n.op != "call_function":
+            return True
+        if isinstance(t, torch._ops.OpOverload):
+            if torch.Tag.nondeterministic_seeded in t.tags:
+                return True
+        elif isinstance(t, CheckpointedRegion):
+            if t.draws_random:
+                return True
+        elif getattr(t, "__module__", None) != operator.__name__ and t not in (getattr,):
+            return True
+    return False
+
+
+def rng_state_bytes(args) -> int:
+    """Bytes of the generator states torch.utils.checkpoint saves for a region called with
+    `args`: the CPU generator's, plus each accelerator device's among the tensor arguments."""
+    n = torch.get_rng_state().nbytes
+    devices = {a.device for a in args if isinstance(a, torch.Tensor) and a.device.type == "cuda"}
+    for d in devices:
+        n += torch.cuda.get_rng_state(d).nbytes
+    return n
+
+
+def _any_fake(args) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return any(isinstance(a, torch.Tensor) and is_fake(a) for a in args)
