@@ -142,3 +142,20 @@ def test_the_refusals_least_budget_is_met_when_asked(techniques):
     assert om.memfit_plan.fits
     size = lambda text: memfit.Budget.parse(text.replace(" ", "")).resolve(0)   # noqa: E731
     assert size(least) >= size(floor)
+
+
+def test_a_parameter_replaced_after_optimize_is_refused_not_left_untrained():
+    """The graph reads the Parameter objects it captured: `m.weight = nn.Parameter(...)` or
+    load_state_dict(assign=True) after optimize used to leave the graph training the old
+    ones. Loading in place still works."""
+    import memfit
+    from torch import nn
+
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    x = torch.randn(4, 8)
+    om = memfit.optimize(model, None, example_inputs=(x,))
+    model.load_state_dict({k: v * 2 for k, v in model.state_dict().items()})        # in place: fine
+    torch.testing.assert_close(om(x), model(x))
+    model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+    with pytest.raises(memfit.MemfitError, match=r"parameter '0\.weight' was replaced after memfit\.optimize"):
+        om(x)

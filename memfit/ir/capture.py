@@ -87,10 +87,33 @@ def capture(model: torch.nn.Module, example_inputs: tuple = (), example_kwargs: 
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     example_kwargs = dict(example_kwargs or {})
+    _refuse_sharded(model)
     with _own_forward(model), quiet_torch():
         cap = _capture(model, example_inputs, example_kwargs, method, dynamic)
     _keep_user_checkpoints(cap)
     return cap
+
+
+def _refuse_sharded(model: torch.nn.Module) -> None:
+    """CaptureError for a model FSDP2 already shards (fully_shard, then memfit): capture would
+    trace FSDP's hooks and all-gathers (it fails inside them), and the graph would hold no
+    sharding."""
+    from memfit.ir.module import is_sharded
+
+    fsdp = None
+    try:
+        from torch.distributed.fsdp import FSDPModule
+        fsdp = next((n or "(root)" for n, m in model.named_modules() if isinstance(m, FSDPModule)), None)
+    except ImportError:  # pragma: no cover - a torch build without distributed
+        pass
+    sharded = next((n for n, p in model.named_parameters() if is_sharded(p)), None)
+    if fsdp is not None or sharded is not None:
+        where = f"module {fsdp!r} is wrapped by fully_shard" if fsdp else f"parameter {sharded!r} is a DTensor"
+        raise CaptureError(
+            f"{type(model).__name__} is sharded ({where}): memfit does not compose with FSDP2 or tensor "
+            "parallelism yet (docs/distributed.md). Optimizing first and sharding after does not work either: the "
+            "rewritten graph would read the unsharded parameters. DDP composes: memfit.optimize the model, then "
+            "wrap the result in DistributedDataParallel")
 
 
 @contextlib.contextmanager

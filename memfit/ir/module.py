@@ -63,6 +63,11 @@ class OptimizedModule(nn.Module):
         self.training = original.training
         self.memfit_plan = plan
         self.pass_result = pass_result
+        # The Parameter objects the graph reads: replacing one afterwards (fully_shard,
+        # load_state_dict(assign=True), `m.weight = nn.Parameter(...)`) would leave the graph
+        # training the old one, so forward checks they are still the module's.
+        object.__setattr__(self, "_memfit_params", tuple((m, k, p) for m in self.modules()
+                                                         for k, p in m._parameters.items() if p is not None))
 
     def __reduce_ex__(self, protocol):
         from memfit.errors import MemfitError
@@ -117,6 +122,7 @@ class OptimizedModule(nn.Module):
                          type(original).__name__)
                 object.__setattr__(self, "_memfit_warned", True)
             return type(original).forward(original, *args, **kwargs)
+        _check_parameters(self)
         if self._memfit_before_forward is not None and torch.is_grad_enabled():
             self._memfit_before_forward()
         cap = self._memfit_captured
@@ -149,6 +155,39 @@ class OptimizedModule(nn.Module):
             return ""
         from memfit.budget import format_bytes
         return f"memfit: predicted peak {format_bytes(p.peak_bytes)}, {len(p.decisions)} decisions"
+
+
+def _check_parameters(om: OptimizedModule) -> None:
+    """MemfitError when a parameter the graph reads is no longer the module's (see __init__)."""
+    kept = om._memfit_params
+    if all(m._parameters.get(k) is p for m, k, p in kept):
+        return
+    from memfit.errors import MemfitError
+
+    ids = {id(p) for _, _, p in kept}
+    name = next((n for n, p in om.named_parameters() if id(p) not in ids), None)
+    new = dict(om.named_parameters()).get(name) if name is not None else None
+    model = type(om._memfit_original).__name__
+    if new is not None and is_sharded(new):
+        raise MemfitError(
+            f"{model}'s parameter {name!r} is sharded now (a DTensor: torch.distributed.fsdp.fully_shard after "
+            "memfit.optimize); the rewritten graph reads the unsharded parameters it captured, so training would "
+            "update nothing. memfit does not compose with FSDP2 yet (docs/distributed.md): train with DDP around "
+            "the optimized module, or use FSDP2 without memfit")
+    what = f"parameter {name!r} was replaced" if name is not None else "the set of parameters changed"
+    raise MemfitError(
+        f"{model}'s {what} after memfit.optimize (by assignment, load_state_dict(assign=True), or a wrapper); the "
+        "rewritten graph reads the parameters it captured and would train those. Load weights in place "
+        "(load_state_dict without assign), or call memfit.optimize again after replacing them")
+
+
+def is_sharded(t) -> bool:
+    """A DTensor (torch.distributed.tensor), as FSDP2 and tensor parallelism make parameters."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - a torch build without distributed
+        return False
+    return isinstance(t, DTensor)
 
 
 def _expected_inputs(gm: torch.fx.GraphModule) -> list:
