@@ -85,7 +85,7 @@ from memfit.planning.techniques import DEFAULT_TECHNIQUES, FUNCTION_CHANGING, TE
 
 def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwargs: dict | None = None,
              example_targets=(), optimizer=None, loss_fn: Callable | None = None, techniques=None, passes=None,
-             mode: str = "train", verify: bool = False):
+             mode: str = "train", verify: bool = False, on_unmet: str = "raise"):
     """Rewrite `model` so one training step fits `budget`; returns a new module sharing its
     parameters (same state_dict keys and tensors), with the plan as `.memfit_plan`.
 
@@ -100,7 +100,9 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
     capture; structural passes (Conv+BN tune mode, SDPA, reversible coupling when named); then
     recompute chosen by the checkpoint planner; when recompute alone cannot reach the budget,
     quantized saved activations and recompute again. Raises BudgetError when nothing reaches
-    the budget, with the floor. The user's model is not modified.
+    the budget, with the floor and the least budget that would plan; with `on_unmet="lowest"`
+    it plans for that least budget instead and says so (the plan's `fits` is False, and its
+    notes give both budgets). The user's model is not modified.
 
     With an optimizer instance (any torch.optim class, mirrored exactly in the plan: groups,
     hyper-parameters, existing state) the result is `(module, optimizer)`, as IPEX and
@@ -110,14 +112,16 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
     in bytes; a loss closing over the example's labels that does not fit them is replaced by
     the default loss for that plan (logged).
     """
+    if on_unmet not in ("raise", "lowest"):
+        raise ValueError(f"on_unmet={on_unmet!r}: choose 'raise' (a BudgetError) or 'lowest' (the lowest plan)")
     om = _optimize(model, budget, example_inputs=example_inputs, example_kwargs=example_kwargs,
                    example_targets=example_targets, optimizer=optimizer, loss_fn=loss_fn, techniques=techniques,
-                   passes=passes, mode=mode, verify=verify)
+                   passes=passes, mode=mode, verify=verify, on_unmet=on_unmet)
     return (om, om.memfit_optimizer) if isinstance(optimizer, torch.optim.Optimizer) else om
 
 
 def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets, optimizer, loss_fn, techniques,
-              passes, mode, verify):
+              passes, mode, verify, on_unmet="raise"):
     from memfit.ir.module import OptimizedModule
     from memfit.passes.infra.base import PassContext
     from memfit.passes.infra.pipeline import apply_rewrites, run_pipeline
@@ -137,6 +141,7 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
     base = analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=False)
     budget_bytes = budget_obj.resolve(base.peak_bytes) if budget_obj is not None else None
     decisions: list = []
+    unmet = None                 # the note of a plan made for a lower budget (on_unmet="lowest")
 
     if passes is not None:
         cap, res = run_pipeline(model, example_inputs, example_kwargs, passes, budget=budget_bytes,
@@ -161,14 +166,25 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
         gm, peak, more = structural(cap, cap.gm, peak, allowed, ctx, verify=verify)
         decisions += more
         if budget_bytes is not None and peak > budget_bytes:
-            gm, more = fit_budget(cap, gm, budget_bytes, peak, allowed, ctx, verify=verify)
+            try:
+                gm, more = fit_budget(cap, gm, budget_bytes, peak, allowed, ctx, verify=verify)
+            except BudgetError as e:
+                if on_unmet != "lowest" or e.least_budget is None:
+                    raise
+                from memfit.budget import format_bytes as fb
+                gm, more = fit_budget(cap, gm, e.least_budget, peak, allowed, ctx, verify=verify)
+                unmet = (f"on_unmet='lowest': the budget {fb(budget_bytes)} cannot be met; planned for the least "
+                         f"budget that can be, {fb(e.least_budget, up=True)}")
             decisions += more
             optimizer = ctx.optimizer          # a StepInBackward when the planner fused the step
         cap = dataclasses.replace(cap, gm=gm)
     extra = sum(d.extra_time_s for d in decisions)
     plan_ = plan_captured(cap, budget_obj, optimizer=optimizer, loss_fn=loss_fn, symbolic=False,
                           decisions=decisions, extra_time_s=extra, baseline_peak=base.peak_bytes)
-    check_budget(plan_)
+    if unmet is not None:
+        plan_ = dataclasses.replace(plan_, notes=(unmet,) + tuple(plan_.notes))
+    else:
+        check_budget(plan_)
     if passes is None:
         changed = any(d.action in {TECHNIQUES[t] for t in FUNCTION_CHANGING} for d in decisions)
     else:
@@ -180,7 +196,7 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
 
     def replan(args, kwargs):
         again = dict(example_kwargs=kwargs, optimizer=optimizer, techniques=kept, passes=passes, mode=mode,
-                     verify=verify, example_targets=())
+                     verify=verify, example_targets=(), on_unmet=on_unmet)
         try:
             try:
                 return _optimize(model, budget_bytes, example_inputs=args, loss_fn=loss_fn, **again)

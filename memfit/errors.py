@@ -12,7 +12,12 @@ class CaptureError(MemfitError):
 
 
 class BudgetError(MemfitError):
-    """A budget is malformed, or no plan can meet it."""
+    """A budget is malformed, or no plan can meet it. `least_budget`: where the planner knows
+    it, the smallest budget in bytes that it can meet (what `on_unmet="lowest"` plans for)."""
+
+    def __init__(self, *args, least_budget: int | None = None):
+        super().__init__(*args)
+        self.least_budget = least_budget
 
 
 class PassError(MemfitError):

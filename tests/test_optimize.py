@@ -159,3 +159,25 @@ def test_a_parameter_replaced_after_optimize_is_refused_not_left_untrained():
     model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
     with pytest.raises(memfit.MemfitError, match=r"parameter '0\.weight' was replaced after memfit\.optimize"):
         om(x)
+
+
+def test_on_unmet_lowest_gives_the_lowest_plan_and_says_so():
+    """An option to ask for the best achievable plan instead of an error: the plan made for the
+    refusal's least budget, measured within it, with `fits` False and a note naming both."""
+    from examples.gpt2_like import loss_fn, make
+
+    torch.manual_seed(0)
+    model, inputs = make(layers=2, batch_size=4, seq_len=64, d=64, heads=4, vocab=256)
+    kw = dict(example_inputs=inputs, optimizer="adamw", loss_fn=loss_fn)
+    with pytest.raises(BudgetError) as ei:
+        memfit.optimize(model, "5%", **kw)
+    least = ei.value.least_budget
+    assert least is not None
+    om = memfit.optimize(model, "5%", on_unmet="lowest", **kw)
+    plan = om.memfit_plan
+    assert plan.fits is False and plan.peak_bytes <= least
+    assert "cannot be met; planned for the least budget that can be" in plan.notes[0]
+    m = memfit.measure(om, **kw)
+    assert m.peak_bytes <= least
+    with pytest.raises(ValueError, match="on_unmet"):
+        memfit.optimize(model, "5%", on_unmet="best", **kw)

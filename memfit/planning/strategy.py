@@ -26,6 +26,11 @@
    (memfit.planning.quantize.select_quantized). The refusal's floor is the lowest peak over
    every rung tried, the same at every budget below it.
 
+Every rung aims at the budget less MARGIN (0.2%, planning/checkpoint.py: four times the worst
+under-prediction measured), and a refusal's "a budget of at least X" is the least budget some
+rung meets with that margin (`BudgetError.least_budget`; `optimize(..., on_unmet="lowest")`
+plans for it instead of raising).
+
 Quantization runs after checkpointing, so it wraps only what stays saved: inside a
 recomputed region nothing is kept, and quantizing there would only add work.
 """
@@ -84,16 +89,20 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
     the user gets back: stepping in backward, low-bit states)."""
     from memfit.passes.infra.registry import get_pass
 
+    from memfit.planning.checkpoint import MARGIN
+
     decisions: list = []
     entry_peak = peak
+    # every plan chosen here keeps MARGIN of the budget free (the recompute planner inside)
+    target = int(budget_bytes * (1.0 - MARGIN))
     if "chunked_ce" in allowed:
         gm, peak, decisions = _chunked_loss(cap, gm, peak, ctx, verify)
-        if peak <= budget_bytes:
+        if peak <= target:
             return gm, decisions
     if "step_in_backward" in allowed:
         peak, more = _fused_step(cap, gm, peak, ctx)
         decisions += more
-        if peak <= budget_bytes:
+        if peak <= target:
             return gm, decisions
     q = None
     if "quantize" in allowed:
@@ -111,7 +120,7 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
             continue
         opt, state_peak, state_decisions = states[bits]
         c = dataclasses.replace(ctx, optimizer=opt)
-        if state_peak <= budget_bytes:
+        if state_peak <= target:
             ctx.optimizer = opt
             return gm, decisions + state_decisions
         planner = planners.get(bits)
@@ -130,11 +139,14 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
                 continue
             ctx.optimizer = opt
             return cp.gm, decisions + state_decisions + list(cp.decisions)
-        found, best = _quantized_saves(cap, gm, budget_bytes, state_peak, c, q, planner, verify)
+        found, best = _quantized_saves(cap, gm, target, state_peak, c, q, planner, verify)
         floors.append(best)
         if found is not None:
             ctx.optimizer = opt
             return found[0], decisions + state_decisions + found[1]
+    if peak <= budget_bytes:
+        # within the budget but not its margin, and nothing went lower: the prediction still fits
+        return gm, decisions
     if not floors:
         if first_error is not None:
             raise first_error
@@ -152,7 +164,8 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
         f"it: 4- or 2-bit activations (passes='quantize-activations{{bits=4}}'), a smaller batch or "
         f"sequence, {_more_hint(ctx, allowed)}or a budget of at least {format_bytes(needed, up=True)}."
         + "".join(f" Not used: {n}." for n in notes)
-        + (f" Recompute alone: {first_error}" if first_error and len(floors) == 1 else ""))
+        + (f" Recompute alone: {first_error}" if first_error and len(floors) == 1 else ""),
+        least_budget=needed)
 
 
 # The approximate ladder after the exact techniques (module doc): (optimizer-state bits or None
@@ -238,7 +251,9 @@ def _more_hint(ctx, allowed) -> str:
 
 def _quantized_saves(cap, gm, budget_bytes: int, peak: int, ctx, q, planner, verify: bool):
     """8-bit saved activations on `gm` alone, then on frontier checkpoint plans (module doc):
-    ((gm, decisions) or None, (the lowest peak seen, the smallest budget met))."""
+    ((gm, decisions) or None, (the lowest peak seen, the smallest budget met)). `budget_bytes`
+    is the target (the budget less the margin); the smallest budget met includes it."""
+    from memfit.planning.checkpoint import least_budget
     from memfit.ir.fx_utils import copy_graph_module
     from memfit.memory_plan import Decision
     from memfit.planning.quantize import select_quantized
@@ -253,7 +268,7 @@ def _quantized_saves(cap, gm, budget_bytes: int, peak: int, ctx, q, planner, ver
     ch = select_quantized(q, lambda: copy_graph_module(gm), budget_bytes, peak, cap, pass_ctx,
                           ctx.optimizer, ctx.loss_fn, verify=verify)
     if ch.fits:
-        return (ch.gm, [decision("(model)", ch, peak)]), (ch.peak, ch.peak)
+        return (ch.gm, [decision("(model)", ch, peak)]), (ch.peak, least_budget(ch.peak))
     best = ch.peak
     if planner is not None:
         frontier = [p for p in planner.frontier if p.spans]
@@ -269,11 +284,11 @@ def _quantized_saves(cap, gm, budget_bytes: int, peak: int, ctx, q, planner, ver
             best = min(best, ch.peak)
             if ch.fits:
                 return (ch.gm, planner.decisions_for(spans) + [decision("(outside recomputed regions)", ch,
-                                                                          ck_peak)]), (ch.peak, ch.peak)
+                                                                          ck_peak)]), (ch.peak, least_budget(ch.peak))
         # recompute alone can go lower than with 8-bit; the planner keeps a margin free
         if planner.floor_bytes() < best:
             return None, (planner.floor_bytes(), planner.min_budget_bytes())
-    return None, (best, best)
+    return None, (best, least_budget(best))
 
 
 def _chunked_loss(cap, gm, peak: int, ctx, verify: bool):
