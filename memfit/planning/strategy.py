@@ -26,8 +26,8 @@
    (memfit.planning.quantize.select_quantized). The refusal's floor is the lowest peak over
    every rung tried, the same at every budget below it.
 
-Every rung aims at the budget less MARGIN (0.2%, planning/checkpoint.py: four times the worst
-under-prediction measured), and a refusal's "a budget of at least X" is the least budget some
+Every rung aims at the budget less MARGIN (0.2%, planning/checkpoint.py, where the measured
+errors it covers are given), and a refusal's "a budget of at least X" is the least budget some
 rung meets with that margin (`BudgetError.least_budget`; `optimize(..., on_unmet="lowest")`
 plans for it instead of raising).
 
