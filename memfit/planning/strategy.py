@@ -153,7 +153,10 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
         raise BudgetError(f"predicted peak {format_bytes(peak)} exceeds the budget {format_bytes(budget_bytes)} "
                           f"and neither 'checkpoint' nor 'quantize' is among the allowed techniques "
                           f"{list(allowed)}")
-    best, needed = min(f[0] for f in floors), min(f[1] for f in floors)
+    # a budget over the peak as it stands plans too (nothing more to do; with the margin, as
+    # every rung): the least budget stated is never above it
+    from memfit.planning.checkpoint import least_budget
+    best, needed = min(peak, *(f[0] for f in floors)), min(least_budget(peak), *(f[1] for f in floors))
     used = (["recomputation"] if "checkpoint" in allowed else []) + (
         ["8-bit saved activations"] if q is not None else []) + [
         f"{b}-bit optimizer states" for b in states if b is not None]
