@@ -233,10 +233,10 @@ def _phase_figures(analysis) -> tuple[int, int]:
 
 # Fraction of a budget every plan memfit chooses keeps free, for what the cost model does not
 # see. Measured errors: returned plans (tools/bench/fit_families.py, tests/test_families.py)
-# come out at most 16 bytes over their prediction (0.0004%, an allocation outside any
-# operator); the same plan measured twice on 2 threads differed by 16 KiB on a 1.1 MB step
-# (per-thread kernel scratch varies between runs). 0.2% covers the first by far, and the
-# second on steps above 8 MB.
+# come out at most 0.002% over their prediction (about 80 bytes of 4 MiB); the same plan
+# measured twice on 2 threads differed by 16 KiB on a 1.1 MB step (per-thread kernel scratch
+# varies between runs). 0.2% covers the first a hundred times over, and the second on steps
+# above 8 MB.
 MARGIN = 0.002
 
 
