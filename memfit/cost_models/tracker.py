@@ -147,7 +147,7 @@ def _check_dtypes(func, args, node) -> None:
         where = "the loss" if node is None else (f"module {path!r} (node {node.name})" if path else f"node {node.name}")
         names = " and ".join(str(d).replace("torch.", "") for d in dict.fromkeys(dtypes))
         raise CaptureError(
-            f"the step does not run in eager PyTorch: {func.name()} in {where or 'the loss'} gets tensors of "
+            f"the step does not run in eager PyTorch: {func.name()} in {where} gets tensors of "
             f"{names}, and its kernels need one dtype (eager raises a dtype error there). "
             f"Give the model inputs of its parameters' dtype (for example x.float()), or convert them in forward.")
 

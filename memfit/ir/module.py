@@ -165,8 +165,7 @@ def _check_parameters(om: OptimizedModule) -> None:
     from memfit.errors import MemfitError
 
     ids = {id(p) for _, _, p in kept}
-    name = next((n for n, p in om.named_parameters() if id(p) not in ids), None)
-    new = dict(om.named_parameters()).get(name) if name is not None else None
+    name, new = next(((n, p) for n, p in om.named_parameters() if id(p) not in ids), (None, None))
     model = type(om._memfit_original).__name__
     if new is not None and is_sharded(new):
         raise MemfitError(
