@@ -8,7 +8,8 @@
 # tree (test extras), then runs, each under its own time limit, and appends to RESULTS_FILE:
 #   1. the device, torch, triton and CUDA versions;
 #   2. the kernel tests on CUDA (quantize/dequantize/pack, Triton against the reference) and the
-#      probe tests (kernel scratch measured with torch.cuda.max_memory_allocated);
+#      probe tests (kernel scratch measured with torch.cuda.max_memory_allocated); the offload
+#      tests (bitwise gradients under a slowed compute stream, measured against predicted peak);
 #   3. quantize/dequantize bandwidth against a device-to-device copy of the same bytes
 #      (tools/bench/quantize.py; goal: 85% of copy bandwidth);
 #   4. predicted against measured memory (max_memory_allocated) on the example models
@@ -65,6 +66,7 @@ EOF
 } >>"$RESULTS"
 
 section "kernel and probe tests on CUDA" 120 python -m pytest -q tests/test_kernels_quant.py tests/test_probes.py tests/test_chunked_ce.py
+section "activation offload on CUDA (bitwise gradients, device peak, stream reuse)" 90 python -m pytest -q -s tests/test_offload.py
 section "quantize kernels against a device copy" 90 python tools/bench/quantize.py --repeats 5
 section "predicted against measured (CUDA)" 90 python tools/bench/predict_vs_measure.py
 section "budgets against per-block checkpointing and torch.compile" 120 python tools/bench/optimize.py --device cuda --repeats 3 --fractions 0.5,0.25 --models gpt2_like,vit_like

@@ -136,7 +136,7 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
     # Real tensors the loss closes over (labels) are converted where an operator reads them
     # and counted as inputs (the tracker); the graph's own inputs and state are fakes below.
     fm = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
-    tracker = _Tracker(fm.shape_env, fm)
+    tracker = _Tracker(fm.shape_env, fm, _device_of(cap.flat_inputs(), gm))
 
     # Parameters and buffers: static shapes, ties kept (tied embeddings count once).
     fakes = fake_state(gm, fm)

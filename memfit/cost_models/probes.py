@@ -441,3 +441,36 @@ def _record(rec, key, func, device, *, cached, extrapolated=False):
     keys.add(key)
     if extrapolated:
         rec.extrapolated.add(key)
+
+
+# ----------------------------------------------------------------------------- host transfers
+
+TRANSFER_PROBE_BYTES = 64 << 20
+
+
+def host_transfer_bytes_per_s(device: torch.device) -> float:
+    """Pinned host <-> device copy bandwidth of `device` (the slower direction), measured once
+    per device signature on a 64 MiB buffer (best of 3 each way) and cached like the kernel
+    probes. Offloaded saved activations are priced with it (memfit.passes.offload)."""
+    import time
+
+    key = f"host_transfer|{device_signature(device)}"
+    entry = lookup(key)
+    if entry is None:
+        n = TRANSFER_PROBE_BYTES
+        dev = torch.empty(n, dtype=torch.uint8, device=device)
+        host = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        rates = []
+        for dst, src in ((host, dev), (dev, host)):
+            best = float("inf")
+            for _ in range(3):
+                torch.cuda.synchronize(device)
+                t0 = time.perf_counter()
+                dst.copy_(src, non_blocking=True)
+                torch.cuda.synchronize(device)
+                best = min(best, time.perf_counter() - t0)
+            rates.append(n / best)
+        entry = {"bytes_per_s": min(rates), "d2h_bytes_per_s": rates[0], "h2d_bytes_per_s": rates[1]}
+        log.info("memfit: probed host transfers on %s: %.1f GB/s", device, entry["bytes_per_s"] / 1e9)
+        _store(key, entry)
+    return float(entry["bytes_per_s"])

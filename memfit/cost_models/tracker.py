@@ -35,8 +35,11 @@ class _Store:
 class _Tracker(TorchDispatchMode):
     """Records each operator's new output storages and (via weakref) their release."""
 
-    def __init__(self, shape_env, fake_mode=None):
+    def __init__(self, shape_env, fake_mode=None, device: torch.device | None = None):
         super().__init__()
+        # the device whose memory the step's budget means; storages elsewhere (host copies of
+        # offloaded activations, RNG states on a GPU step) are not counted
+        self.device = device
         self.shape_env = shape_env
         self.fake_mode = fake_mode
         self.stores: list[_Store] = []
@@ -53,6 +56,8 @@ class _Tracker(TorchDispatchMode):
         self._flop_registry = flop_registry
 
     def register(self, t: torch.Tensor, category: str | None = None) -> _Store | None:
+        if self.device is not None and t.device.type != self.device.type:
+            return None
         st = t.untyped_storage()
         s = self.by_storage.get(st)
         if s is not None:

@@ -19,18 +19,17 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.fx
-import torch.utils._pytree as pytree
 
 from memfit.errors import PassError
 from memfit.ir.fx_utils import size_hint
 from memfit.passes.infra.base import Diagnostic, Pass, PassContext, PassResult, Promise
 from memfit.passes.infra.registry import register_pass
+from memfit.passes.infra.saved_hooks import HookedCall, HookedRuntime, wrap_nodes
 from memfit.planning.quantize import quant_time_s
 from memfit.runtime.quantized_save import (QuantConfig, QuantizedSaves, QuantState, StepScope,
                                            quantized_nbytes, share_key, skip_reason, storage_key)
@@ -47,25 +46,18 @@ _SKIP_FUNCS = {operator.getitem, getattr}
 
 # ----------------------------------------------------------------------------- runtime modules
 
-class QuantRuntime(torch.nn.Module):
+class QuantRuntime(HookedRuntime):
     """`gm.memfit_quant`: the state shared by the wrapped nodes (no parameters, no buffers).
 
     Called once per forward with the graph's inputs; returns the step's StepScope.
     """
 
-    _is_impure = True  # keep the scope node under dead-code elimination
-
     def __init__(self, config: QuantConfig, owner: torch.fx.GraphModule):
-        super().__init__()
+        super().__init__(owner)
         self.config = config
         self.state = QuantState(config)
-        object.__setattr__(self, "_owner", weakref.ref(owner))
 
-    def forward(self, *inputs):
-        owner = self._owner()
-        exclude = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
-        if owner is not None:
-            exclude += list(owner.parameters()) + list(owner.buffers())
+    def scope(self, exclude: list) -> StepScope:
         return StepScope(exclude)
 
     def extra_repr(self) -> str:
@@ -73,30 +65,19 @@ class QuantRuntime(torch.nn.Module):
         return f"bits={c.bits}, group_size={c.group_size}, headwise={c.headwise}, ema={c.ema}"
 
 
-class QuantizedCall(torch.nn.Module):
+class QuantizedCall(HookedCall):
     """One wrapped node: runs the original call inside QuantizedSaves."""
 
     def __init__(self, runtime: QuantRuntime, kind: str, target, name: str, heads: int | None):
-        super().__init__()
-        object.__setattr__(self, "_runtime", runtime)  # not a child: no duplicate registration
-        self.kind = kind
-        self.target = target
-        self.node_name = name
+        super().__init__(runtime, kind, target, name)
         self.heads = heads
 
-    def forward(self, scope, *args, **kwargs):
+    def hooks(self, scope):
         rt = self._runtime
-        with QuantizedSaves(rt.config, state=rt.state, scope=scope, name=self.node_name, heads=self.heads):
-            if self.kind == "call_function":
-                return self.target(*args, **kwargs)
-            if self.kind == "call_method":
-                return getattr(args[0], self.target)(*args[1:], **kwargs)
-            owner = rt._owner()
-            return owner.get_submodule(self.target)(*args, **kwargs)
+        return QuantizedSaves(rt.config, state=rt.state, scope=scope, name=self.node_name, heads=self.heads)
 
     def extra_repr(self) -> str:
-        t = self.target if isinstance(self.target, str) else getattr(self.target, "__name__", str(self.target))
-        return f"{self.kind} {t}" + (f", heads={self.heads}" if self.heads else "")
+        return super().extra_repr() + (f", heads={self.heads}" if self.heads else "")
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -149,10 +130,11 @@ def _heads_of(n: torch.fx.Node) -> int | None:
 
 
 def saved_tensors_by_node(gm: torch.fx.GraphModule, ctx: PassContext | None,
-                          config: QuantConfig) -> dict[str, list[SavedTensorInfo]]:
+                          config: QuantConfig | None = None, gate=None) -> dict[str, list[SavedTensorInfo]]:
     """Per node, the tensors autograd saves in the forward of `gm` on FakeTensors: the cost
-    model's saved-tensor probe (memfit.cost_models.memory.analyze_step, forward only), with the
-    runtime's gate (skip_reason) deciding what would be kept as is."""
+    model's saved-tensor probe (memfit.cost_models.memory.analyze_step, forward only), with a
+    runtime's gate deciding what would be kept as is: `gate(t, preexisting)` -> reason or None,
+    by default quantization's (skip_reason with `config`)."""
     import dataclasses as _dc
 
     from memfit.cost_models.memory import analyze_step
@@ -162,11 +144,15 @@ def saved_tensors_by_node(gm: torch.fx.GraphModule, ctx: PassContext | None,
     seen: dict[tuple, str] = {}
     out: dict[str, list[SavedTensorInfo]] = {}
 
+    if gate is None:
+        def gate(t, preexisting):
+            scope = StepScope()
+            if preexisting:   # parameters, buffers, inputs: never quantized
+                scope.excluded.add(storage_key(t))
+            return skip_reason(t, config, scope)
+
     def on_save(node: str, t: torch.Tensor, preexisting: bool) -> None:
-        scope = StepScope()
-        if preexisting:   # parameters, buffers, inputs: never quantized
-            scope.excluded.add(storage_key(t))
-        reason = skip_reason(t, config, scope)
+        reason = gate(t, preexisting)
         key = (storage_key(t), share_key(t))
         shared = seen.get(key) if reason is None else None
         if reason is None and shared is None:
@@ -219,6 +205,46 @@ def _head_layout(shape, heads) -> bool:
     return (len(shape) == 4 and shape[1] == heads) or (len(shape) == 3 and shape[0] % heads == 0)
 
 
+def choose_nodes(gm: torch.fx.GraphModule, saved: dict[str, list[SavedTensorInfo]], nodes, pass_name: str):
+    """The nodes a saved-tensor pass wraps: every node with a save its gate accepts, or only
+    `nodes` (by name) and the nodes saving the same storages as they do (a storage saved by
+    several nodes is freed only if each of them stores the new form). Returns
+    ([(node, its first saves of the storages it stores)], diagnostics)."""
+    diags: list[Diagnostic] = []
+    wanted = set(nodes)
+    names = {n.name for n in gm.graph.nodes}
+    for w in sorted(wanted - names):
+        diags.append(Diagnostic(pass_name, f"no node named {w!r}", level="warning"))
+    groups: dict[str, set[str]] = {}
+    for recs in saved.values():
+        for r in recs:
+            if r.skip is None and r.shared_with is not None:
+                groups.setdefault(r.shared_with, {r.shared_with}).add(r.node)
+    if wanted:
+        closure = set(wanted)
+        for members in groups.values():
+            if members & wanted:
+                closure |= members
+        for extra in sorted(closure - wanted):
+            diags.append(Diagnostic(pass_name, "also wrapped: it saves a storage a chosen node saves", node=extra))
+        wanted = closure
+    picked = []
+    for n in gm.graph.nodes:
+        recs = saved.get(n.name)
+        if not recs or (wanted and n.name not in wanted):
+            continue
+        if n.op == "call_function" and n.target in _SKIP_FUNCS:
+            continue
+        todo = [r for r in recs if r.skip is None]
+        skipped = [r for r in recs if r.skip is not None]
+        if skipped:
+            why = ", ".join(sorted({r.skip for r in skipped}))
+            diags.append(Diagnostic(pass_name, f"{len(skipped)} saved tensor(s) kept as is ({why})", node=n.name))
+        if todo:
+            picked.append((n, [r for r in todo if r.shared_with is None]))
+    return picked, diags
+
+
 # ----------------------------------------------------------------------------- the pass
 
 @register_pass
@@ -261,45 +287,12 @@ class QuantizeActivations(Pass):
                               [Diagnostic(self.name, "graph already quantized; left as is", level="warning")])
         cfg = self.config()
         saved = saved_tensors_by_node(gm, ctx, cfg)
-        diags: list[Diagnostic] = []
-        wanted = set(self.nodes)
-        names = {n.name for n in gm.graph.nodes}
-        for w in sorted(wanted - names):
-            diags.append(Diagnostic(self.name, f"no node named {w!r}", level="warning"))
-        # A storage saved by several nodes is freed only if every one of them stores the
-        # quantized copy: choosing one node chooses all nodes that share its saves.
-        groups: dict[str, set[str]] = {}
-        for recs in saved.values():
-            for r in recs:
-                if r.skip is None and r.shared_with is not None:
-                    groups.setdefault(r.shared_with, {r.shared_with}).add(r.node)
-        if wanted:
-            closure = set(wanted)
-            for first, members in groups.items():
-                if members & wanted:
-                    closure |= members
-            for extra in sorted(closure - wanted):
-                diags.append(Diagnostic(self.name, "also wrapped: it saves a storage a chosen node saves",
-                                        node=extra))
-            wanted = closure
+        picked, diags = choose_nodes(gm, saved, self.nodes, self.name)
         chosen = []
         tensors = headwise_tensors = 0
-        for n in gm.graph.nodes:
-            recs = saved.get(n.name)
-            if not recs or (wanted and n.name not in wanted):
-                continue
-            if n.op == "call_function" and n.target in _SKIP_FUNCS:
-                continue
-            todo = [r for r in recs if r.skip is None]
-            skipped = [r for r in recs if r.skip is not None]
-            if skipped:
-                why = ", ".join(sorted({r.skip for r in skipped}))
-                diags.append(Diagnostic(self.name, f"{len(skipped)} saved tensor(s) kept as is ({why})", node=n.name))
-            if not todo:
-                continue
+        for n, unique in picked:
             heads = _heads_of(n) if cfg.headwise else None
             chosen.append((n, heads))
-            unique = [r for r in todo if r.shared_with is None]
             tensors += len(unique)
             if heads:
                 headwise_tensors += sum(1 for r in unique if _head_layout(r.shape, heads))
@@ -311,29 +304,14 @@ class QuantizeActivations(Pass):
         extra_time_us = int(round(sum(c.time_cost_s for c in priced) * 1e6))
         bytes_saved = sum(c.bytes_saved for c in priced)
         runtime = QuantRuntime(cfg, gm)
-        gm.add_submodule(RUNTIME_ATTR, runtime)
-        g = gm.graph
-        placeholders = [n for n in g.nodes if n.op == "placeholder"]
-        anchor = placeholders[-1] if placeholders else next(iter(g.nodes))
-        with g.inserting_after(anchor):
-            scope_node = g.call_module(RUNTIME_ATTR, tuple(placeholders))
-        scope_node.name = "memfit_quant_scope"
-        for n, heads in chosen:
-            sub = _safe(n.name)
-            runtime.add_module(sub, QuantizedCall(runtime, n.op, n.target, n.name, heads))
-            n.op = "call_module"
-            n.target = f"{RUNTIME_ATTR}.{sub}"
-            n.args = (scope_node, *n.args)
-            n.meta["memfit_quant"] = {"bits": cfg.bits, "heads": heads}
-        gm.recompile()
+        heads_of = {n.name: heads for n, heads in chosen}
+        wrap_nodes(gm, RUNTIME_ATTR, runtime, [n for n, _ in chosen],
+                   lambda n: QuantizedCall(runtime, n.op, n.target, n.name, heads_of[n.name]),
+                   lambda n: {"bits": cfg.bits, "heads": heads_of[n.name]})
         # extra_time_us / bytes_saved: the planner's pricing (price_candidates) of what was chosen.
         return PassResult(gm, True, {"nodes": len(chosen), "tensors": tensors,
                                      "headwise_tensors": headwise_tensors, "extra_time_us": extra_time_us,
                                      "bytes_saved": bytes_saved}, diags)
-
-
-def _safe(name: str) -> str:
-    return name.replace(".", "_")
 
 
 def quantize_stats(gm: torch.fx.GraphModule):

@@ -92,7 +92,7 @@ class QuantChoice:
     fits: bool
     peak: int                 # predicted peak of the returned graph (or of "all" when nothing fits)
     gm: object = None         # the rewritten graph (None when nothing fits)
-    bits: int = 8
+    how: str = "8-bit"        # what is done to the chosen tensors: "8-bit", ..., "offloaded"
     nodes: tuple = ()         # node names chosen, ranked order
     eligible_nodes: int = 0
     tensors: int = 0          # saved tensors quantized (the pass's count)
@@ -117,13 +117,14 @@ class QuantChoice:
                else "a fitting prefix by bytes saved (search capped)")
         if self.nodes and len(self.nodes) == self.eligible_nodes and self.minimal:
             how = "fewer do not fit"
-        return f"{self.bits}-bit on {which}; {how}, {self.simulations} simulations"
+        return f"{self.how} {'on ' if self.how.endswith('-bit') else ''}{which}; {how}, {self.simulations} simulations"
 
 
 def select_quantized(q, fresh: Callable, budget_bytes: int, peak_before: int, cap, pass_ctx: Callable,
                      optimizer=None, loss_fn=None, *, verify: bool = False, max_sims: int = 6) -> QuantChoice:
-    """The shortest ranked prefix of saved tensors whose quantization by pass `q` (a
-    QuantizeActivations) brings the predicted step peak to `budget_bytes` or below.
+    """The shortest ranked prefix of saved tensors whose rewriting by pass `q` (a
+    QuantizeActivations, or an OffloadActivations: the same `price`, `nodes` and stats) brings
+    the predicted step peak to `budget_bytes` or below.
 
     fresh(): a new graph to rewrite (the pass rewrites in place; `q.price(g, ctx)` prices its
     candidates, memfit.passes.quantize.price_candidates); pass_ctx(g): the
@@ -151,7 +152,7 @@ def select_quantized(q, fresh: Callable, budget_bytes: int, peak_before: int, ca
     cands = every["cands"]
     order = rank_nodes(cands)
     name = q.name
-    base = dict(bits=q.bits, eligible_nodes=len(order), eligible_tensors=len(cands))
+    base = dict(how=f"{q.bits}-bit" if hasattr(q, "bits") else q.label, eligible_nodes=len(order), eligible_tensors=len(cands))
     if every["peak"] > budget_bytes or not res.modified:
         return QuantChoice(False, every["peak"], simulations=1, **base)
 

@@ -11,7 +11,10 @@
    becomes the StepInBackward the user gets back).
 3. Then a ladder of (optimizer state, activations) pairs, the first that fits taken (RUNGS):
    the state as given with recompute alone (exact: CheckpointPlanner, the fastest frontier
-   plan that fits); 8-bit optimizer states with recompute alone; the state as given with
+   plan that fits); on CUDA, when named (`techniques=[..., "offload"]`), the state as given
+   with offloaded saved activations (exact; the shortest prefix of tensors, as for 8 bits
+   below, priced by the measured host-device bandwidth); 8-bit optimizer states with
+   recompute alone (then, on CUDA, with offload); the state as given with
    8-bit saved activations; 8-bit states with 8-bit saved activations; 4-bit states with
    recompute alone, then with 8-bit saved activations. Low-bit states (torchao's Adam/AdamW,
    memfit.runtime.lowbit; approximate) come first among the approximate options because
@@ -111,12 +114,21 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
         except PassError as e:
             log.info("technique quantize skipped: %s", e)
     states, notes = _state_options(cap, gm, peak, ctx, allowed)
+    off = None
+    if "offload" in allowed:
+        dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        if offload_saves_memory(dev):
+            off = get_pass(TECHNIQUES["offload"])()
+        else:
+            notes.append(f"offload: needs a CUDA device (on {dev.type} the host memory is the memory the "
+                         "budget counts)")
+    saves = {"quantize": q, "offload": off}
     planners: dict = {}
     floors: list[tuple[int, int]] = []       # (lowest predicted peak, smallest budget met) per rung
     first_error = None
-    for bits, quantized in RUNGS:
-        if bits not in states or (quantized and q is None) or (not quantized and "checkpoint" not in allowed
-                                                                and bits is None):
+    for bits, how in RUNGS:
+        if bits not in states or (how is not None and saves[how] is None) or (
+                how is None and "checkpoint" not in allowed and bits is None):
             continue
         opt, state_peak, state_decisions = states[bits]
         c = dataclasses.replace(ctx, optimizer=opt)
@@ -128,7 +140,7 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
             from memfit.planning.checkpoint import CheckpointPlanner
             planner = planners[bits] = CheckpointPlanner(dataclasses.replace(cap, gm=gm), optimizer=opt,
                                                          loss_fn=ctx.loss_fn)
-        if not quantized:
+        if how is None:
             if planner is None:
                 continue
             try:
@@ -139,7 +151,7 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
                 continue
             ctx.optimizer = opt
             return cp.gm, decisions + state_decisions + list(cp.decisions)
-        found, best = _quantized_saves(cap, gm, target, state_peak, c, q, planner, verify)
+        found, best = _quantized_saves(cap, gm, target, state_peak, c, saves[how], planner, verify)
         floors.append(best)
         if found is not None:
             ctx.optimizer = opt
@@ -151,13 +163,14 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
         if first_error is not None:
             raise first_error
         raise BudgetError(f"predicted peak {format_bytes(peak)} exceeds the budget {format_bytes(budget_bytes)} "
-                          f"and neither 'checkpoint' nor 'quantize' is among the allowed techniques "
-                          f"{list(allowed)}")
+                          f"and none of 'checkpoint', 'quantize' and (on CUDA) 'offload' is among the allowed "
+                          f"techniques {list(allowed)}" + "".join(f". Not used: {n}" for n in notes))
     # a budget over the peak as it stands plans too (nothing more to do; with the margin, as
     # every rung): the least budget stated is never above it
     from memfit.planning.checkpoint import least_budget
     best, needed = min(peak, *(f[0] for f in floors)), min(least_budget(peak), *(f[1] for f in floors))
     used = (["recomputation"] if "checkpoint" in allowed else []) + (
+        ["offloaded saved activations"] if off is not None else []) + (
         ["8-bit saved activations"] if q is not None else []) + [
         f"{b}-bit optimizer states" for b in states if b is not None]
     used = ", ".join(used[:-1]) + (" and " if len(used) > 1 else "") + used[-1]
@@ -171,9 +184,16 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
         least_budget=needed)
 
 
-# The approximate ladder after the exact techniques (module doc): (optimizer-state bits or None
-# for the state as given, quantized saved activations?), tried in this order.
-RUNGS = ((None, False), (8, False), (None, True), (8, True), (4, False), (4, True))
+def offload_saves_memory(device: torch.device) -> bool:
+    """Whether host copies leave the memory a budget on `device` counts (CUDA: yes)."""
+    return device.type == "cuda"
+
+
+# The ladder (module doc): (optimizer-state bits or None for the state as given, what is done to
+# the saved tensors left outside recomputed regions: None, "offload" (CUDA), "quantize"), tried
+# in this order.
+RUNGS = ((None, None), (None, "offload"), (8, None), (8, "offload"), (None, "quantize"), (8, "quantize"),
+         (4, None), (4, "quantize"))
 
 
 def _state_options(cap, gm, peak: int, ctx, allowed):
@@ -253,7 +273,8 @@ def _more_hint(ctx, allowed) -> str:
 
 
 def _quantized_saves(cap, gm, budget_bytes: int, peak: int, ctx, q, planner, verify: bool):
-    """8-bit saved activations on `gm` alone, then on frontier checkpoint plans (module doc):
+    """Pass `q`'s rewrite of saved activations (8-bit, or offloaded to host) on `gm` alone,
+    then on frontier checkpoint plans (module doc):
     ((gm, decisions) or None, (the lowest peak seen, the smallest budget met)). `budget_bytes`
     is the target (the budget less the margin); the smallest budget met includes it."""
     from memfit.planning.checkpoint import least_budget

@@ -4,7 +4,7 @@ torch.compile backend."""
 
 from __future__ import annotations
 
-# technique name (DESIGN.md) -> registered pass (or source rewrite) name; None: not built yet
+# technique name (DESIGN.md) -> registered pass (or source rewrite) name
 TECHNIQUES = {
     "fuse_conv_bn": "fuse-conv-bn",
     "sdpa": "sdpa-attention",
@@ -16,7 +16,7 @@ TECHNIQUES = {
     "optimizer_4bit": "optimizer-4bit",
     "reversible": "reversible",
     "token_merge": "token-merge",
-    "offload": None,  # designed for (DESIGN.md), not built yet
+    "offload": "offload-activations",         # CUDA only (planning/strategy.py); opt-in
 }
 # used unless `techniques` says otherwise: every exact one, then the approximate ones (8-bit saved
 # activations, 8- and 4-bit optimizer states with an optimizer instance and torchao installed)
@@ -42,7 +42,5 @@ def parse_techniques(techniques) -> tuple[str, ...]:
     for t in techniques:
         if t not in TECHNIQUES:
             raise ValueError(f"unknown technique {t!r}; choose from {', '.join(TECHNIQUES)}")
-        if TECHNIQUES[t] is None:
-            raise ValueError(f"technique {t!r} is not available yet in this version of memfit")
         out.append(t)
     return tuple(out)

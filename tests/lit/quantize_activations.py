@@ -4,25 +4,15 @@
 # their head count; skipped saves are diagnostics.
 import torch
 
-from memfit.ir.capture import capture
-from memfit.passes import PassContext, PassManager
 from memfit.testing import run
+from tests.lit.lit_helpers import show_wrapped
 from tests.models import MLP, Block
 
 torch.manual_seed(0)
 
 
 def show(model, x, pipeline, method="auto"):
-    cap = capture(model, (x,), method=method, dynamic=False)
-    res = PassManager(pipeline).run(cap.gm, PassContext(captured=cap))
-    for n in res.gm.graph.nodes:
-        if n.op == "call_module" and str(n.target).startswith("memfit_quant"):
-            args = ", ".join(f"%{a.name}" if isinstance(a, torch.fx.Node) else repr(a) for a in n.args)
-            sub = res.gm.get_submodule(n.target)
-            print(f"  %{n.name} = {n.target}({args})  # {sub.extra_repr()}")
-    print("// stats: " + " ".join(f"{k}={v}" for k, v in sorted(res.stats.items())))
-    for d in res.diagnostics:
-        print(f"// {d}")
+    show_wrapped(model, x, pipeline, "memfit_quant", method)
 
 
 @run

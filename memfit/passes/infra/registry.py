@@ -28,6 +28,7 @@ _BUILTIN.update({
     "chunked-ce": "memfit.passes.chunked_ce:ChunkedCE",
     "sdpa-attention": "memfit.passes.sdpa_attention:SDPAAttention",
     "quantize-activations": "memfit.passes.quantize:QuantizeActivations",
+    "offload-activations": "memfit.passes.offload:OffloadActivations",
     "reversible": "memfit.passes.reversible:Reversible",
     "token-merge": "memfit.rewrites.token_merge:TokenMerge",
 })
