@@ -35,7 +35,7 @@ from memfit.cost_models.roofline import DeviceSpec
 from memfit.cost_models.symbols import fake_inputs as _fake_inputs
 from memfit.cost_models.symbols import rename as _rename
 from memfit.cost_models.symbols import settle_symbols as _settle_symbols
-from memfit.cost_models.tracker import _expr_and_hint, _Store, _Tracker
+from memfit.cost_models.tracker import _expr_and_hint, _sole_owner_counts, _Store, _Tracker
 from memfit.errors import MemfitError
 from memfit.ir.capture import Captured
 from memfit.ir.fx_utils import fake_state, fetch_attr, module_path
@@ -239,6 +239,7 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
 
     # Leaf modules of symbolic_trace graphs read their own attributes: swap fakes in.
     module_fakes = {k: v for k, v in fakes.items() if _is_module_attr(gm, k)}
+    _sole_owner_counts()    # measured once per process, outside this step's modes
     with fm, tracker, _reparametrize_module(gm, module_fakes, strict=False), probes.recording() as probed:
         tracker.phase = "forward"
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -253,7 +254,11 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
             raise ValueError("loss_fn must return a scalar tensor")
         tracker.phase = "backward"
         if loss.requires_grad:
+            watched = tracker.watch_backward(loss)
             loss.backward()
+            for h in watched:
+                h.remove()
+            tracker.engine_window = False
         else:
             tracker.notes = ["the loss does not require grad: no backward simulated"]
         del loss

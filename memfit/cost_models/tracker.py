@@ -47,6 +47,8 @@ class _Tracker(TorchDispatchMode):
         self.by_storage: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self._refs: list[weakref.ref] = []
         self.phase = "start"
+        self.engine_window = False      # between an autograd node's end and the next's start
+        self.use_counts: list | None = None   # set while calibrating (_sole_owner_counts)
         self.node: str | None = None
         self.fx_node: torch.fx.Node | None = None    # the graph node running, for errors
         self.specialized: dict = {}     # shape symbol -> (operator, node) whose guard fixed it
@@ -77,8 +79,33 @@ class _Tracker(TorchDispatchMode):
             self.events.append((-1, s, self.phase))
         return _free
 
+    def watch_backward(self, loss: torch.Tensor) -> list:
+        """Hooks on every node of `loss`'s autograd graph marking the engine's own work between
+        nodes (adding gradient contributions: `_accumulates_in_place`); returns their handles."""
+        handles, seen, stack = [], set(), [loss.grad_fn]
+
+        def ended(*_):
+            self.engine_window = True
+
+        def started(*_):
+            self.engine_window = False
+
+        while stack:
+            n = stack.pop()
+            if n is None or n in seen:
+                continue
+            seen.add(n)
+            handles += [n.register_hook(ended), n.register_prehook(started)]
+            stack.extend(f for f, _ in n.next_functions)
+        return handles
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.engine_window and func is _aten.add.Tensor:
+            if self.use_counts is not None:
+                self.use_counts.append(_use_counts(args[0]))
+            elif _accumulates_in_place(args, kwargs):
+                return _aten.add_.Tensor(args[0], args[1])
         if self.fake_mode is not None:
             # A real tensor reaching an operator was made before the step (labels a loss
             # closes over): fake mode converts it, memoized; count its storage as an input
@@ -121,6 +148,60 @@ class _Tracker(TorchDispatchMode):
 
 
 _aten = torch.ops.aten
+
+
+# Eager's autograd engine adds a second gradient contribution into the first in place when it
+# holds the only reference to the first and to its storage (InputBuffer::accumulate), but never
+# when a tensor subclass or a dispatch mode is involved, which is always the case here: every
+# sum would then hold one more buffer than eager's. The engine's adds are told from the
+# derivatives' own by hooks on the graph (watch_backward); the reference counts that mean
+# "only the engine holds it", as seen from inside __torch_dispatch__, are measured once
+# (_sole_owner_counts) on a sum whose first part nothing else holds.
+def _use_counts(t: torch.Tensor) -> tuple[int, int]:
+    return t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata)  # noqa: SLF001
+
+
+def _accumulates_in_place(args, kwargs) -> bool:
+    if kwargs or len(args) != 2 or torch.is_grad_enabled():
+        return False
+    old, new = args
+    if not (isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor)):
+        return False
+    if old.layout != torch.strided or old.is_nested or old.dtype != new.dtype or not _same_shape(old, new):
+        return False
+    # contiguous (eager's rule is non-overlapping and dense, a superset: a permuted gradient
+    # stays over-predicted by one buffer); decided without adding guards on symbolic sizes
+    from torch._prims_common import is_contiguous_or_false
+    return is_contiguous_or_false(old) and _use_counts(old) == _sole_owner_counts()
+
+
+def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    def key(d):
+        return str(d.node.expr) if isinstance(d, torch.SymInt) else int(d)
+    return a.dim() == b.dim() and all(key(x) == key(y) for x, y in zip(a.shape, b.shape))
+
+
+_SOLE: list = []
+
+
+def _sole_owner_counts() -> tuple[int, int] | None:
+    if not _SOLE:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        fm = FakeTensorMode()
+        t = _Tracker(None, fm)
+        t.use_counts = []
+        with fm:
+            x = torch.empty(8, requires_grad=True)
+            y = x * 2
+            loss = (y.sin() + y.cos()).sum()     # y's gradient: cos(y) * g, then + (-sin(y) * g)
+        handles = t.watch_backward(loss)
+        with fm, t:
+            loss.backward()
+        for h in handles:
+            h.remove()
+        _SOLE.append(t.use_counts[0] if len(t.use_counts) == 1 else None)
+    return _SOLE[0]
 # Operators whose eager kernels need all their tensor arguments in one dtype, which their meta
 # kernels (FakeTensor's, so the whole simulated step) do not check: an int64 batch into a
 # Linear would be planned while eager raises "mat1 and mat2 must have the same dtype".
