@@ -85,7 +85,7 @@ from memfit.planning.techniques import DEFAULT_TECHNIQUES, FUNCTION_CHANGING, TE
 
 def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwargs: dict | None = None,
              example_targets=(), optimizer=None, loss_fn: Callable | None = None, techniques=None, passes=None,
-             mode: str = "train", verify: bool = False, on_unmet: str = "raise"):
+             mode: str = "train", verify: bool = False, on_unmet: str = "raise", time_model: str = "measured"):
     """Rewrite `model` so one training step fits `budget`; returns a new module sharing its
     parameters (same state_dict keys and tensors), with the plan as `.memfit_plan`.
 
@@ -94,7 +94,9 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
     memfit.planning.techniques; default: exact ones plus 8-bit quantization, which is used only
     when the exact ones cannot meet the budget). passes: an explicit pipeline (text form or Pass
     objects), bypassing the planner. verify: check numerics after every pass (PassManager verify
-    mode).
+    mode). time_model: how recompute is priced, "measured" (default: a short profile of the
+    forward on the example inputs, memfit.cost_models.timing) or "roofline" (nominal rates, no
+    run).
 
     Order (memfit.planning.strategy): source rewrites (token merging, when named) before
     capture; structural passes (Conv+BN tune mode, SDPA, reversible coupling when named); then
@@ -116,12 +118,12 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
         raise ValueError(f"on_unmet={on_unmet!r}: choose 'raise' (a BudgetError) or 'lowest' (the lowest plan)")
     om = _optimize(model, budget, example_inputs=example_inputs, example_kwargs=example_kwargs,
                    example_targets=example_targets, optimizer=optimizer, loss_fn=loss_fn, techniques=techniques,
-                   passes=passes, mode=mode, verify=verify, on_unmet=on_unmet)
+                   passes=passes, mode=mode, verify=verify, on_unmet=on_unmet, time_model=time_model)
     return (om, om.memfit_optimizer) if isinstance(optimizer, torch.optim.Optimizer) else om
 
 
 def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets, optimizer, loss_fn, techniques,
-              passes, mode, verify, on_unmet="raise"):
+              passes, mode, verify, on_unmet="raise", time_model="measured"):
     from memfit.ir.module import OptimizedModule
     from memfit.passes.infra.base import PassContext
     from memfit.passes.infra.pipeline import apply_rewrites, run_pipeline
@@ -129,6 +131,11 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
     from memfit.planning.strategy import fit_budget, structural
     from memfit.planning.techniques import OPTIMIZER_CHANGING, parse_techniques
 
+    from memfit.planning.checkpoint import TIME_MODELS
+
+    if time_model not in TIME_MODELS:
+        raise ValueError(f"time_model={time_model!r}: choose 'measured' (a short profile of the forward) or "
+                         "'roofline' (nominal rates)")
     if mode != "train":
         raise ValueError(f"mode={mode!r}: only mode='train' is supported (memory of a training step)")
     loss_fn = bind_targets(loss_fn, example_targets)
@@ -167,12 +174,13 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
         decisions += more
         if budget_bytes is not None and peak > budget_bytes:
             try:
-                gm, more = fit_budget(cap, gm, budget_bytes, peak, allowed, ctx, verify=verify)
+                gm, more = fit_budget(cap, gm, budget_bytes, peak, allowed, ctx, verify=verify, time_model=time_model)
             except BudgetError as e:
                 if on_unmet != "lowest" or e.least_budget is None:
                     raise
                 from memfit.budget import format_bytes as fb
-                gm, more = fit_budget(cap, gm, e.least_budget, peak, allowed, ctx, verify=verify)
+                gm, more = fit_budget(cap, gm, e.least_budget, peak, allowed, ctx, verify=verify,
+                                      time_model=time_model)
                 unmet = (f"on_unmet='lowest': the budget {fb(budget_bytes)} cannot be met; planned for the least "
                          f"budget that can be, {fb(e.least_budget, up=True)}")
             decisions += more
@@ -196,7 +204,7 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
 
     def replan(args, kwargs):
         again = dict(example_kwargs=kwargs, optimizer=optimizer, techniques=kept, passes=passes, mode=mode,
-                     verify=verify, example_targets=(), on_unmet=on_unmet)
+                     verify=verify, example_targets=(), on_unmet=on_unmet, time_model=time_model)
         try:
             try:
                 return _optimize(model, budget_bytes, example_inputs=args, loss_fn=loss_fn, **again)

@@ -16,7 +16,10 @@
 #      (tools/bench/predict_vs_measure.py);
 #   5. step time and peak at 50% and 25% against per-block checkpointing and torch.compile's
 #      activation_memory_budget (tools/bench/optimize.py --device cuda);
-#   6. the whole-step benchmark on GPT-2-small dimensions (tools/bench/whole_step.py).
+#   6. predicted against measured step-time ratios, measured and roofline time models
+#      (tools/bench/time_model.py);
+#   7. the whole-step benchmark on GPT-2-small dimensions (tools/bench/whole_step.py).
+# The time limits add up to 435 s, so the whole check stays under 8 minutes with the install.
 # A step that fails or runs out of time is recorded as such; the script goes on with the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -65,11 +68,12 @@ print(f"device: {p.name}, {p.total_memory / 2**30:.0f} GiB, sm{p.major}{p.minor}
 EOF
 } >>"$RESULTS"
 
-section "kernel and probe tests on CUDA" 120 python -m pytest -q tests/test_kernels_quant.py tests/test_probes.py tests/test_chunked_ce.py
-section "activation offload on CUDA (bitwise gradients, device peak, stream reuse)" 90 python -m pytest -q -s tests/test_offload.py
-section "quantize kernels against a device copy" 90 python tools/bench/quantize.py --repeats 5
-section "predicted against measured (CUDA)" 90 python tools/bench/predict_vs_measure.py
-section "budgets against per-block checkpointing and torch.compile" 120 python tools/bench/optimize.py --device cuda --repeats 3 --fractions 0.5,0.25 --models gpt2_like,vit_like
-section "whole step, GPT-2-small dimensions" 120 python tools/bench/whole_step.py --models gpt2 --budgets 50,30 --steps 2 --repeats 3
+section "kernel and probe tests on CUDA" 90 python -m pytest -q tests/test_kernels_quant.py tests/test_probes.py tests/test_chunked_ce.py
+section "activation offload on CUDA (bitwise gradients, device peak, stream reuse)" 45 python -m pytest -q -s tests/test_offload.py
+section "quantize kernels against a device copy" 60 python tools/bench/quantize.py --repeats 5
+section "predicted against measured (CUDA)" 60 python tools/bench/predict_vs_measure.py
+section "budgets against per-block checkpointing and torch.compile" 75 python tools/bench/optimize.py --device cuda --repeats 3 --fractions 0.5,0.25 --models gpt2_like,vit_like
+section "predicted against measured step time (time models)" 45 python tools/bench/time_model.py --models gpt2_like --repeats 5
+section "whole step, GPT-2-small dimensions" 60 python tools/bench/whole_step.py --models gpt2 --budgets 50,30 --steps 2 --repeats 3
 
 echo "gpu_check: done in $(( $(date +%s) - start )) s; results in $RESULTS"

@@ -114,7 +114,7 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
                  symbolic: bool = True, device_spec: DeviceSpec | None = None,
                  model_params: list[torch.Tensor] | None = None,
                  on_save: Callable[[str, torch.Tensor, bool], None] | None = None,
-                 forward_only: bool = False) -> StepAnalysis | None:
+                 forward_only: bool = False, node_times: dict | None = None) -> StepAnalysis | None:
     """Simulate one training step of `cap` on FakeTensors and return its memory profile.
 
     Writes a NodeCost into node.meta['memfit'] of every call node of `cap.gm`.
@@ -126,6 +126,10 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
     `preexisting` is True for storages of parameters, buffers and inputs. With `forward_only`
     only the forward runs (no loss, backward, optimizer) and None is returned: what the
     quantize pass needs (memfit.passes.quantize.saved_tensors_by_node).
+
+    `node_times`: measured forward seconds per node (memfit.cost_models.timing.profile_forward);
+    NodeCost.est_time_s is then the measured time, and for nodes it lacks the roofline's,
+    scaled by measured / roofline over the nodes it has. Without it: the roofline.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.fx.experimental.symbolic_shapes import (DimDynamic, ShapeEnv,
@@ -293,7 +297,8 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
 
     settled = _settle_symbols(symbols, sym_exprs, fm.shape_env, tracker.specialized)
     analysis = _build_analysis(gm, tracker, start_events, node_out_bytes, symbols, sym_exprs,
-                               fm.shape_env, device_spec or DeviceSpec.for_device(_device_of(flat, gm)))
+                               fm.shape_env, device_spec or DeviceSpec.for_device(_device_of(flat, gm)),
+                               node_times)
     analysis.notes[:0] = settled
     if probed.note():
         analysis.notes.append(probed.note())
@@ -328,7 +333,7 @@ def _call_loss(fn, targets, output):
 
 
 def _build_analysis(gm, tracker: _Tracker, start_events: int, node_out_bytes, symbols, sym_exprs,
-                    shape_env, spec: DeviceSpec) -> StepAnalysis:
+                    shape_env, spec: DeviceSpec, node_times: dict | None = None) -> StepAnalysis:
     live = {c: 0 for c in CATEGORIES}
     simplify_cache: dict[Any, Any] = {}
 
@@ -428,14 +433,24 @@ def _build_analysis(gm, tracker: _Tracker, start_events: int, node_out_bytes, sy
     totals["saved_activations"] = saved_total
 
     total_flops = 0
+    roof: dict[str, float] = {}
+    for n in gm.graph.nodes:
+        if n.op not in ("placeholder", "output", "get_attr"):
+            ob = node_out_bytes.get(n.name, 0)
+            in_bytes = sum(_val_bytes(a.meta.get("val")) for a in n.all_input_nodes)
+            roof[n.name] = max(tracker.node_flops.get(n.name, 0) / spec.flops_per_s, (ob + in_bytes) / spec.bytes_per_s)
+    scale = 1.0
+    if node_times:
+        both = [k for k in roof if k in node_times]
+        r, m = sum(roof[k] for k in both), sum(node_times[k] for k in both)
+        scale = m / r if r > 0 and m > 0 else 1.0
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "output", "get_attr"):
             continue
         fl = tracker.node_flops.get(n.name, 0)
         total_flops += fl
         ob = node_out_bytes.get(n.name, 0)
-        in_bytes = sum(_val_bytes(a.meta.get("val")) for a in n.all_input_nodes)
-        t = max(fl / spec.flops_per_s, (ob + in_bytes) / spec.bytes_per_s)
+        t = node_times[n.name] if node_times and n.name in node_times else roof[n.name] * scale
         rec = NodeCost(name=n.name, module=module_path(n), output_bytes=ob,
                        saved_bytes=saved_by_node.get(n.name, 0), flops=fl, est_time_s=t,
                        saved_expr=sympy.simplify(saved_expr_by_node.get(n.name, 0)))

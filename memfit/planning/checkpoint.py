@@ -144,6 +144,29 @@ def discover_runs(gm: torch.fx.GraphModule, nodes, *, share: float = 0.25, max_u
     return [(s, e, lab) for s, e, lab, _ in runs]
 
 
+TIME_MODELS = ("measured", "roofline")
+
+
+def forward_profile(cap: Captured, time_model: str):
+    """The measured forward (memfit.cost_models.timing.profile_forward) that prices recompute
+    under `time_model="measured"`; None for "roofline", and where the graph cannot run for real
+    (fake or meta inputs or parameters: the torch.compile backend's graphs)."""
+    if time_model not in TIME_MODELS:
+        raise PassError(f"time_model={time_model!r}: choose 'measured' (a short profile of the forward) or "
+                        "'roofline' (nominal rates)")
+    if time_model == "roofline":
+        return None
+    from torch._subclasses.fake_tensor import is_fake
+
+    from memfit.cost_models.timing import profile_forward
+
+    tensors = [t for t in list(cap.flat_inputs()) + list(cap.gm.parameters()) + list(cap.gm.buffers())
+               if isinstance(t, torch.Tensor)]
+    if any(is_fake(t) or t.device.type == "meta" for t in tensors):
+        return None
+    return profile_forward(cap)
+
+
 def price_units(gm: torch.fx.GraphModule, runs) -> list[Unit]:
     """Saved, boundary and time figures per unit from node.meta['memfit'] (NodeCost)."""
     nodes = call_nodes(gm)
@@ -257,7 +280,8 @@ class CheckpointPlanner:
     """
 
     def __init__(self, cap: Captured, *, optimizer=None, loss_fn=None, solver: str = "auto",
-                 max_verify: int = 24, margin: float | None = None, slack: float = 0.15):
+                 max_verify: int = 24, margin: float | None = None, slack: float = 0.15,
+                 time_model: str = "measured"):
         from memfit.cost_models.memory import analyze_step
         from memfit.planning import ChainPlan, chain_frontier, knapsack_frontier
 
@@ -265,7 +289,9 @@ class CheckpointPlanner:
             raise PassError(f"unknown checkpoint solver {solver!r}; choose one of {', '.join(SOLVERS)}")
         self.cap, self.optimizer, self.loss_fn = cap, optimizer, loss_fn
         self.max_verify, self.margin, self.slack = max_verify, MARGIN if margin is None else margin, slack
-        self.a0 = analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=False)
+        self.profile = forward_profile(cap, time_model)
+        self.a0 = analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=False,
+                               node_times=self.profile.node_s if self.profile else None)
         self.nodes = call_nodes(cap.gm)
         self.units = price_units(cap.gm, discover_runs(cap.gm, self.nodes))
         self.fixed, self.floor = _phase_figures(self.a0)
@@ -366,6 +392,9 @@ class CheckpointPlanner:
             out.append(Decision(target=label, action="recompute", saved_bytes=max(0, saved),
                                 extra_time_s=sum(u.time_s for u in units[i:j]),
                                 detail=f"{units[j - 1].end - units[i].start} nodes"))
+        if out:
+            how = "measured forward times" if self.profile is not None else "roofline on nominal rates"
+            out[-1] = dataclasses.replace(out[-1], detail=f"{out[-1].detail}; recompute priced by {how}")
         return out
 
     def budget_bytes(self, budget) -> int:

@@ -86,7 +86,8 @@ def structural(cap, gm, peak: int, allowed, ctx, *, verify: bool = False):
     return gm, peak, decisions
 
 
-def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: bool = False):
+def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: bool = False,
+               time_model: str = "measured"):
     """Meet `budget_bytes` (module doc, step 2). Returns (gm, decisions); BudgetError with the
     floor and what would lower it when no plan fits. May set `ctx.optimizer` (the optimizer
     the user gets back: stepping in backward, low-bit states)."""
@@ -139,7 +140,7 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
         if planner is None and "checkpoint" in allowed:
             from memfit.planning.checkpoint import CheckpointPlanner
             planner = planners[bits] = CheckpointPlanner(dataclasses.replace(cap, gm=gm), optimizer=opt,
-                                                         loss_fn=ctx.loss_fn)
+                                                         loss_fn=ctx.loss_fn, time_model=time_model)
         if how is None:
             if planner is None:
                 continue
