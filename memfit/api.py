@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def plan(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwargs: dict | None = None,
          example_targets=(), optimizer=None, loss_fn: Callable | None = None, capture_method: str = "auto",
-         symbolic: bool = True) -> MemoryPlan:
+         symbolic: bool = True, data_parallel: str | None = None) -> MemoryPlan:
     """Predict the memory of one training step of `model` (forward, backward, optimizer step).
 
     Nothing is computed for real: the step runs on FakeTensors. `budget` (bytes, "6GiB",
@@ -37,11 +37,26 @@ def plan(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwar
     `labels=` in example_kwargs) or the mean of its first float output. Targets given as
     `example_targets` scale with the batch size in the plan; tensors a closure holds keep
     their size.
+
+    `data_parallel="ddp"`: the model will train inside DistributedDataParallel; each rank's
+    plan then holds DDP's gradient buckets (a copy of every gradient). Per rank: give the
+    per-rank batch.
     """
     loss_fn = bind_targets(loss_fn, example_targets)
     budget_obj = Budget.parse(budget) if budget is not None else None
     cap = capture(model, example_inputs, example_kwargs, method=capture_method, dynamic=symbolic)
+    cap.data_parallel = _data_parallel(data_parallel)
     return plan_captured(cap, budget_obj, optimizer=optimizer, loss_fn=loss_fn, symbolic=symbolic)
+
+
+DATA_PARALLEL = (None, "ddp")
+
+
+def _data_parallel(value):
+    if value not in DATA_PARALLEL:
+        raise ValueError(f"data_parallel={value!r}: choose None (one process) or 'ddp' (DistributedDataParallel); "
+                         "FSDP2 is not supported yet (docs/distributed.md)")
+    return value
 
 
 def plan_captured(cap, budget: Budget | None, *, optimizer=None, loss_fn=None, symbolic=True,
@@ -85,7 +100,8 @@ from memfit.planning.techniques import DEFAULT_TECHNIQUES, FUNCTION_CHANGING, TE
 
 def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwargs: dict | None = None,
              example_targets=(), optimizer=None, loss_fn: Callable | None = None, techniques=None, passes=None,
-             mode: str = "train", verify: bool = False, on_unmet: str = "raise", time_model: str = "measured"):
+             mode: str = "train", verify: bool = False, on_unmet: str = "raise", time_model: str = "measured",
+             data_parallel: str | None = None):
     """Rewrite `model` so one training step fits `budget`; returns a new module sharing its
     parameters (same state_dict keys and tensors), with the plan as `.memfit_plan`.
 
@@ -96,7 +112,9 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
     objects), bypassing the planner. verify: check numerics after every pass (PassManager verify
     mode). time_model: how recompute is priced, "measured" (default: a short profile of the
     forward on the example inputs, memfit.cost_models.timing) or "roofline" (nominal rates, no
-    run).
+    run). data_parallel: "ddp" when the result will be wrapped in DistributedDataParallel: the
+    budget is per rank and includes DDP's gradient buckets ('step_in_backward' is refused then:
+    it would step on gradients not yet reduced).
 
     Order (memfit.planning.strategy): source rewrites (token merging, when named) before
     capture; structural passes (Conv+BN tune mode, SDPA, reversible coupling when named); then
@@ -118,12 +136,13 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
         raise ValueError(f"on_unmet={on_unmet!r}: choose 'raise' (a BudgetError) or 'lowest' (the lowest plan)")
     om = _optimize(model, budget, example_inputs=example_inputs, example_kwargs=example_kwargs,
                    example_targets=example_targets, optimizer=optimizer, loss_fn=loss_fn, techniques=techniques,
-                   passes=passes, mode=mode, verify=verify, on_unmet=on_unmet, time_model=time_model)
+                   passes=passes, mode=mode, verify=verify, on_unmet=on_unmet, time_model=time_model,
+                   data_parallel=data_parallel)
     return (om, om.memfit_optimizer) if isinstance(optimizer, torch.optim.Optimizer) else om
 
 
 def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets, optimizer, loss_fn, techniques,
-              passes, mode, verify, on_unmet="raise", time_model="measured"):
+              passes, mode, verify, on_unmet="raise", time_model="measured", data_parallel=None):
     from memfit.ir.module import OptimizedModule
     from memfit.passes.infra.base import PassContext
     from memfit.passes.infra.pipeline import apply_rewrites, run_pipeline
@@ -144,7 +163,11 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
     example_inputs = tuple(example_inputs)
     budget_obj = Budget.parse(budget) if budget is not None else None
     allowed = parse_techniques(techniques)
+    if _data_parallel(data_parallel) == "ddp" and "step_in_backward" in allowed:
+        raise ValueError("technique 'step_in_backward' cannot train under data_parallel='ddp': each parameter "
+                         "would be stepped on its own rank's gradient, before DDP reduces it; leave it out")
     cap = capture(model, example_inputs, example_kwargs, dynamic=False)
+    cap.data_parallel = data_parallel
     base = analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=False)
     budget_bytes = budget_obj.resolve(base.peak_bytes) if budget_obj is not None else None
     decisions: list = []
@@ -163,6 +186,7 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
                                                   example_kwargs)
             if res.modified:
                 cap = capture(rewritten, example_inputs, example_kwargs, dynamic=False)
+                cap.data_parallel = data_parallel
                 cap.gm.meta.update(meta)
                 new_peak = analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=False).peak_bytes
                 counts = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in res.stats.items())
@@ -204,7 +228,8 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
 
     def replan(args, kwargs):
         again = dict(example_kwargs=kwargs, optimizer=optimizer, techniques=kept, passes=passes, mode=mode,
-                     verify=verify, example_targets=(), on_unmet=on_unmet, time_model=time_model)
+                     verify=verify, example_targets=(), on_unmet=on_unmet, time_model=time_model,
+                     data_parallel=data_parallel)
         try:
             try:
                 return _optimize(model, budget_bytes, example_inputs=args, loss_fn=loss_fn, **again)

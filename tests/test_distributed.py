@@ -1,6 +1,8 @@
 """memfit under torch.distributed, on 2 gloo ranks spawned on this machine (a file store, no
-network): DDP around an optimized module trains as plain DDP does; FSDP2 is refused in
-both orders with one clear error instead of training nothing (docs/distributed.md)."""
+network): DDP around an optimized module trains as plain DDP does; a plan made with
+data_parallel="ddp" holds DDP's gradient buckets and is measured through DDP; the step in
+backward is refused under DDP; FSDP2 is refused in both orders with one clear error instead of
+training nothing (docs/distributed.md)."""
 
 import copy
 import json
@@ -21,6 +23,10 @@ def _model():
 
     torch.manual_seed(0)
     return torch.nn.Sequential(Block(32, heads=2), Block(32, heads=2), torch.nn.Linear(32, 8))
+
+
+def _param_bytes() -> int:
+    return sum(p.numel() * p.element_size() for p in _model().parameters())
 
 
 def _ranks(rank, store_path, out_dir):
@@ -57,6 +63,33 @@ def _ranks(rank, store_path, out_dir):
             runs[name] = [p.detach().clone() for p in net.parameters()]
         res["max_rel"] = max(((a - b).norm() / b.norm()).item() for a, b in zip(runs["memfit"], runs["plain"]))
         res["moved"] = all(not torch.equal(a, b) for a, b in zip(runs["memfit"], [p.detach() for p in _model().parameters()]))
+
+        # DDP's gradient buckets in the per-rank plan: planned for a budget that needs
+        # recompute, then measured through DDP (constructed inside the measured window)
+        om = memfit.optimize(_model(), "85%", example_inputs=(x,), optimizer="adamw", loss_fn=loss_fn,
+                             techniques="checkpoint", data_parallel="ddp")
+        plan = om.memfit_plan
+        through_ddp = memfit.measure(om, example_inputs=(x,), optimizer="adamw", loss_fn=loss_fn, data_parallel="ddp")
+        alone = memfit.measure(om, example_inputs=(x,), optimizer="adamw", loss_fn=loss_fn)
+        res["ddp_plan"] = [plan.peak_bytes, plan.budget_bytes, through_ddp.peak_bytes, alone.peak_bytes,
+                           [d.action for d in plan.decisions]]
+        # the step in backward would use each rank's own gradients: refused
+        try:
+            memfit.optimize(_model(), "90%", example_inputs=(x,), loss_fn=loss_fn,
+                            optimizer=torch.optim.AdamW(_model().parameters()),
+                            techniques=["checkpoint", "step_in_backward"], data_parallel="ddp")
+            res["fused_ddp"] = "no error"
+        except ValueError as e:
+            res["fused_ddp"] = str(e)
+        m = _model()
+        fused, _opt = memfit.optimize(m, "95%", example_inputs=(x,), loss_fn=loss_fn,
+                                      optimizer=torch.optim.AdamW(m.parameters()),
+                                      techniques=["checkpoint", "step_in_backward"])
+        try:
+            fused(x)
+            res["fused_run"] = "no error"
+        except RuntimeError as e:
+            res["fused_run"] = str(e)
 
         # FSDP2, both orders
         from torch.distributed.device_mesh import init_device_mesh
@@ -105,4 +138,11 @@ def test_ddp_composes_and_fsdp2_is_refused_in_both_orders(tmp_path):
         assert "recompute" in res["decisions"]
         assert res["max_rel"] == 0.0 and res["moved"], res
         assert "sharded now" in res["after"] and "training would update nothing" in res["after"], res["after"]
+        pred, budget, meas, alone, actions = res["ddp_plan"]
+        assert "recompute" in actions and meas <= budget, res["ddp_plan"]
+        # predicted to within 0.1% through DDP, where the plan without its buckets would be
+        # a whole gradient copy low (alone)
+        assert abs(pred - meas) <= 1e-3 * meas and meas - alone >= 0.9 * _param_bytes(), res["ddp_plan"]
+        assert "cannot train under data_parallel='ddp'" in res["fused_ddp"], res["fused_ddp"]
+        assert "before DDP or FSDP reduces it over the 2 ranks" in res["fused_run"], res["fused_run"]
         assert res["before"].startswith("CaptureError") and "wrapped by fully_shard" in res["before"], res["before"]

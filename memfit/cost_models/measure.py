@@ -71,9 +71,12 @@ def _storages_bytes(tensors) -> tuple[int, set]:
 
 
 def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, example_targets=(),
-            optimizer=None, loss_fn: Callable | None = None) -> Measurement:
+            optimizer=None, loss_fn: Callable | None = None, data_parallel: str | None = None) -> Measurement:
     """Run one real training step of `model` and measure its memory (see module doc).
-    The loss is `loss_fn(output, *example_targets)` (memfit.plan's rules)."""
+    The loss is `loss_fn(output, *example_targets)` (memfit.plan's rules).
+    `data_parallel="ddp"`: the step runs through DistributedDataParallel(model), constructed
+    inside the measured window so its gradient buckets count (a process group must be
+    initialized; every rank calls measure)."""
     import time
 
     from memfit.cost_models.optimizers import bind_targets
@@ -116,8 +119,15 @@ def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, e
             return t
 
         def step():
+            net = model
+            if data_parallel == "ddp":
+                from torch.nn.parallel import DistributedDataParallel
+
+                net = DistributedDataParallel(model)
+            elif data_parallel is not None:
+                raise ValueError(f"data_parallel={data_parallel!r}: choose None or 'ddp'")
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = loss_fn(model(*example_inputs, **example_kwargs))
+                loss = loss_fn(net(*example_inputs, **example_kwargs))
             loss.backward()
             del loss
             if opt is not None:

@@ -194,6 +194,14 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
             for v in state.values():
                 if isinstance(v, torch.Tensor):
                     tracker.register(v, "optimizer_state")
+    if cap.data_parallel == "ddp":
+        # DDP's reducer keeps a flat copy of every gradient (its buckets) from construction on
+        with fm:
+            buckets = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in param_fakes]
+        for b in buckets:
+            tracker.register(b, "gradients")
+        tracker.notes = [f"DDP gradient buckets: {sum(_val_bytes(b) for b in buckets)} B (a copy of every gradient, "
+                         "held from DDP's construction on) counted as gradients"]
     grad_stores: list = []
     if fused:
         # the same hooks as at run time, on the fakes (armed); the gradients they free are
@@ -201,7 +209,7 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
         for p in param_fakes:
             p.register_post_accumulate_grad_hook(lambda q: grad_stores.append(tracker.by_storage.get(q.grad.untyped_storage())))
         in_backward = StepInBackward(opt)
-        in_backward.arm()
+        in_backward.arm(simulated=True)
     start_events = len(tracker.events)
 
     def pack(t):
@@ -264,7 +272,7 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
                 h.remove()
             tracker.engine_window = False
         else:
-            tracker.notes = ["the loss does not require grad: no backward simulated"]
+            tracker.notes = getattr(tracker, "notes", []) + ["the loss does not require grad: no backward simulated"]
         del loss
         if opt is not None and not fused:
             tracker.phase = "optimizer"

@@ -54,6 +54,9 @@ class Captured:
     training: bool
     model_name: str
     notes: list[str] = field(default_factory=list)
+    # how the model will train: None (one process) or "ddp" (DistributedDataParallel around it:
+    # its gradient buckets are in every plan, memfit.cost_models.memory)
+    data_parallel: str | None = None
 
     def flat_inputs(self, args: tuple | None = None, kwargs: dict | None = None) -> list:
         args = self.example_inputs if args is None else args

@@ -125,8 +125,17 @@ class StepInBackward(torch.optim.Optimizer):
         p.grad = None
         self._stepped.add(id(p))
 
-    def arm(self) -> None:
-        """The next backward steps each parameter (the optimized module calls this)."""
+    def arm(self, simulated: bool = False) -> None:
+        """The next backward steps each parameter (the optimized module calls this; the cost
+        model with `simulated`). Refused under a process group of several ranks: DDP and FSDP
+        reduce gradients at the end of backward, after these steps would have used each rank's own."""
+        import torch.distributed as dist
+
+        if not simulated and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise RuntimeError("memfit: the optimizer step in backward (technique 'step_in_backward') would step "
+                               f"each parameter on this rank's own gradient, before DDP or FSDP reduces it over the "
+                               f"{dist.get_world_size()} ranks; plan without it (memfit.optimize(..., "
+                               "data_parallel='ddp') refuses it)")
         self.install()
         self.armed = True
 
