@@ -169,10 +169,10 @@ def _accumulates_in_place(args, kwargs) -> bool:
         return False
     if old.layout != torch.strided or old.is_nested or old.dtype != new.dtype or not _same_shape(old, new):
         return False
-    # contiguous (eager's rule is non-overlapping and dense, a superset: a permuted gradient
-    # stays over-predicted by one buffer); decided without adding guards on symbolic sizes
-    from torch._prims_common import is_contiguous_or_false
-    return is_contiguous_or_false(old) and _use_counts(old) == _sole_owner_counts()
+    # eager's rule: non-overlapping and dense (a permuted layout too); decided without adding
+    # guards on symbolic sizes (unknown: not in place, which errs high)
+    from torch._prims_common import is_non_overlapping_and_dense_or_false
+    return is_non_overlapping_and_dense_or_false(old) and _use_counts(old) == _sole_owner_counts()
 
 
 def _same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
