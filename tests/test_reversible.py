@@ -312,3 +312,18 @@ def test_pass_through_pass_manager():
     out.sum().backward()
     assert stacks[0].report.anchored == 2
     assert all(e < 1e-4 for e in stacks[0].report.errors.values())
+
+
+def test_a_plain_sequential_of_blocks_is_found():
+    """The model itself the list of blocks (nn.Sequential(Block, Block, ...)): found without a
+    pattern; a Sequential of single layers is not taken for blocks."""
+    torch.manual_seed(0)
+    m = nn.Sequential(*[Block(16, 2) for _ in range(4)])
+    x = torch.randn(2, 5, 16)
+    rev = make_reversible(m, (x,))
+    assert rev.pass_result.stats == {"stacks": 1, "blocks_converted": 4, "blocks_skipped": 0, "couplings": 2}
+    assert [s.names for s in stacks(rev)] == [["0", "1", "2", "3"]]
+    ref, got = grad_pair(rev, m, (x,))
+    assert max(rel(a, b) for a, b in zip(got, ref)) < 1e-4
+    layers = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU())
+    assert not make_reversible(layers, (torch.randn(2, 4),)).pass_result.modified

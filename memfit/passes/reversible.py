@@ -47,8 +47,8 @@ AUX = ("copy", "delta")  # MEFT aux stream: beta * a_i, or beta * (a_i - a_{i+1}
 
 
 def _auto_patterns(paths) -> list[str]:
-    """Candidate block patterns, best first: numbered children of a module list, the lists'
-    own indices generalized ("stages.0.1" -> "re:stages\\.\\d+\\.\\d+", so the blocks of every
+    """Candidate block patterns, best first: numbered children of a module list (the model's
+    own, when it is an nn.Sequential of blocks), the lists' own indices generalized ("stages.0.1" -> "re:stages\\.\\d+\\.\\d+", so the blocks of every
     stage are candidates together), ordered by how many graph nodes they cover (`paths`: one
     module path per compute node), so a stack of blocks wins over the nn.Sequential inside
     each block."""
@@ -56,14 +56,23 @@ def _auto_patterns(paths) -> list[str]:
     cover: dict[str, int] = {}
     for p in paths:
         parts = p.split(".")
-        for i in range(1, len(parts)):
+        for i in range(len(parts)):   # i = 0: the model itself is the list (a plain nn.Sequential)
             if parts[i].isdigit():
-                key = r"\.".join(r"\d+" if q.isdigit() else re.escape(q) for q in parts[:i]) + r"\.\d+"
+                key = r"\.".join([r"\d+" if q.isdigit() else re.escape(q) for q in parts[:i]] + [r"\d+"])
                 kids.setdefault(key, set()).add(".".join(parts[:i + 1]))
                 cover[key] = cover.get(key, 0) + 1
-    cands = [k for k, v in kids.items() if len(v) >= 2]
+    cands = [k for k, v in kids.items() if len(v) >= 2 and (k != r"\d+" or _repeated(v, paths))]
     cands.sort(key=lambda k: (-cover[k], k.count(r"\.")))
     return ["re:" + k for k in cands]
+
+
+def _repeated(kids, paths) -> bool:
+    """Whether the model's own numbered children look like repeated blocks, not a pipeline of
+    single layers (nn.Sequential(Linear, ReLU)): each runs 2 nodes or more, and two of them the
+    same number."""
+    count = {k: sum(1 for p in paths if p == k or p.startswith(k + ".")) for k in kids}
+    sizes = [c for c in count.values() if c >= 2]
+    return len(sizes) == len(count) and len(set(sizes)) < len(sizes)
 
 
 def _auto_pattern(paths) -> str | None:
