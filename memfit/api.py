@@ -145,9 +145,9 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
               passes, mode, verify, on_unmet="raise", time_model="measured", data_parallel=None):
     from memfit.ir.module import OptimizedModule
     from memfit.passes.infra.base import PassContext
-    from memfit.passes.infra.pipeline import apply_rewrites, run_pipeline
-    from memfit.passes.infra.registry import as_passes, get_pass
-    from memfit.planning.strategy import fit_budget, structural
+    from memfit.passes.infra.pipeline import run_pipeline
+    from memfit.passes.infra.registry import as_passes
+    from memfit.planning.strategy import fit_budget, structural, token_merge_for
     from memfit.planning.techniques import OPTIMIZER_CHANGING, parse_techniques
 
     from memfit.planning.checkpoint import TIME_MODELS
@@ -182,17 +182,10 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
     else:
         peak = base.peak_bytes
         if "token_merge" in allowed:
-            rewritten, res, meta = apply_rewrites(model, [get_pass(TECHNIQUES["token_merge"])()], example_inputs,
-                                                  example_kwargs)
-            if res.modified:
-                cap = capture(rewritten, example_inputs, example_kwargs, dynamic=False)
-                cap.data_parallel = data_parallel
-                cap.gm.meta.update(meta)
-                new_peak = analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=False).peak_bytes
-                counts = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in res.stats.items())
-                decisions.append(Decision(target="(model)", action=TECHNIQUES["token_merge"],
-                                          saved_bytes=peak - new_peak, extra_time_s=0.0, detail=counts))
-                peak = new_peak
+            merged, peak, more = token_merge_for(model, example_inputs, example_kwargs, peak, budget_bytes,
+                                                 optimizer, loss_fn, data_parallel)
+            cap = merged or cap
+            decisions += more
         ctx = PassContext(captured=cap, budget=budget_bytes, optimizer=optimizer, loss_fn=loss_fn)
         gm, peak, more = structural(cap, cap.gm, peak, allowed, ctx, verify=verify)
         decisions += more

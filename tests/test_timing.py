@@ -69,3 +69,18 @@ def test_plan_says_how_recompute_was_priced(time_model, says):
     recompute = [d for d in om.memfit_plan.decisions if d.action == "recompute"]
     assert recompute and says in recompute[-1].detail
     assert all(d.extra_time_s > 0 for d in recompute)
+
+
+def test_the_profile_is_measured_once_per_graph_and_machine():
+    """Plans repeat from run to run: the second planner of the same graph reads the first one's
+    profile back (a fresh one's noise would move the frontier and a refusal's least budget)."""
+    from memfit.cost_models.probe_store import clear_memo
+    from memfit.cost_models.timing import cached_profile
+
+    cap = capture(Block(24, 4), (torch.randn(3, 8, 24),), dynamic=False)
+    first = cached_profile(cap)
+    clear_memo()                                   # as a new process would: from the file
+    again = cached_profile(cap)
+    assert again.node_s == first.node_s and again.wall_s == 0.0 and "probe cache" in again.note()
+    other = cached_profile(capture(Block(24, 4), (torch.randn(5, 8, 24),), dynamic=False))
+    assert other.wall_s > 0                        # other shapes: measured anew

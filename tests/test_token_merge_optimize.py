@@ -35,3 +35,26 @@ def test_optimize_token_merge_on_exported_transformers_vit():
     assert opt.graph_module.meta["token_merge"]["tokens_per_layer"] == [17, 9, 5]
     # transformers' traced all-attend mask for 17 tokens must not reach the merged blocks
     torch.testing.assert_close(opt(x).logits, apply_token_merging(m, 8)(x).logits, rtol=1e-6, atol=1e-6)
+
+
+def test_r_is_chosen_from_the_budget():
+    """techniques=["token_merge"] with a budget: the smallest r tried whose merged step meets the
+    budget by itself (r one candidate smaller does not), said in the plan; the module is the
+    ToMe model at that r."""
+    from memfit.planning.strategy import R_CANDIDATES
+
+    torch.manual_seed(0)
+    m = SmallViT(layers=4)
+    x = torch.randn(4, 3, 32, 32)
+
+    def peak(r):
+        return memfit.plan(apply_token_merging(m, r), example_inputs=(x,), symbolic=False).peak_bytes
+
+    base = memfit.plan(m, example_inputs=(x,), symbolic=False).peak_bytes
+    budget = (peak(4) + peak(6)) // 2          # between r=4's and r=6's peaks
+    opt = memfit.optimize(m, budget, example_inputs=(x,), techniques=["token_merge"])
+    (d,) = [d for d in opt.memfit_plan.decisions if d.action == "token-merge"]
+    assert "r=6: the smallest r tried that meets the budget by itself" in d.detail, d.detail
+    assert R_CANDIDATES.index(6) == R_CANDIDATES.index(4) + 1 and peak(4) > budget >= peak(6) and base > budget
+    assert opt.memfit_plan.peak_bytes <= budget
+    torch.testing.assert_close(opt(x), apply_token_merging(m, 6)(x), rtol=1e-6, atol=1e-6)

@@ -103,7 +103,10 @@ def _read_cache(path: Path) -> dict[str, dict]:
     if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("probes"), dict):
         log.info("memfit: ignoring probe cache %s: not a format-%d probe file", path, CACHE_FORMAT)
         return {}
-    return {k: v for k, v in data["probes"].items() if isinstance(v, dict) and isinstance(v.get("scratch_bytes"), int)}
+    # kernel scratch entries carry scratch_bytes; other measurements (host transfers, forward
+    # profiles) name their kind
+    return {k: v for k, v in data["probes"].items()
+            if isinstance(v, dict) and (isinstance(v.get("scratch_bytes"), int) or isinstance(v.get("kind"), str))}
 
 
 def _disk_entries(path: Path) -> dict[str, dict]:

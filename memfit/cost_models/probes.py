@@ -470,7 +470,7 @@ def host_transfer_bytes_per_s(device: torch.device) -> float:
                 torch.cuda.synchronize(device)
                 best = min(best, time.perf_counter() - t0)
             rates.append(n / best)
-        entry = {"bytes_per_s": min(rates), "d2h_bytes_per_s": rates[0], "h2d_bytes_per_s": rates[1]}
+        entry = {"kind": "host_transfer", "bytes_per_s": min(rates), "d2h_bytes_per_s": rates[0], "h2d_bytes_per_s": rates[1]}
         log.info("memfit: probed host transfers on %s: %.1f GB/s", device, entry["bytes_per_s"] / 1e9)
         _store(key, entry)
     return float(entry["bytes_per_s"])

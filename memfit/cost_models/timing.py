@@ -40,8 +40,8 @@ class ForwardProfile:
     wall_s: float = 0.0             # what profiling took
 
     def note(self) -> str:
-        return (f"per-node forward times measured ({self.runs} runs of the forward, "
-                f"{self.forward_s * 1e3:.2f} ms each, profiled in {self.wall_s:.1f} s)")
+        where = f"profiled in {self.wall_s:.1f} s" if self.wall_s else "from the probe cache"
+        return f"per-node forward times measured ({self.runs} runs of the forward, {self.forward_s * 1e3:.2f} ms each, {where})"
 
 
 def profile_forward(cap, *, repeats: int = 3) -> ForwardProfile:
@@ -75,6 +75,30 @@ def profile_forward(cap, *, repeats: int = 3) -> ForwardProfile:
     overhead = _harness_overhead(dev)
     node_s = {k: max(0.0, v - overhead) for k, v in med.items()}
     return ForwardProfile(node_s, sum(node_s.values()), overhead, repeats, time.perf_counter() - t_start)
+
+
+def cached_profile(cap, *, repeats: int = 3) -> ForwardProfile:
+    """profile_forward, measured once per graph, input shapes, device and thread count and kept
+    with the kernel probes (memfit.cost_models.probe_store: in memory and on disk). Plans are
+    then the same in every run on a machine: a refusal's least budget, given back as the
+    budget, plans in the next run too, where a fresh profile's noise could move the frontier."""
+    import hashlib
+
+    from memfit.cost_models.probe_store import cache_path, device_signature, lookup, memoize, write_cache
+
+    flat = [t for t in cap.flat_inputs() if isinstance(t, torch.Tensor)]
+    dev = next((t.device for t in flat + list(cap.gm.parameters())), torch.device("cpu"))
+    shapes = ";".join(f"{tuple(t.shape)}:{t.dtype}" for t in flat)
+    digest = hashlib.sha1(f"{cap.gm.code}|{shapes}".encode()).hexdigest()[:16]
+    key = f"forward_profile|{digest}|{device_signature(dev)}|threads={torch.get_num_threads()}|repeats={repeats}"
+    hit = lookup(key)
+    if hit is not None:
+        return ForwardProfile(dict(hit["node_s"]), hit["forward_s"], hit["overhead_s"], hit["runs"], 0.0)
+    prof = profile_forward(cap, repeats=repeats)
+    entry = {"kind": "forward_profile", "node_s": prof.node_s, "forward_s": prof.forward_s, "overhead_s": prof.overhead_s, "runs": prof.runs}
+    memoize(key, entry)
+    write_cache(cache_path(), {key: entry})
+    return prof
 
 
 def _timed(samples: dict, dev: torch.device):

@@ -148,8 +148,8 @@ TIME_MODELS = ("measured", "roofline")
 
 
 def forward_profile(cap: Captured, time_model: str):
-    """The measured forward (memfit.cost_models.timing.profile_forward) that prices recompute
-    under `time_model="measured"`; None for "roofline", and where the graph cannot run for real
+    """The measured forward (memfit.cost_models.timing.cached_profile: measured once per graph,
+    shapes and machine, then read back) that prices recompute under `time_model="measured"`; None for "roofline", and where the graph cannot run for real
     (fake or meta inputs or parameters: the torch.compile backend's graphs)."""
     if time_model not in TIME_MODELS:
         raise PassError(f"time_model={time_model!r}: choose 'measured' (a short profile of the forward) or "
@@ -158,13 +158,13 @@ def forward_profile(cap: Captured, time_model: str):
         return None
     from torch._subclasses.fake_tensor import is_fake
 
-    from memfit.cost_models.timing import profile_forward
+    from memfit.cost_models.timing import cached_profile
 
     tensors = [t for t in list(cap.flat_inputs()) + list(cap.gm.parameters()) + list(cap.gm.buffers())
                if isinstance(t, torch.Tensor)]
     if any(is_fake(t) or t.device.type == "meta" for t in tensors):
         return None
-    return profile_forward(cap)
+    return cached_profile(cap)
 
 
 def price_units(gm: torch.fx.GraphModule, runs) -> list[Unit]:

@@ -378,3 +378,59 @@ def _fused_step(cap, gm, peak: int, ctx):
     return new_peak, [Decision("(gradients)", "step-in-backward", peak - new_peak, 0.0,
                                f"{type(opt).__name__} steps each parameter as its gradient is ready; the loop "
                                "must not clip, accumulate or read gradients (optimizer.step() is a no-op)")]
+
+
+# r per block tried for token merging under a budget: ToMe's paper runs r up to about 16 on
+# ViT-B/16's 197 tokens; larger r is clamped by the runtime to the tokens there are
+R_CANDIDATES = (1, 2, 4, 6, 8, 12, 16, 24, 32)
+
+
+def token_merge_for(model, example_inputs, example_kwargs, peak: int, budget_bytes, optimizer, loss_fn,
+                    data_parallel=None):
+    """Token merging when named (it changes the function): with a budget, the smallest r of
+    R_CANDIDATES whose merged step's predicted peak meets the budget less MARGIN by itself
+    (first_fit over r, the peak falling as r grows), else the largest (the other techniques go
+    on from there); without one, the pass's default r. Returns (capture or None when nothing
+    was merged, new peak, decisions)."""
+    from memfit.cost_models.memory import analyze_step
+    from memfit.ir.capture import capture
+    from memfit.memory_plan import Decision
+    from memfit.passes.infra.pipeline import apply_rewrites
+    from memfit.passes.infra.registry import get_pass
+    from memfit.planning.checkpoint import MARGIN
+    from memfit.planning.solvers.search import first_fit
+
+    tm = get_pass(TECHNIQUES["token_merge"])
+    tried: dict = {}
+
+    def merged(r):
+        if r not in tried:
+            rewritten, res, meta = apply_rewrites(model, [tm() if r is None else tm(r=r)], example_inputs,
+                                                  example_kwargs)
+            if not res.modified:
+                tried[r] = (None, peak, res)
+            else:
+                cap = capture(rewritten, example_inputs, example_kwargs, dynamic=False)
+                cap.data_parallel = data_parallel
+                cap.gm.meta.update(meta)
+                tried[r] = (cap, analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=False).peak_bytes,
+                            res)
+        return tried[r]
+
+    why = "the pass's default r"
+    r = None
+    if budget_bytes is not None and peak > budget_bytes:
+        target = int(budget_bytes * (1.0 - MARGIN))
+        fit = first_fit(len(R_CANDIDATES), lambda i: merged(R_CANDIDATES[i])[1], target,
+                        max_evals=len(R_CANDIDATES))
+        if fit.index is not None:
+            r, why = R_CANDIDATES[fit.index], "the smallest r tried that meets the budget by itself"
+        else:
+            r, why = R_CANDIDATES[-1], "no r tried meets the budget by itself: the largest, then the other techniques"
+    cap, new_peak, res = merged(r)
+    if cap is None:
+        return None, peak, []
+    counts = ", ".join(f"{k.split('.', 1)[-1]}={v}" for k, v in res.stats.items())
+    return cap, new_peak, [Decision(target="(model)", action=TECHNIQUES["token_merge"], saved_bytes=peak - new_peak,
+                                    extra_time_s=0.0, detail=f"{counts}; r={'default' if r is None else r}: {why}")]
+
