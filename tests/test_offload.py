@@ -295,3 +295,17 @@ def test_planner_rung_where_host_memory_is_separate(monkeypatch):
     print(plan)
     loss, got = _grads(opt, x, y)
     assert torch.equal(loss, ref_loss) and all(torch.equal(got[n], ref[n]) for n in ref)
+
+
+def test_prefetch_never_brings_back_what_backward_already_had():
+    """Out of saving order (a tensor used early in backward), the next prefetch must not copy
+    a consumed tensor back again: it would sit on the device until the graph dies."""
+    scope = OffloadScope([], InlineStreams(), torch.device("cpu"))
+    hooks = OffloadedSaves(OffloadConfig(min_bytes=0, prefetch=2), scope=scope)
+    ts = [torch.full((4,), float(i)) for i in range(3)]
+    packed = [hooks._pack(t) for t in ts]
+    order = [1, 0, 2]                         # backward asks for t1, then t0, then t2
+    got = [hooks._unpack(packed[i]) for i in order]
+    assert all(torch.equal(g, ts[i]) for g, i in zip(got, order))
+    assert hooks.stats.fetched == 3           # t1; t0 (prefetched by t1); t2 (t1 and t0 not again)
+    assert hooks.stats.prefetched == 1

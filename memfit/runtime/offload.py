@@ -205,12 +205,12 @@ class OffloadScope:
 class _Offloaded:
     """One saved tensor in host memory; `dev` holds it back on the device once fetched."""
 
-    __slots__ = ("host", "done", "device", "index", "dev", "dev_done", "outer_unpack", "scope", "shape",
+    __slots__ = ("host", "done", "device", "index", "dev", "dev_done", "outer_unpack", "scope", "shape", "used",
                  "__weakref__")
 
     def fetch(self, stats: OffloadStats | None, ahead: bool) -> None:
-        if self.dev is not None:
-            return
+        if self.dev is not None or (ahead and self.used):
+            return    # fetched already; or backward has had it (a second one fetches on demand)
         host = self.outer_unpack(self.host) if self.outer_unpack is not None else self.host
         self.dev, self.dev_done = self.scope.streams.to_device(host, self.device, self.done)
         if stats is not None:
@@ -258,7 +258,7 @@ class OffloadedSaves:
         if self._outer is not None:
             host = self._outer[0](host)
             h.outer_unpack = self._outer[1]
-        h.host, h.done, h.device, h.dev, h.dev_done, h.scope = host, done, t.device, None, None, sc
+        h.host, h.done, h.device, h.dev, h.dev_done, h.scope, h.used = host, done, t.device, None, None, sc, False
         h.index = len(sc.order)
         h.shape = tuple(t.shape)
         sc.order.append(weakref.ref(h))
@@ -273,6 +273,7 @@ class OffloadedSaves:
             return self._outer[1](obj) if self._outer is not None else obj
         h: _Offloaded = obj
         h.fetch(self.stats, ahead=False)
+        h.used = True
         dev, done = h.dev, h.dev_done
         # the handle lets go: once autograd is done with it the block is free (a second
         # backward fetches again from the host copy)
