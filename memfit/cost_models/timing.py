@@ -4,7 +4,8 @@ The recompute planner ranks plans by the forward time of what they run again. A 
 nominal rates (roofline.py) misjudges that wherever a kernel is far from either roof
 (elementwise chains on a CPU, small matmuls, framework overhead per operator), so the
 planner measures instead: `profile_forward` runs the captured graph once to warm up and then
-`repeats` times on the example inputs and the model's own parameters, under no_grad (no
+`repeats` times (once when the warm-up took over SLOW_FORWARD_S) on the example inputs and
+the model's own parameters, under no_grad (no
 activation is kept, so it needs less memory than the step itself), and times every call node
 (on CUDA with a synchronize around each). Per node it keeps the median, less the timing
 harness's own cost per node (measured on a graph of nodes that run no operator). Buffers (BatchNorm
@@ -18,6 +19,7 @@ gradients and state read and written once).
 
 from __future__ import annotations
 
+import logging
 import operator
 import statistics
 import time
@@ -26,7 +28,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
+log = logging.getLogger(__name__)
+
 BACKWARD_PER_FORWARD = 2.0
+SLOW_FORWARD_S = 0.5     # a warm-up forward longer than this: one timed run instead of `repeats`
 
 
 @dataclass
@@ -53,15 +58,20 @@ def profile_forward(cap, *, repeats: int = 3) -> ForwardProfile:
     samples: dict[str, list[float]] = {}
     timed = _timed(samples, dev)
 
+    log.info("memfit: profiling the forward of %s to price recompute (once per graph and machine)", cap.model_name)
     t_start = time.perf_counter()
     buffers = {k: b.detach().clone() for k, b in gm.named_buffers()}
     rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    runs = repeats
     try:
         with torch.no_grad():
-            for i in range(1 + repeats):
-                if i == 1:
-                    samples.clear()      # the first run warms up (allocator, kernel selection)
+            t0 = time.perf_counter()
+            timed(gm).run(*flat)         # warms up (allocator, kernel selection); not kept
+            if time.perf_counter() - t0 > SLOW_FORWARD_S:
+                runs = 1                 # a long forward: one timed run (its noise is relatively small)
+            samples.clear()
+            for _ in range(runs):
                 timed(gm).run(*flat)
     finally:
         with torch.no_grad():
@@ -74,7 +84,7 @@ def profile_forward(cap, *, repeats: int = 3) -> ForwardProfile:
     med = {k: statistics.median(v) for k, v in samples.items()}
     overhead = _harness_overhead(dev)
     node_s = {k: max(0.0, v - overhead) for k, v in med.items()}
-    return ForwardProfile(node_s, sum(node_s.values()), overhead, repeats, time.perf_counter() - t_start)
+    return ForwardProfile(node_s, sum(node_s.values()), overhead, runs, time.perf_counter() - t_start)
 
 
 def cached_profile(cap, *, repeats: int = 3) -> ForwardProfile:
@@ -90,7 +100,7 @@ def cached_profile(cap, *, repeats: int = 3) -> ForwardProfile:
     dev = next((t.device for t in flat + list(cap.gm.parameters())), torch.device("cpu"))
     shapes = ";".join(f"{tuple(t.shape)}:{t.dtype}" for t in flat)
     digest = hashlib.sha1(f"{cap.gm.code}|{shapes}".encode()).hexdigest()[:16]
-    key = f"forward_profile|{digest}|{device_signature(dev)}|threads={torch.get_num_threads()}|repeats={repeats}"
+    key = f"forward_profile|{digest}|{device_signature(dev)}|threads={torch.get_num_threads()}"
     hit = lookup(key)
     if hit is not None:
         return ForwardProfile(dict(hit["node_s"]), hit["forward_s"], hit["overhead_s"], hit["runs"], 0.0)
