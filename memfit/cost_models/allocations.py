@@ -52,6 +52,20 @@ def _quiet_stderr():
 
 def profiler_peak(prof) -> int:
     """Largest net bytes allocated on the CPU (above the start) among a profile's allocation events."""
+    allocs = _cpu_allocs(prof)
+    cur = peak = 0
+    for _, size in allocs:
+        cur += size
+        peak = max(peak, cur)
+    return peak
+
+
+def profiler_net(prof) -> int:
+    """Net bytes a profile's CPU allocation events leave allocated at its end."""
+    return sum(size for _, size in _cpu_allocs(prof))
+
+
+def _cpu_allocs(prof) -> list:
     allocs = []
 
     def walk(ev):
@@ -65,11 +79,7 @@ def profiler_peak(prof) -> int:
     for root in prof.profiler.kineto_results.experimental_event_tree():
         walk(root)
     allocs.sort(key=lambda a: a[0])
-    cur = peak = 0
-    for _, size in allocs:
-        cur += size
-        peak = max(peak, cur)
-    return peak
+    return allocs
 
 
 def inner_tensors(t: torch.Tensor) -> list[torch.Tensor]:

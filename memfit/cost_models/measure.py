@@ -25,7 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from memfit.cost_models.memory import default_loss, make_optimizer
-from memfit.cost_models.allocations import cpu_allocations, inner_tensors, profiler_peak
+from memfit.cost_models.allocations import cpu_allocations, inner_tensors, profiler_net, profiler_peak
 from memfit.runtime.optim import StepInBackward
 
 
@@ -74,9 +74,9 @@ def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, e
             optimizer=None, loss_fn: Callable | None = None, data_parallel: str | None = None) -> Measurement:
     """Run one real training step of `model` and measure its memory (see module doc).
     The loss is `loss_fn(output, *example_targets)` (memfit.plan's rules).
-    `data_parallel="ddp"`: the step runs through DistributedDataParallel(model), constructed
-    inside the measured window so its gradient buckets count (a process group must be
-    initialized; every rank calls measure)."""
+    `data_parallel="ddp"`: the step runs through DistributedDataParallel(model), built just
+    before it; what its construction keeps allocated (the gradient buckets) counts in the
+    baseline (a process group must be initialized; every rank calls measure)."""
     import time
 
     from memfit.cost_models.optimizers import bind_targets
@@ -118,14 +118,17 @@ def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, e
                 saved[key] = st.nbytes()
             return t
 
-        def step():
-            net = model
-            if data_parallel == "ddp":
-                from torch.nn.parallel import DistributedDataParallel
+        net = model
+        if data_parallel == "ddp":
+            # built before the step, as a training loop builds it; what it keeps (its gradient
+            # buckets) joins the baseline, and its construction's transient copies (the
+            # parameters broadcast from rank 0) are not part of the step
+            net, kept = _ddp_with_kept_bytes(model, device)
+            baseline += kept
+        elif data_parallel is not None:
+            raise ValueError(f"data_parallel={data_parallel!r}: choose None or 'ddp'")
 
-                net = DistributedDataParallel(model)
-            elif data_parallel is not None:
-                raise ValueError(f"data_parallel={data_parallel!r}: choose None or 'ddp'")
+        def step():
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
                 loss = loss_fn(net(*example_inputs, **example_kwargs))
             loss.backward()
@@ -160,6 +163,21 @@ def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, e
                            optimizer_state=o_bytes, gradients=grad_bytes,
                            saved_activations=sum(saved.values()), peak_bytes=int(peak),
                            baseline_bytes=baseline, method=method, step_time_s=dt, notes=notes)
+
+
+def _ddp_with_kept_bytes(model, device) -> tuple[torch.nn.Module, int]:
+    """DistributedDataParallel(model) and the bytes its construction left allocated."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        net = DistributedDataParallel(model)
+        torch.cuda.synchronize(device)
+        return net, torch.cuda.memory_allocated(device) - before
+    with cpu_allocations() as prof:
+        net = DistributedDataParallel(model)
+    return net, profiler_net(prof)
 
 
 @contextlib.contextmanager
