@@ -26,8 +26,8 @@ from memfit.passes.infra.base import EXACT, Diagnostic, Pass, PassContext, PassR
 from memfit.passes.infra.registry import register_pass
 from memfit.passes.infra.saved_hooks import HookedCall, HookedRuntime, wrap_nodes
 from memfit.passes.quantize import QuantCandidate, choose_nodes, saved_tensors_by_node
-from memfit.runtime.offload import (OffloadConfig, OffloadedSaves, OffloadScope, OffloadStats, offload_time_s,
-                                    skip_reason, storage_key)
+from memfit.runtime.offload import (OffloadConfig, OffloadedSaves, OffloadScope, OffloadStats, _is_fake,
+                                    offload_time_s, skip_reason, storage_key, streams_for)
 
 RUNTIME_ATTR = "memfit_offload"
 
@@ -42,13 +42,10 @@ class OffloadRuntime(HookedRuntime):
         self._streams = {}     # device -> streams, made once (CUDA streams are not free)
 
     def scope(self, exclude: list) -> OffloadScope:
-        from memfit.runtime.offload import streams_for
-
-        dev = next((t.device for t in exclude), torch.device("cpu"))
-        fake = any(_is_fake(t) for t in exclude[:1])
-        key = (str(dev), fake)
+        dev = exclude[0].device if exclude else torch.device("cpu")
+        key = (str(dev), bool(exclude) and _is_fake(exclude[0]))   # the cost model's run: fakes
         if key not in self._streams:
-            self._streams[key] = streams_for(dev, fake)
+            self._streams[key] = streams_for(dev, key[1])
         return OffloadScope(exclude, self._streams[key], dev)
 
     def extra_repr(self) -> str:
@@ -60,11 +57,6 @@ class OffloadedCall(HookedCall):
     def hooks(self, scope):
         rt = self._runtime
         return OffloadedSaves(rt.config, scope=scope, stats=rt.stats)
-
-
-def _is_fake(t) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-    return is_fake(t)
 
 
 def _gate(config: OffloadConfig):

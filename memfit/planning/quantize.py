@@ -129,10 +129,13 @@ def select_quantized(q, fresh: Callable, budget_bytes: int, peak_before: int, ca
     fresh(): a new graph to rewrite (the pass rewrites in place; `q.price(g, ctx)` prices its
     candidates, memfit.passes.quantize.price_candidates); pass_ctx(g): the
     PassContext for graph g; peak_before: the predicted peak of fresh() unquantized (over the
-    budget). At most `max_sims` rewrites + analyze_step, the first with every candidate.
+    budget: ValueError otherwise). At most `max_sims` rewrites + analyze_step, the first with every candidate.
     """
     from memfit.cost_models.memory import analyze_step
     from memfit.passes.infra.manager import PassManager
+
+    if peak_before <= budget_bytes:
+        raise ValueError(f"select_quantized: the graph fits ({peak_before} <= {budget_bytes} B) before any rewrite")
 
     def trial(nodes=None):
         g = fresh()

@@ -152,7 +152,7 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
                 continue
             ctx.optimizer = opt
             return cp.gm, decisions + state_decisions + list(cp.decisions)
-        found, best = _quantized_saves(cap, gm, target, state_peak, c, saves[how], planner, verify)
+        found, best = _rewritten_saves(cap, gm, target, state_peak, c, saves[how], planner, verify)
         floors.append(best)
         if found is not None:
             ctx.optimizer = opt
@@ -273,7 +273,7 @@ def _more_hint(ctx, allowed) -> str:
     return "".join(h + ", " for h in hints) + "a lighter optimizer, "
 
 
-def _quantized_saves(cap, gm, budget_bytes: int, peak: int, ctx, q, planner, verify: bool):
+def _rewritten_saves(cap, gm, budget_bytes: int, peak: int, ctx, q, planner, verify: bool):
     """Pass `q`'s rewrite of saved activations (8-bit, or offloaded to host) on `gm` alone,
     then on frontier checkpoint plans (module doc):
     ((gm, decisions) or None, (the lowest peak seen, the smallest budget met)). `budget_bytes`
@@ -304,6 +304,11 @@ def _quantized_saves(cap, gm, budget_bytes: int, peak: int, ctx, q, planner, ver
         for i in picks:
             spans = frontier[i].spans
             ck_peak, _ = planner.simulate(spans)
+            if ck_peak <= budget_bytes:
+                # recompute alone fits by its simulated peak (the planner's figure, which also
+                # takes a lower bound into account, was above the budget): nothing to rewrite
+                return ((planner.fresh_graph(spans), planner.decisions_for(spans)),
+                        (ck_peak, least_budget(ck_peak)))
             ch = select_quantized(q, lambda spans=spans: planner.fresh_graph(spans), budget_bytes, ck_peak, cap,
                                   pass_ctx, ctx.optimizer, ctx.loss_fn, verify=verify)
             best = min(best, ch.peak)
