@@ -235,6 +235,24 @@ def test_deepcopy_after_optimize_in_place_runs_its_own_weights():
     torch.testing.assert_close(ema(x), type(plain).forward(plain, x))
 
 
+def test_deepcopy_of_recomputed_regions_calling_modules_trains_the_copy():
+    """symbolic_trace graphs recompute regions that call the model's leaf modules: a copy must
+    call its own (fx copies call targets as they are; the regions are copied with the module)."""
+    from tests.models import Block
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(32, heads=2), Block(32, heads=2), nn.Linear(32, 8))
+    x, y = torch.randn(8, 16, 32), torch.randn(8, 16, 8)
+    om = memfit.optimize(model, "85%", example_inputs=(x,), loss_fn=lambda o: F.mse_loss(o, y),
+                         techniques="checkpoint")
+    assert om._memfit_captured.method == "symbolic_trace"
+    assert any(d.action == "recompute" for d in om.memfit_plan.decisions)
+    twin = copy.deepcopy(om)
+    F.mse_loss(twin(x), y).backward()
+    assert all(q.grad is None for q in om.parameters())             # the original's untouched
+    assert all(q.grad is not None for q in twin.parameters())
+
+
 @pytest.mark.parametrize("bad,match", [(float("nan"), "finite"), (float("inf"), "finite"), ("-5%", "positive"),
                                        ("-2GiB", "positive"), (-3, "positive")])
 def test_budget_errors_are_memfit_errors(bad, match):

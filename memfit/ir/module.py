@@ -88,6 +88,7 @@ class OptimizedModule(nn.Module):
             warnings.simplefilter("ignore", FutureWarning)
             for k, v in self.__dict__.items():
                 new.__dict__[k] = copy.deepcopy(v, memo)
+            copy_call_targets(new.__dict__["_memfit_gm"], memo)
         return new
 
     @property
@@ -155,6 +156,41 @@ class OptimizedModule(nn.Module):
             return ""
         from memfit.budget import format_bytes
         return f"memfit: predicted peak {format_bytes(p.peak_bytes)}, {len(p.decisions)} decisions"
+
+
+def copy_call_targets(gm: torch.fx.GraphModule, memo: dict) -> None:
+    """After copy.deepcopy of `gm`: its graph's call_function targets that are memfit's runtime
+    objects (a CheckpointedRegion, a ReversibleStack's runner, an FSDP UnitCall) are still the
+    original's, because fx copies a graph's nodes with their targets as they are. Those objects
+    hold child graphs that call modules (and read buffers) of the original: the copy would run,
+    and train, the original's weights. Replace them by copies through the same `memo`, in nested
+    child graphs too, and recompile."""
+    import copy
+
+    for mod in list(gm.modules()):
+        if not isinstance(mod, torch.fx.GraphModule):
+            continue
+        changed = False
+        for n in mod.graph.nodes:
+            t = n.target
+            if n.op == "call_function" and _is_runtime_object(t):
+                new = copy.deepcopy(t, memo)
+                for v in vars(new).values():
+                    if isinstance(v, torch.fx.GraphModule):
+                        copy_call_targets(v, memo)
+                n.target = new
+                changed = True
+        if changed:
+            mod.recompile()
+
+
+def _is_runtime_object(t) -> bool:
+    """An instance of a memfit class used as a graph's call target (not a function or a class)."""
+    import types
+
+    if isinstance(t, (types.FunctionType, types.BuiltinFunctionType, type, types.MethodType)):
+        return False
+    return type(t).__module__.startswith("memfit.")
 
 
 def _check_parameters(om: OptimizedModule) -> None:
