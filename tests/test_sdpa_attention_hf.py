@@ -133,3 +133,18 @@ def test_mobilevit_verify_still_catches_a_small_real_change():
     cap = capture(model, (x,), dynamic=False)
     with pytest.raises(VerificationError, match="relative error"):
         PassManager([NudgeSoftmax()], verify=True).run(cap.gm, PassContext(captured=cap))
+
+
+def test_meta_device_model_keeps_its_mask_and_plans():
+    """A model built under torch.device("meta") (planning a size this machine cannot hold) has
+    no mask values to compare: the pass leaves the mask, and optimize plans on."""
+    import memfit
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, vocab_size=128, use_cache=False, attn_implementation="eager")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    ids = torch.zeros(2, 32, dtype=torch.long, device="meta")
+    om = memfit.optimize(model, None, example_inputs=(ids,), example_kwargs={"labels": ids}, optimizer="adamw")
+    assert om.memfit_plan.peak_bytes > 0

@@ -387,6 +387,8 @@ def _drop_constant_causal_mask(gm, n: torch.fx.Node) -> bool:
     if qv is None or kv is None or qv.shape[-2] != kv.shape[-2]:
         return False                    # is_causal is top-left aligned: only square scores
     keep = _constant_value(gm, mask)
+    if keep is not None and keep.device.type == "meta":
+        return False                    # a model built on the meta device: no values to compare
     if keep is None or keep.dim() < 2 or keep.shape[-1] != keep.shape[-2] or keep.shape[-1] != qv.shape[-2]:
         return False
     if keep.dtype != torch.bool:
