@@ -15,6 +15,7 @@ _LAZY = {
     "optimize_": "memfit.api:optimize_",
     "plan": "memfit.api:plan",
     "with_loss": "memfit.api:with_loss",
+    "fully_shard": "memfit.ir.fsdp:fully_shard",
     "OptimizedModule": "memfit.ir.module:OptimizedModule",
     "Pass": "memfit.passes.infra.base:Pass",
     "PassResult": "memfit.passes.infra.base:PassResult",

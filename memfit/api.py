@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 def plan(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwargs: dict | None = None,
          example_targets=(), optimizer=None, loss_fn: Callable | None = None, capture_method: str = "auto",
-         symbolic: bool = True, data_parallel: str | None = None) -> MemoryPlan:
+         symbolic: bool = True, data_parallel: str | None = None, world_size: int | None = None) -> MemoryPlan:
     """Predict the memory of one training step of `model` (forward, backward, optimizer step).
 
     Nothing is computed for real: the step runs on FakeTensors. `budget` (bytes, "6GiB",
@@ -40,23 +40,43 @@ def plan(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwar
 
     `data_parallel="ddp"`: the model will train inside DistributedDataParallel; each rank's
     plan then holds DDP's gradient buckets (a copy of every gradient). Per rank: give the
-    per-rank batch.
+    per-rank batch. `data_parallel="fsdp"`: the model will be sharded by memfit.fully_shard over
+    `world_size` ranks (default: the initialized process group's size); the plan is one rank's.
     """
     loss_fn = bind_targets(loss_fn, example_targets)
     budget_obj = Budget.parse(budget) if budget is not None else None
     cap = capture(model, example_inputs, example_kwargs, method=capture_method, dynamic=symbolic)
     cap.data_parallel = _data_parallel(data_parallel)
+    if data_parallel == "fsdp":
+        set_fsdp(cap, model, world_size)
     return plan_captured(cap, budget_obj, optimizer=optimizer, loss_fn=loss_fn, symbolic=symbolic)
 
 
-DATA_PARALLEL = (None, "ddp")
+DATA_PARALLEL = (None, "ddp", "fsdp")
+# what a graph sharded by memfit.fully_shard can run (memfit.ir.fsdp.refused_technique says why
+# the others cannot); under data_parallel="fsdp" the default techniques are these
+FSDP_TECHNIQUES = ("fuse_conv_bn", "sdpa", "chunked_ce", "checkpoint", "token_merge")
 
 
 def _data_parallel(value):
     if value not in DATA_PARALLEL:
-        raise ValueError(f"data_parallel={value!r}: choose None (one process) or 'ddp' (DistributedDataParallel); "
-                         "FSDP2 is not supported yet (docs/distributed.md)")
+        raise ValueError(f"data_parallel={value!r}: choose None (one process), 'ddp' (DistributedDataParallel) "
+                         "or 'fsdp' (FSDP2, then memfit.fully_shard)")
     return value
+
+
+def set_fsdp(cap, model, world_size) -> None:
+    """Captured.fsdp_units and world_size for a plan of `model` under FSDP2."""
+    from memfit.ir.fsdp import default_units
+
+    cap.fsdp_units = default_units(model)
+    if world_size is None:
+        import torch.distributed as dist
+
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if int(world_size) < 1:
+        raise ValueError(f"world_size={world_size!r}: give the number of ranks FSDP2 shards over (1 or more)")
+    cap.world_size = int(world_size)
 
 
 def plan_captured(cap, budget: Budget | None, *, optimizer=None, loss_fn=None, symbolic=True,
@@ -101,7 +121,7 @@ from memfit.planning.techniques import DEFAULT_TECHNIQUES, FUNCTION_CHANGING, TE
 def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwargs: dict | None = None,
              example_targets=(), optimizer=None, loss_fn: Callable | None = None, techniques=None, passes=None,
              mode: str = "train", verify: bool = False, on_unmet: str = "raise", time_model: str = "measured",
-             data_parallel: str | None = None):
+             data_parallel: str | None = None, world_size: int | None = None):
     """Rewrite `model` so one training step fits `budget`; returns a new module sharing its
     parameters (same state_dict keys and tensors), with the plan as `.memfit_plan`.
 
@@ -114,7 +134,10 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
     forward on the example inputs, memfit.cost_models.timing) or "roofline" (nominal rates, no
     run). data_parallel: "ddp" when the result will be wrapped in DistributedDataParallel: the
     budget is per rank and includes DDP's gradient buckets ('step_in_backward' is refused then:
-    it would step on gradients not yet reduced).
+    it would step on gradients not yet reduced). "fsdp" when the result will be sharded by
+    memfit.fully_shard (FSDP2) over `world_size` ranks (default: the process group's): the
+    budget is per rank, recomputed regions stay inside one FSDP unit, and only the techniques
+    FSDP2 composes with are used (FSDP_TECHNIQUES).
 
     Order (memfit.planning.strategy): source rewrites (token merging, when named) before
     capture; structural passes (Conv+BN tune mode, SDPA, reversible coupling when named); then
@@ -137,12 +160,13 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
     om = _optimize(model, budget, example_inputs=example_inputs, example_kwargs=example_kwargs,
                    example_targets=example_targets, optimizer=optimizer, loss_fn=loss_fn, techniques=techniques,
                    passes=passes, mode=mode, verify=verify, on_unmet=on_unmet, time_model=time_model,
-                   data_parallel=data_parallel)
+                   data_parallel=data_parallel, world_size=world_size)
     return (om, om.memfit_optimizer) if isinstance(optimizer, torch.optim.Optimizer) else om
 
 
 def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets, optimizer, loss_fn, techniques,
-              passes, mode, verify, on_unmet="raise", time_model="measured", data_parallel=None):
+              passes, mode, verify, on_unmet="raise", time_model="measured", data_parallel=None,
+              world_size=None):
     from memfit.ir.module import OptimizedModule
     from memfit.passes.infra.base import PassContext
     from memfit.passes.infra.pipeline import run_pipeline
@@ -163,11 +187,20 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
     example_inputs = tuple(example_inputs)
     budget_obj = Budget.parse(budget) if budget is not None else None
     allowed = parse_techniques(techniques)
-    if _data_parallel(data_parallel) == "ddp" and "step_in_backward" in allowed:
+    if _data_parallel(data_parallel) == "fsdp":
+        if techniques is None:
+            allowed = tuple(t for t in allowed if t in FSDP_TECHNIQUES)
+        bad = [t for t in allowed if t not in FSDP_TECHNIQUES]
+        if bad:
+            raise ValueError(f"technique(s) {', '.join(bad)} cannot run under FSDP2 (data_parallel='fsdp'): memfit "
+                             f"composes {', '.join(FSDP_TECHNIQUES)} with it (docs/distributed.md); leave them out")
+    if data_parallel == "ddp" and "step_in_backward" in allowed:
         raise ValueError("technique 'step_in_backward' cannot train under data_parallel='ddp': each parameter "
                          "would be stepped on its own rank's gradient, before DDP reduces it; leave it out")
     cap = capture(model, example_inputs, example_kwargs, dynamic=False)
     cap.data_parallel = data_parallel
+    if data_parallel == "fsdp":
+        set_fsdp(cap, model, world_size)
     base = analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=False)
     budget_bytes = budget_obj.resolve(base.peak_bytes) if budget_obj is not None else None
     decisions: list = []
@@ -185,6 +218,8 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
             merged, peak, more = token_merge_for(model, example_inputs, example_kwargs, peak, budget_bytes,
                                                  optimizer, loss_fn, data_parallel)
             cap = merged or cap
+            if merged is not None and data_parallel == "fsdp":
+                set_fsdp(cap, model, world_size)
             decisions += more
         ctx = PassContext(captured=cap, budget=budget_bytes, optimizer=optimizer, loss_fn=loss_fn)
         gm, peak, more = structural(cap, cap.gm, peak, allowed, ctx, verify=verify)
@@ -222,7 +257,7 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
     def replan(args, kwargs):
         again = dict(example_kwargs=kwargs, optimizer=optimizer, techniques=kept, passes=passes, mode=mode,
                      verify=verify, example_targets=(), on_unmet=on_unmet, time_model=time_model,
-                     data_parallel=data_parallel)
+                     data_parallel=data_parallel, world_size=world_size)
         try:
             try:
                 return _optimize(model, budget_bytes, example_inputs=args, loss_fn=loss_fn, **again)

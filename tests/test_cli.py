@@ -40,6 +40,18 @@ def test_plan_prints_table(factory):
     assert "peak" in r.stdout and "budget" in r.stdout and "largest batch within budget" in r.stdout
 
 
+def test_plan_one_fsdp_rank(factory):
+    out = {}
+    for world in ("1", "4"):
+        r = run("plan", f"{factory}:make", "--static", "--json", "--quiet", "--optimizer", "adamw",
+                "--data-parallel", "fsdp", "--world-size", world)
+        assert r.returncode == 0, r.stderr
+        out[world] = json.loads(r.stdout)
+    assert any("FSDP2 over 4 ranks" in n for n in out["4"]["notes"])
+    # the two Linears are the units: a quarter of each kept, their state a quarter too
+    assert out["4"]["categories"]["optimizer_state"] < 0.3 * out["1"]["categories"]["optimizer_state"]
+
+
 def test_plan_json_and_factory_args(factory):
     r = run("plan", f"{factory}:make", "--json", "-D", "batch_size=8", "--optimizer", "sgd", "--quiet")
     assert r.returncode == 0, r.stderr

@@ -21,9 +21,11 @@ def add_subcommand(sub) -> None:
                    help="comma-separated techniques the planner may use when over budget "
                         "(checkpoint,quantize,offload,fuse_conv_bn,sdpa,chunked_ce,step_in_backward,optimizer_8bit,"
                         "optimizer_4bit,reversible,token_merge)")
-    p.add_argument("--data-parallel", choices=["ddp"], default=None,
-                   help="the model trains inside DistributedDataParallel: plan one rank (its gradient buckets "
-                        "included); give the per-rank batch")
+    p.add_argument("--data-parallel", choices=["ddp", "fsdp"], default=None,
+                   help="plan one rank: 'ddp' (DistributedDataParallel, its gradient buckets included) or 'fsdp' "
+                        "(FSDP2 through memfit.fully_shard, over --world-size ranks); give the per-rank batch")
+    p.add_argument("--world-size", type=int, default=None,
+                   help="with --data-parallel fsdp: the ranks FSDP2 shards over (default 1)")
     p.add_argument("--no-optimize", action="store_true",
                    help="over budget: only report, do not plan passes")
     p.set_defaults(func=cmd_plan)
@@ -47,6 +49,10 @@ def cmd_plan(args) -> int:
     with progress.stage(f"capturing {type(model).__name__}"):
         cap = capture(model, inputs, kwargs, dynamic=not args.static)
         cap.data_parallel = args.data_parallel
+        if args.data_parallel == "fsdp":
+            from memfit.api import set_fsdp
+
+            set_fsdp(cap, model, args.world_size or 1)
     with progress.stage("simulating one training step on fake tensors"):
         p = plan_captured(cap, budget, optimizer=opt, loss_fn=loss_fn, symbolic=not args.static)
     if p.fits is False and not args.no_optimize:
@@ -58,7 +64,8 @@ def cmd_plan(args) -> int:
         given = make_optimizer(opt, [t for t in model.parameters() if t.requires_grad]) if opt else None
         with progress.stage(f"planning passes to fit {args.budget} (techniques: {args.techniques or 'default'})"):
             out = optimize(model, args.budget, example_inputs=inputs, example_kwargs=kwargs, optimizer=given,
-                           loss_fn=loss_fn, techniques=args.techniques, data_parallel=args.data_parallel)
+                           loss_fn=loss_fn, techniques=args.techniques, data_parallel=args.data_parallel,
+                           world_size=(args.world_size or 1) if args.data_parallel == "fsdp" else None)
             p = (out[0] if isinstance(out, tuple) else out).memfit_plan
     if args.json:
         print(p.to_json(indent=2))

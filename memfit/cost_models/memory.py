@@ -165,6 +165,15 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
                 tracker.register(f, "buffers")
                 fakes[n.target] = f
 
+    emu, opt_params = None, param_fakes
+    if cap.data_parallel == "fsdp":
+        # one rank under FSDP2: what it holds, beside the full parameters the graph computes with
+        from memfit.cost_models.fsdp import emulate
+
+        names = {id(t): n for n, t, cat in named if cat == "parameters"}
+        emu, opt_params = emulate(cap, tracker, fm, [(names[id(r)], f) for r, f in zip(param_real, param_fakes)],
+                                  optimizer)
+
     flat = cap.flat_inputs()
     fake_inputs, symbols, sym_exprs = _fake_inputs(fm, flat, symbolic, DimDynamic, StatelessSymbolicContext)
     for f in fake_inputs:
@@ -181,14 +190,14 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
     opt = None
     fused = isinstance(optimizer, StepInBackward)   # the step runs inside backward, per parameter
     if optimizer is not None:
-        opt = make_optimizer(optimizer.as_plain() if fused else optimizer, param_fakes,
+        opt = make_optimizer(optimizer.as_plain() if fused else optimizer, opt_params,
                              _order_real(model_params, param_real),
                              convert=lambda t: fm.from_tensor(t, static_shapes=True))
         with fm:
-            for p in param_fakes:
+            for p in opt_params:
                 p.grad = torch.zeros_like(p)
             opt.step()
-            for p in param_fakes:
+            for p in opt_params:
                 p.grad = None
         for state in opt.state.values():
             for v in state.values():
@@ -229,6 +238,8 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
         def run_node(self, n):
             tracker.node = n.name if n.op not in ("placeholder", "output") else None
             tracker.fx_node = n
+            if emu is not None:
+                emu.before_node(n, self.env)
             try:
                 out = super().run_node(n)
             except MemfitError as e:
@@ -245,6 +256,8 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
                             seen.add(id(s))
                             total += s.nbytes
                 node_out_bytes[n.name] = total
+            if emu is not None:
+                emu.after_node(n, out, self.env)
             return out
 
     from torch.nn.utils.stateless import _reparametrize_module
@@ -254,9 +267,13 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
     _sole_owner_counts()    # measured once per process, outside this step's modes
     with fm, tracker, _reparametrize_module(gm, module_fakes, strict=False), probes.recording() as probed:
         tracker.phase = "forward"
+        if emu is not None:
+            emu.begin_forward()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             flat_out = _Runner(gm).run(*fake_inputs)
             tracker.node = tracker.fx_node = None
+            if emu is not None:
+                emu.end_forward()
             if forward_only:
                 return None
             tracker.phase = "loss"
@@ -271,6 +288,8 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
             for h in watched:
                 h.remove()
             tracker.engine_window = False
+            if emu is not None:
+                emu.end_backward()
         else:
             tracker.notes = getattr(tracker, "notes", []) + ["the loss does not require grad: no backward simulated"]
         del loss
@@ -279,7 +298,7 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
             opt.step()
 
     grads = set()
-    stores = [tracker.by_storage.get(p.grad.untyped_storage()) for p in param_fakes if p.grad is not None]
+    stores = [tracker.by_storage.get(p.grad.untyped_storage()) for p in opt_params if p.grad is not None]
     for s in stores + grad_stores:
         if s is not None:
             grads.add(id(s))
@@ -311,7 +330,7 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
     if probed.note():
         analysis.notes.append(probed.note())
     # Keep the fake objects alive until here so no free events are appended late.
-    del fakes, param_fakes, opt
+    del fakes, param_fakes, opt, opt_params, emu
     return analysis
 
 

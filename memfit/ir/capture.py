@@ -57,6 +57,10 @@ class Captured:
     # how the model will train: None (one process) or "ddp" (DistributedDataParallel around it:
     # its gradient buckets are in every plan, memfit.cost_models.memory)
     data_parallel: str | None = None
+    # with data_parallel="fsdp": the module paths FSDP2 will shard as units (memfit.ir.fsdp), and
+    # the ranks sharing them
+    fsdp_units: tuple = ()
+    world_size: int = 1
 
     def flat_inputs(self, args: tuple | None = None, kwargs: dict | None = None) -> list:
         args = self.example_inputs if args is None else args
@@ -113,10 +117,9 @@ def _refuse_sharded(model: torch.nn.Module) -> None:
     if fsdp is not None or sharded is not None:
         where = f"module {fsdp!r} is wrapped by fully_shard" if fsdp else f"parameter {sharded!r} is a DTensor"
         raise CaptureError(
-            f"{type(model).__name__} is sharded ({where}): memfit does not compose with FSDP2 or tensor "
-            "parallelism yet (docs/distributed.md). Optimizing first and sharding after does not work either: the "
-            "rewritten graph would read the unsharded parameters. DDP composes: memfit.optimize the model, then "
-            "wrap the result in DistributedDataParallel")
+            f"{type(model).__name__} is sharded ({where}): memfit captures the unsharded model. For FSDP2, "
+            "optimize first, then shard with memfit: om = memfit.optimize(model, budget, ..., data_parallel='fsdp'); "
+            "memfit.fully_shard(om, mesh=mesh) (docs/distributed.md). Tensor parallelism is not supported")
 
 
 @contextlib.contextmanager

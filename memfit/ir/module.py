@@ -142,6 +142,11 @@ class OptimizedModule(nn.Module):
         sub = self._memfit_variants.get(key)
         if sub is None:
             name = type(self._memfit_original).__name__
+            if getattr(self, "_memfit_fsdp_units", None) is not None:
+                raise MemfitError(f"{name} was planned by memfit for other inputs: {why}. Under FSDP2 (memfit."
+                                  "fully_shard) the graph holds for the inputs it was planned for, and it cannot be "
+                                  "planned again once sharded: keep every batch that size (drop_last=True), or "
+                                  "optimize and shard once per input size")
             if self._memfit_replan is None:
                 raise MemfitError(f"{name} was captured by memfit for other inputs: {why}. The graph holds only "
                                   "for the inputs it was made for; rewrite it again with these example inputs")
@@ -196,6 +201,8 @@ def _is_runtime_object(t) -> bool:
 def _check_parameters(om: OptimizedModule) -> None:
     """MemfitError when a parameter the graph reads is no longer the module's (see __init__)."""
     kept = om._memfit_params
+    if kept is None:   # sharded by memfit.fully_shard: FSDP2 replaces them, the graph reads them live
+        return
     if all(m._parameters.get(k) is p for m, k, p in kept):
         return
     from memfit.errors import MemfitError
@@ -207,8 +214,8 @@ def _check_parameters(om: OptimizedModule) -> None:
         raise MemfitError(
             f"{model}'s parameter {name!r} is sharded now (a DTensor: torch.distributed.fsdp.fully_shard after "
             "memfit.optimize); the rewritten graph reads the unsharded parameters it captured, so training would "
-            "update nothing. memfit does not compose with FSDP2 yet (docs/distributed.md): train with DDP around "
-            "the optimized module, or use FSDP2 without memfit")
+            "update nothing. Shard with memfit.fully_shard(module, mesh=...) instead, which splits the graph at "
+            "FSDP's units (plan with memfit.optimize(..., data_parallel='fsdp'); docs/distributed.md)")
     what = f"parameter {name!r} was replaced" if name is not None else "the set of parameters changed"
     raise MemfitError(
         f"{model}'s {what} after memfit.optimize (by assignment, load_state_dict(assign=True), or a wrapper); the "

@@ -57,7 +57,8 @@ class Checkpoint(Pass):
         plan = plan_checkpoint(cap, budget, optimizer=ctx.optimizer, loss_fn=ctx.loss_fn,
                                solver=self.solver, regions=self.regions)
         if plan.spans:
-            apply_spans(gm, plan.units, plan.spans, in_place=True)   # the plan was simulated on a copy
+            apply_spans(gm, plan.units, plan.spans, in_place=True,   # the plan was simulated on a copy
+                        fsdp_units=cap.fsdp_units)
         nodes = sum(units_nodes(plan.units, i, j) for i, j in plan.spans)
         return PassResult(gm, modified=bool(plan.spans),
                           stats={"regions": len(plan.spans), "nodes_recomputed": nodes},

@@ -205,9 +205,12 @@ def price_units(gm: torch.fx.GraphModule, runs) -> list[Unit]:
 
 # ----------------------------------------------------------------------------- rewriting
 
-def apply_spans(gm: torch.fx.GraphModule, units: list[Unit], spans, *, in_place: bool = False):
+def apply_spans(gm: torch.fx.GraphModule, units: list[Unit], spans, *, in_place: bool = False,
+                fsdp_units=()):
     """`gm` (a copy of it unless `in_place`) with each span of units [i, j) recomputed:
     its nodes outlined (memfit.ir.outline) into a child run by CheckpointedRegion.
+    `fsdp_units` (module paths, Captured.fsdp_units): a span is cut where it would cross from
+    one FSDP unit into another, so each region is recomputed inside one unit (memfit.ir.fsdp).
     Returns (graph module, call nodes)."""
     new = gm if in_place else copy_graph_module(gm)
     nodes = call_nodes(new)
@@ -215,8 +218,31 @@ def apply_spans(gm: torch.fx.GraphModule, units: list[Unit], spans, *, in_place:
     for k, (i, j) in enumerate(spans):
         region = nodes[units[i].start:units[j - 1].end]
         label = units[i].label if j - i == 1 else f"{units[i].label}..{units[j - 1].label}"
-        made.append(checkpoint_region(new, region, f"memfit_ckpt_{k}", label))
+        pieces = split_at_units(region, fsdp_units)
+        for q, piece in enumerate(pieces):
+            name = f"memfit_ckpt_{k}" if len(pieces) == 1 else f"memfit_ckpt_{k}_{q}"
+            made.append(checkpoint_region(new, piece, name, label))
     return new, made
+
+
+def split_at_units(region: list, fsdp_units) -> list[list]:
+    """`region` (consecutive call nodes) cut where its nodes pass from one FSDP unit to another;
+    nodes of no unit stay with their neighbours."""
+    from memfit.ir.fsdp import unit_of
+
+    if not fsdp_units:
+        return [region]
+    pieces, current, owner = [], [], None
+    for n in region:
+        u = unit_of(module_path(n), fsdp_units)
+        if u is not None and owner is not None and u != owner:
+            pieces.append(current)
+            current = []
+        if u is not None:
+            owner = u
+        current.append(n)
+    pieces.append(current)
+    return pieces
 
 
 # ----------------------------------------------------------------------------- planning
@@ -337,7 +363,7 @@ class CheckpointPlanner:
     def fresh_graph(self, spans) -> torch.fx.GraphModule:
         """A new copy of the captured graph with `spans` recomputed (for callers that rewrite
         it further, e.g. quantized saves on what stays saved)."""
-        return apply_spans(self.cap.gm, self.units, spans)[0]
+        return apply_spans(self.cap.gm, self.units, spans, fsdp_units=self.cap.fsdp_units)[0]
 
     def _peak(self, gm) -> int:
         from memfit.cost_models.memory import analyze_step
@@ -454,7 +480,7 @@ class CheckpointPlanner:
         found.sort()
         units = price_units(self.cap.gm, found)
         spans = tuple((k, k + 1) for k in range(len(units)))
-        new = apply_spans(self.cap.gm, units, spans)[0]
+        new = apply_spans(self.cap.gm, units, spans, fsdp_units=self.cap.fsdp_units)[0]
         peak = self._peak(new)
         saved_units, self.units = self.units, units
         try:
