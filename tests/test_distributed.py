@@ -165,14 +165,26 @@ def _fsdp(rank, res):
         fully_shard(model)
         return model
 
+    gathers = []
+    plain_all_gather = dist.all_gather_single
+
+    def counted(*a, **k):               # FSDP2 gathers through dist.all_gather_single
+        gathers.append(1)
+        return plain_all_gather(*a, **k)
+
+    dist.all_gather_single = counted
+
     def train(net, call, steps=3):
         torch.manual_seed(123)          # the same dropout masks in both runs
         opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        per_step = []
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
+            gathers.clear()
             call(net).backward()
+            per_step.append(len(gathers))
             opt.step()
-        return [p.full_tensor().detach().clone() for p in net.parameters()]
+        return [p.full_tensor().detach().clone() for p in net.parameters()], per_step
 
     x = torch.randn(16, 32, 64, generator=torch.Generator().manual_seed(10 + rank))
     y = torch.randn(16, 32, 8, generator=torch.Generator().manual_seed(20 + rank))
@@ -192,10 +204,11 @@ def _fsdp(rank, res):
         units = om._memfit_captured.fsdp_units
         memfit.fully_shard(om)
         meas = memfit.measure(om, example_inputs=args, example_kwargs=kwargs, optimizer="adamw", loss_fn=lf)
-        got = train(om, call)
-        want = train(shard_plain(make(), units), call)
+        got, got_gathers = train(om, call)
+        want, want_gathers = train(shard_plain(make(), units), call)
         init = [p.detach() for p in make().parameters()]
         res[name] = {"actions": [d.action for d in plan.decisions], "units": list(units),
+                     "gathers": [got_gathers, want_gathers],
                      "pred": plan.peak_bytes, "budget": plan.budget_bytes, "meas": meas.peak_bytes,
                      "max_rel": max(((a - b).norm() / b.norm()).item() for a, b in zip(got, want)),
                      "moved": all(not torch.equal(a, b) for a, b in zip(got, init)), "n": len(got)}
@@ -224,6 +237,10 @@ def test_fsdp2_through_memfit_trains_as_plain_fsdp2_within_the_per_rank_plan(tmp
             assert "recompute" in r["actions"] and len(r["units"]) == 3, r
             # exact: recompute replays the same kernels and dropout masks
             assert r["max_rel"] <= 1e-5 and r["moved"], r
+            # recomputation all-gathers nothing of its own: the same all-gathers per step as plain
+            # FSDP2 (the root once, each unit in forward and again in backward)
+            got, want = r["gathers"]
+            assert got == want and want[-1] == 1 + 2 * len(r["units"]), r["gathers"]
             # each rank's measured peak: within its budget, and within 5% of its prediction (one
             # all-gather output of gloo's is counted to the end of backward; the plan errs high)
             assert r["meas"] <= r["budget"] and abs(r["pred"] - r["meas"]) <= 0.05 * r["meas"], r

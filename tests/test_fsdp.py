@@ -132,3 +132,11 @@ def test_techniques_fsdp2_cannot_run_are_refused():
         memfit.fully_shard(om)
     with pytest.raises(memfit.MemfitError, match="takes the module memfit.optimize returned"):
         memfit.fully_shard(_blocks())
+    # FSDP2 options that make the step differ from its plan
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy
+
+    om = memfit.optimize(_blocks(), None, example_inputs=(x,), loss_fn=_loss(y), data_parallel="fsdp", world_size=2)
+    with pytest.raises(memfit.MemfitError, match="param_dtype=torch.bfloat16"):
+        memfit.fully_shard(om, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    with pytest.raises(memfit.MemfitError, match="CPUOffloadPolicy keeps the shards on the host"):
+        memfit.fully_shard(om, offload_policy=CPUOffloadPolicy())

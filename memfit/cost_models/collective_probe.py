@@ -42,7 +42,7 @@ def collective_scratch(backend: str) -> tuple[dict, str]:
     if backend != "gloo":
         return ({"all_gather": 0.0, "reduce_scatter": 0.0},
                 f"{backend}: collectives taken to allocate nothing in torch's allocator (not probed)")
-    key = f"collective_scratch|{backend}|torch-{torch.__version__}"
+    key = f"collective_scratch|{backend}|all_gather_single,reduce_scatter_single|torch-{torch.__version__}"
     entry = lookup(key)
     if entry is None:
         with tempfile.TemporaryDirectory() as d:
@@ -75,14 +75,15 @@ def _rank(rank: int, store: str, out: str) -> None:
     res = {}
     try:
         big, small = torch.empty(n), torch.ones(n // 2)
-        dist.all_gather_into_tensor(big, small)            # warm-up (connections, first-use buffers)
+        # the calls FSDP2 makes (torch 2.13's DefaultAllGather, DefaultReduceScatter)
+        dist.all_gather_single(big, small)            # warm-up (connections, first-use buffers)
         with cpu_allocations() as prof:
-            dist.all_gather_into_tensor(big, small)
+            dist.all_gather_single(big, small)
         res["all_gather"] = profiler_peak(prof) / (big.numel() * 4)
         big.fill_(1.0)
-        dist.reduce_scatter_tensor(small, big)
+        dist.reduce_scatter_single(small, big)
         with cpu_allocations() as prof:
-            dist.reduce_scatter_tensor(small, big)
+            dist.reduce_scatter_single(small, big)
         res["reduce_scatter"] = profiler_peak(prof) / (big.numel() * 4)
     finally:
         dist.destroy_process_group()

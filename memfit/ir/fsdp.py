@@ -220,6 +220,23 @@ def _drop_copies(gm: torch.fx.GraphModule, om) -> None:
                 del mod._parameters[k]  # noqa: SLF001
 
 
+def _unplanned_option(om, kwargs) -> str | None:
+    """Why a fully_shard keyword would make the step differ from its per-rank plan, or None."""
+    mp = kwargs.get("mp_policy")
+    if mp is not None:
+        dtypes = {p.dtype for p in om.parameters()}
+        for field in ("param_dtype", "reduce_dtype", "output_dtype"):
+            d = getattr(mp, field, None)
+            if d is not None and d not in dtypes:
+                return (f"mp_policy's {field}={d} computes or reduces in another dtype than the plan's "
+                        f"({', '.join(sorted(str(t) for t in dtypes))}): convert the model to that dtype before "
+                        "memfit.optimize instead")
+    off = kwargs.get("offload_policy")
+    if off is not None and type(off).__name__ != "OffloadPolicy":
+        return f"offload_policy={type(off).__name__} keeps the shards on the host"
+    return None
+
+
 def fully_shard(om, *, mesh=None, units=None, **fsdp_kwargs):
     """Shard `om` (the result of memfit.optimize) with FSDP2: `torch.distributed.fsdp.fully_shard`
     on each unit, then on `om` itself; returns `om`. Build the optimizer after this call, over
@@ -241,6 +258,9 @@ def fully_shard(om, *, mesh=None, units=None, **fsdp_kwargs):
     if why is not None:
         raise MemfitError(f"cannot shard with FSDP2: the plan uses {why}. Plan again with "
                           "memfit.optimize(..., data_parallel='fsdp'), which leaves it out")
+    why = _unplanned_option(om, fsdp_kwargs)
+    if why is not None:
+        raise MemfitError(f"memfit.fully_shard: {why}; the per-rank plan does not describe it (docs/distributed.md)")
     try:
         from torch.distributed.fsdp import fully_shard as torch_fully_shard
     except ImportError as e:  # pragma: no cover - a torch build without distributed
