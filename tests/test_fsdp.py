@@ -58,7 +58,7 @@ def test_recomputed_regions_stay_inside_one_unit():
     assert [node_units(cut, n, fsdp) for n in made] == [{"0"}, {"1"}, {"2"}]
     # a plan made for FSDP2 recomputes inside units; the planner's own spans are cut the same way
     om = memfit.optimize(_blocks(), "85%", example_inputs=(x,), optimizer="adamw", loss_fn=_loss(y),
-                         techniques="checkpoint", data_parallel="fsdp", world_size=2)
+                         techniques="checkpoint", data_parallel="fsdp", world_size=2, time_model="roofline")
     spans = [node_units(om.graph_module, n, fsdp) for n in _regions(om.graph_module)]
     assert spans and all(len(s) == 1 for s in spans), spans
 

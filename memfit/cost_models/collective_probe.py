@@ -3,7 +3,7 @@
 gloo allocates temporaries in torch's CPU allocator while it gathers or reduces (a copy the size
 of the all-gather's output, of the reduce-scatter's input, partly on its worker threads); NCCL
 works in its own buffers, outside torch's allocator. FSDP2's per-rank peak includes the former
-(memfit.cost_models.fsdp), so it is measured, not assumed: `python -m
+(memfit.cost_models.data_parallel), so it is measured, not assumed: `python -m
 memfit.cost_models.collective_probe` runs 2 gloo ranks on this machine (a file store, no
 network) and prints, per collective, the peak bytes allocated during the call above what
 was allocated before it, as a fraction of the large buffer's bytes. `collective_scratch`

@@ -112,14 +112,13 @@ class StepAnalysis:
 
 def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = None,
                  symbolic: bool = True, device_spec: DeviceSpec | None = None,
-                 model_params: list[torch.Tensor] | None = None,
                  on_save: Callable[[str, torch.Tensor, bool], None] | None = None,
                  forward_only: bool = False, node_times: dict | None = None) -> StepAnalysis | None:
     """Simulate one training step of `cap` on FakeTensors and return its memory profile.
 
     Writes a NodeCost into node.meta['memfit'] of every call node of `cap.gm`.
     `optimizer`: None (forward+backward only), a name, or an instance built on the model's
-    parameters (`model_params` lists them in the model's named_parameters order).
+    parameters (mirrored on the fakes: the graph's parameters are the model's objects).
 
     The saved-tensor probe: `on_save(node name, tensor, preexisting)` is called for every
     tensor autograd saves in the forward, attributed to the graph node that saved it;
@@ -168,7 +167,7 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
     emu, opt_params = None, param_fakes
     if cap.data_parallel == "fsdp":
         # one rank under FSDP2: what it holds, beside the full parameters the graph computes with
-        from memfit.cost_models.fsdp import emulate
+        from memfit.cost_models.data_parallel import emulate
 
         names = {id(t): n for n, t, cat in named if cat == "parameters"}
         emu, opt_params = emulate(cap, tracker, fm, [(names[id(r)], f) for r, f in zip(param_real, param_fakes)],
@@ -191,7 +190,7 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
     fused = isinstance(optimizer, StepInBackward)   # the step runs inside backward, per parameter
     if optimizer is not None:
         opt = make_optimizer(optimizer.as_plain() if fused else optimizer, opt_params,
-                             _order_real(model_params, param_real),
+                             param_real,   # the gm's are the model's Parameter objects, in the fakes' order
                              convert=lambda t: fm.from_tensor(t, static_shapes=True))
         with fm:
             for p in opt_params:
@@ -204,13 +203,9 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
                 if isinstance(v, torch.Tensor):
                     tracker.register(v, "optimizer_state")
     if cap.data_parallel == "ddp":
-        # DDP's reducer keeps a flat copy of every gradient (its buckets) from construction on
-        with fm:
-            buckets = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in param_fakes]
-        for b in buckets:
-            tracker.register(b, "gradients")
-        tracker.notes = [f"DDP gradient buckets: {sum(_val_bytes(b) for b in buckets)} B (a copy of every gradient, "
-                         "held from DDP's construction on) counted as gradients"]
+        from memfit.cost_models.data_parallel import ddp_buckets
+
+        buckets = ddp_buckets(tracker, fm, param_fakes)  # noqa: F841 - held to the end of the step
     grad_stores: list = []
     if fused:
         # the same hooks as at run time, on the fakes (armed); the gradients they free are
@@ -332,12 +327,6 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
     # Keep the fake objects alive until here so no free events are appended late.
     del fakes, param_fakes, opt, opt_params, emu
     return analysis
-
-
-def _order_real(model_params, param_real):
-    # The gm shares parameter objects with the model, so both lists hold the same tensors;
-    # mirroring needs them in the fake list's order.
-    return param_real
 
 
 def _is_module_attr(gm, target: str) -> bool:

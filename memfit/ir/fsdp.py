@@ -21,7 +21,7 @@ import torch.fx
 from memfit.errors import MemfitError
 from memfit.ir.fx_utils import COMPUTE_OPS, module_path
 
-__all__ = ["default_units", "fully_shard", "unit_of"]
+__all__ = ["default_units", "fully_shard", "split_at_units", "split_units", "unit_of"]
 
 
 def default_units(model: torch.nn.Module) -> tuple[str, ...]:
@@ -52,6 +52,24 @@ def unit_of(path: str, units) -> str | None:
         if path == u or path.startswith(u + "."):
             return u
     return None
+
+
+def split_at_units(region: list, units, path_of=module_path) -> list[list]:
+    """`region` (consecutive call nodes) cut where its nodes pass from one unit to another
+    (memfit.planning.checkpoint.apply_spans); nodes of no unit stay with their neighbours."""
+    if not units:
+        return [region]
+    pieces, current, owner = [], [], None
+    for n in region:
+        u = unit_of(path_of(n), units)
+        if u is not None and owner is not None and u != owner:
+            pieces.append(current)
+            current = []
+        if u is not None:
+            owner = u
+        current.append(n)
+    pieces.append(current)
+    return pieces
 
 
 def _inner_graphs(gm: torch.fx.GraphModule, n: torch.fx.Node) -> list[torch.fx.GraphModule]:

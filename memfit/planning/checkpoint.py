@@ -212,37 +212,19 @@ def apply_spans(gm: torch.fx.GraphModule, units: list[Unit], spans, *, in_place:
     `fsdp_units` (module paths, Captured.fsdp_units): a span is cut where it would cross from
     one FSDP unit into another, so each region is recomputed inside one unit (memfit.ir.fsdp).
     Returns (graph module, call nodes)."""
+    from memfit.ir.fsdp import split_at_units
+
     new = gm if in_place else copy_graph_module(gm)
     nodes = call_nodes(new)
     made = []
     for k, (i, j) in enumerate(spans):
         region = nodes[units[i].start:units[j - 1].end]
         label = units[i].label if j - i == 1 else f"{units[i].label}..{units[j - 1].label}"
-        pieces = split_at_units(region, fsdp_units)
+        pieces = split_at_units(region, fsdp_units, module_path)
         for q, piece in enumerate(pieces):
             name = f"memfit_ckpt_{k}" if len(pieces) == 1 else f"memfit_ckpt_{k}_{q}"
             made.append(checkpoint_region(new, piece, name, label))
     return new, made
-
-
-def split_at_units(region: list, fsdp_units) -> list[list]:
-    """`region` (consecutive call nodes) cut where its nodes pass from one FSDP unit to another;
-    nodes of no unit stay with their neighbours."""
-    from memfit.ir.fsdp import unit_of
-
-    if not fsdp_units:
-        return [region]
-    pieces, current, owner = [], [], None
-    for n in region:
-        u = unit_of(module_path(n), fsdp_units)
-        if u is not None and owner is not None and u != owner:
-            pieces.append(current)
-            current = []
-        if u is not None:
-            owner = u
-        current.append(n)
-    pieces.append(current)
-    return pieces
 
 
 # ----------------------------------------------------------------------------- planning

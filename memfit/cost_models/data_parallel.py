@@ -1,4 +1,9 @@
-"""One rank's memory under FSDP2 (memfit.fully_shard), in the simulated step (analyze_step).
+"""One rank's memory under data parallelism, in the simulated step (analyze_step).
+
+DDP (`ddp_buckets`): the reducer keeps a flat copy of every gradient, its buckets, from its
+construction on; they are counted as gradients from the start of the step.
+
+FSDP2 (memfit.fully_shard; `emulate`, FsdpEmulation):
 
 The graph runs on full-size fake parameters, which are not counted; what a rank holds is
 allocated beside them, at the points FSDP2 allocates and frees it (torch 2.13's
@@ -37,6 +42,18 @@ from memfit.ir.fx_utils import COMPUTE_OPS
 ROOT = ""
 
 
+def ddp_buckets(tracker, fm, param_fakes) -> list[torch.Tensor]:
+    """Stand-ins of DDP's gradient buckets (one per parameter), registered as gradients."""
+    with fm:
+        buckets = [torch.empty(p.shape, dtype=p.dtype, device=p.device) for p in param_fakes]
+    for b in buckets:
+        tracker.register(b, "gradients")
+    total = sum(b.numel() * b.element_size() for b in buckets)
+    tracker.notes = [f"DDP gradient buckets: {total} B (a copy of every gradient, held from DDP's construction on) "
+                     "counted as gradients"]
+    return buckets
+
+
 def emulate(cap, tracker, fm, params, optimizer) -> tuple["FsdpEmulation", list]:
     """Set up FSDP2's allocations in `tracker`'s step of `cap` (data_parallel="fsdp"): the full
     fake parameters `params` ([(name, fake)]) count nothing from here on, one shard of each is
@@ -55,7 +72,7 @@ def emulate(cap, tracker, fm, params, optimizer) -> tuple["FsdpEmulation", list]
         tracker.register(s, "parameters")
     tracker.notes = [f"FSDP2 over {cap.world_size} ranks, {len(cap.fsdp_units)} units and the root: one rank's shards "
                      "of parameters, gradients and optimizer state, and each unit's unsharded parameters and gradient "
-                     "reduction buffers while FSDP2 holds them (memfit.cost_models.fsdp)", emu.scratch_note]
+                     "reduction buffers while FSDP2 holds them (memfit.cost_models.data_parallel)", emu.scratch_note]
     return emu, shards
 
 
