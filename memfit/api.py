@@ -55,7 +55,7 @@ def plan(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwar
 DATA_PARALLEL = (None, "ddp", "fsdp")
 # what a graph sharded by memfit.fully_shard can run (memfit.ir.fsdp.refused_technique says why
 # the others cannot); under data_parallel="fsdp" the default techniques are these
-FSDP_TECHNIQUES = ("fuse_conv_bn", "sdpa", "chunked_ce", "checkpoint", "token_merge")
+FSDP_TECHNIQUES = ("fuse_conv_bn", "sdpa", "chunked_ce", "sparse_embedding_grad", "checkpoint", "token_merge")
 
 
 def _data_parallel(value):

@@ -87,3 +87,31 @@ def test_not_applicable_says_why():
     with pytest.raises(memfit.BudgetError):     # with a name there is no optimizer to hand back fused
         memfit.optimize(model, "90%", example_inputs=(X,), example_targets=(Y,), loss_fn=ce, optimizer="adamw",
                         techniques=["step_in_backward", "checkpoint"])
+
+
+def test_the_ladder_tries_the_step_in_backward_again_with_the_other_techniques(monkeypatch):
+    """Where stepping in backward does not lower the peak at first (it is at the start of
+    backward, ViT-B's case), the ladder is tried again with it: recompute and smaller states
+    move the peak to where the gradients are, which it frees. Here the first look is made to
+    decline, and the second pass finds the plans the first cannot."""
+    from memfit.planning import strategy
+
+    monkeypatch.setattr(strategy, "_fused_step", lambda cap, gm, peak, ctx: (peak, []))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 10))
+    x = torch.randn(32, 256)
+
+    def loss(o):
+        return ce(o, Y[:1].repeat(32))
+
+    with pytest.raises(memfit.BudgetError):
+        memfit.optimize(model, "97%", example_inputs=(x,), loss_fn=loss, optimizer=torch.optim.AdamW(model.parameters()),
+                        techniques=["checkpoint"], time_model="roofline")
+    om, opt = memfit.optimize(model, "97%", example_inputs=(x,), loss_fn=loss,
+                              optimizer=torch.optim.AdamW(model.parameters()),
+                              techniques=["checkpoint", "step_in_backward"], time_model="roofline")
+    assert isinstance(opt, StepInBackward)
+    first = om.memfit_plan.decisions[0]
+    assert first.action == "step-in-backward" and "taken with the techniques below" in first.detail
+    m = memfit.measure(om, example_inputs=(x,), loss_fn=loss, optimizer=opt)
+    assert m.peak_bytes <= om.memfit_plan.budget_bytes

@@ -19,7 +19,7 @@ def add_subcommand(sub) -> None:
                    help="static shapes: faster, but no batch-size expression or largest batch")
     p.add_argument("--techniques", default=None,
                    help="comma-separated techniques the planner may use when over budget "
-                        "(checkpoint,quantize,offload,fuse_conv_bn,sdpa,chunked_ce,step_in_backward,optimizer_8bit,"
+                        "(checkpoint,quantize,offload,fuse_conv_bn,sdpa,chunked_ce,sparse_embedding_grad,step_in_backward,optimizer_8bit,"
                         "optimizer_4bit,reversible,token_merge)")
     p.add_argument("--data-parallel", choices=["ddp", "fsdp"], default=None,
                    help="plan one rank: 'ddp' (DistributedDataParallel, its gradient buckets included) or 'fsdp' "

@@ -60,6 +60,9 @@ class _Tracker(TorchDispatchMode):
     def register(self, t: torch.Tensor, category: str | None = None) -> _Store | None:
         if self.device is not None and t.device.type != self.device.type:
             return None
+        if t.layout == torch.sparse_coo:   # no storage of its own: its indices and values have them
+            stores = [self.register(part, category) for part in (t._indices(), t._values())]
+            return stores[-1]
         st = t.untyped_storage()
         s = self.by_storage.get(st)
         if s is not None:

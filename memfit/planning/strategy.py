@@ -103,6 +103,11 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
         gm, peak, decisions = _chunked_loss(cap, gm, peak, ctx, verify)
         if peak <= target:
             return gm, decisions
+    if "sparse_embedding_grad" in allowed:
+        gm, peak, more = _sparse_embedding_grad(cap, gm, peak, ctx, verify)
+        decisions += more
+        if peak <= target:
+            return gm, decisions
     if "step_in_backward" in allowed:
         peak, more = _fused_step(cap, gm, peak, ctx)
         decisions += more
@@ -114,7 +119,7 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
             q = get_pass(TECHNIQUES["quantize"])()
         except PassError as e:
             log.info("technique quantize skipped: %s", e)
-    states, notes = _state_options(cap, gm, peak, ctx, allowed)
+    notes: list = []
     off = None
     if "offload" in allowed:
         dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
@@ -124,39 +129,54 @@ def fit_budget(cap, gm, budget_bytes: int, peak: int, allowed, ctx, *, verify: b
             notes.append(f"offload: needs a CUDA device (on {dev.type} the host memory is the memory the "
                          "budget counts)")
     saves = {"quantize": q, "offload": off}
-    planners: dict = {}
     floors: list[tuple[int, int]] = []       # (lowest predicted peak, smallest budget met) per rung
     first_error = None
-    for bits, how in RUNGS:
-        if bits not in states or (how is not None and saves[how] is None) or (
-                how is None and "checkpoint" not in allowed and bits is None):
-            continue
-        opt, state_peak, state_decisions = states[bits]
-        c = dataclasses.replace(ctx, optimizer=opt)
-        if state_peak <= target:
-            ctx.optimizer = opt
-            return gm, decisions + state_decisions
-        planner = planners.get(bits)
-        if planner is None and "checkpoint" in allowed:
-            from memfit.planning.checkpoint import CheckpointPlanner
-            planner = planners[bits] = CheckpointPlanner(dataclasses.replace(cap, gm=gm), optimizer=opt,
-                                                         loss_fn=ctx.loss_fn, time_model=time_model)
-        if how is None:
-            if planner is None:
+    # the ladder with the optimizer as it is, then (step_in_backward allowed, not taken above
+    # because it did not lower the peak yet) again with the step in backward: the rungs move the
+    # peak from the saved activations to the optimizer step, where it pays
+    variants = [(ctx, peak, None)]
+    states = {}
+    for k in range(2):
+        if k == 1:
+            fv = _fused_variant(cap, gm, ctx) if "step_in_backward" in allowed else None
+            if fv is None:
+                break
+            variants.append(fv)
+        vctx, vpeak, vdecision = variants[k]
+        pre = decisions + ([vdecision] if vdecision is not None else [])
+        states, more_notes = _state_options(cap, gm, vpeak, vctx, allowed)
+        notes += [n for n in more_notes if n not in notes]
+        planners: dict = {}
+        for bits, how in RUNGS:
+            if bits not in states or (how is not None and saves[how] is None) or (
+                    how is None and "checkpoint" not in allowed and bits is None):
                 continue
-            try:
-                cp = planner.plan(budget_bytes)
-            except BudgetError as e:
-                first_error = first_error or e
-                floors.append((planner.floor_bytes(), planner.min_budget_bytes()))
-                continue
-            ctx.optimizer = opt
-            return cp.gm, decisions + state_decisions + list(cp.decisions)
-        found, best = _rewritten_saves(cap, gm, target, state_peak, c, saves[how], planner, verify)
-        floors.append(best)
-        if found is not None:
-            ctx.optimizer = opt
-            return found[0], decisions + state_decisions + found[1]
+            opt, state_peak, state_decisions = states[bits]
+            c = dataclasses.replace(vctx, optimizer=opt)
+            if state_peak <= target:
+                ctx.optimizer = opt
+                return gm, pre + state_decisions
+            planner = planners.get(bits)
+            if planner is None and "checkpoint" in allowed:
+                from memfit.planning.checkpoint import CheckpointPlanner
+                planner = planners[bits] = CheckpointPlanner(dataclasses.replace(cap, gm=gm), optimizer=opt,
+                                                             loss_fn=ctx.loss_fn, time_model=time_model)
+            if how is None:
+                if planner is None:
+                    continue
+                try:
+                    cp = planner.plan(budget_bytes)
+                except BudgetError as e:
+                    first_error = first_error or e
+                    floors.append((planner.floor_bytes(), planner.min_budget_bytes()))
+                    continue
+                ctx.optimizer = opt
+                return cp.gm, pre + state_decisions + list(cp.decisions)
+            found, best = _rewritten_saves(cap, gm, target, state_peak, c, saves[how], planner, verify)
+            floors.append(best)
+            if found is not None:
+                ctx.optimizer = opt
+                return found[0], pre + state_decisions + found[1]
     if peak <= budget_bytes:
         # within the budget but not its margin, and nothing went lower: the prediction still fits
         return gm, decisions
@@ -344,6 +364,31 @@ def _chunked_loss(cap, gm, peak: int, ctx, verify: bool):
                                            f"{n} output projection(s) + cross-entropy in chunks of rows")]
 
 
+def _sparse_embedding_grad(cap, gm, peak: int, ctx, verify: bool):
+    """sparse-embedding-grad on `gm` unless it raises the predicted peak: (gm, peak, decisions).
+    At an equal peak it is taken too, as the step in backward is: it costs no time, and the
+    peak it lowers, the end of backward, is where the later rungs move it."""
+    from memfit.cost_models.memory import analyze_step
+    from memfit.ir.fx_utils import copy_graph_module
+    from memfit.memory_plan import Decision
+    from memfit.passes.infra.manager import PassManager
+    from memfit.passes.infra.registry import get_pass
+
+    p = get_pass(TECHNIQUES["sparse_embedding_grad"])()
+    res = PassManager([p], verify=verify).run(copy_graph_module(gm), ctx)
+    if not res.modified:
+        return gm, peak, []
+    a = analyze_step(dataclasses.replace(cap, gm=res.gm), optimizer=ctx.optimizer, loss_fn=ctx.loss_fn,
+                     symbolic=False)
+    if a.peak_bytes > peak:
+        return gm, peak, []
+    n = res.stats.get(f"{p.name}.rewritten", 0)
+    return res.gm, a.peak_bytes, [Decision("(gradients)", p.name, peak - a.peak_bytes, 0.0,
+                                           f"{n} tied embedding lookup(s) with a sparse weight gradient, added in "
+                                           "place into the dense one (no weight-sized temporary at the end of "
+                                           "backward; exact to rounding)")]
+
+
 def _projection_time_s(gm) -> float:
     """Predicted extra time: the projection's matmul once more (logits recomputed in backward),
     2 * N * D * V FLOPs at the device's rate."""
@@ -363,7 +408,8 @@ def _projection_time_s(gm) -> float:
 
 def _fused_step(cap, gm, peak: int, ctx):
     """The optimizer step in backward when it lowers the predicted peak: (peak, decisions);
-    sets ctx.optimizer to the StepInBackward."""
+    sets ctx.optimizer to the StepInBackward. When it does not lower it yet (the peak is before
+    the gradients exist), fit_budget tries the ladder again with it (`_fused_variant`)."""
     from memfit.cost_models.memory import analyze_step
     from memfit.memory_plan import Decision
     from memfit.runtime.optim import StepInBackward, why_not
@@ -380,9 +426,30 @@ def _fused_step(cap, gm, peak: int, ctx):
     if new_peak >= peak:
         return peak, []
     ctx.optimizer = fused
-    return new_peak, [Decision("(gradients)", "step-in-backward", peak - new_peak, 0.0,
-                               f"{type(opt).__name__} steps each parameter as its gradient is ready; the loop "
-                               "must not clip, accumulate or read gradients (optimizer.step() is a no-op)")]
+    return new_peak, [_fused_decision(opt, peak - new_peak)]
+
+
+def _fused_decision(opt, saved: int, why: str = ""):
+    from memfit.memory_plan import Decision
+
+    return Decision("(gradients)", "step-in-backward", saved, 0.0,
+                    f"{type(opt).__name__} steps each parameter as its gradient is ready; the loop must not clip, "
+                    f"accumulate or read gradients (optimizer.step() is a no-op){why}")
+
+
+def _fused_variant(cap, gm, ctx):
+    """(context stepping in backward, its predicted peak, decision) for the ladder's second pass,
+    or None when the step in backward does not apply or is taken already."""
+    from memfit.cost_models.memory import analyze_step
+    from memfit.runtime.optim import StepInBackward, why_not
+
+    opt = ctx.optimizer
+    if opt is None or isinstance(opt, StepInBackward) or why_not(opt) is not None:
+        return None
+    fused = StepInBackward(opt)
+    a = analyze_step(dataclasses.replace(cap, gm=gm), optimizer=fused, loss_fn=ctx.loss_fn, symbolic=False)
+    return dataclasses.replace(ctx, optimizer=fused), a.peak_bytes, _fused_decision(
+        opt, 0, "; taken with the techniques below, which move the peak to where the gradients are")
 
 
 # r per block tried for token merging under a budget: ToMe's paper runs r up to about 16 on

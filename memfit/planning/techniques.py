@@ -9,6 +9,7 @@ TECHNIQUES = {
     "fuse_conv_bn": "fuse-conv-bn",
     "sdpa": "sdpa-attention",
     "chunked_ce": "chunked-ce",
+    "sparse_embedding_grad": "sparse-embedding-grad",
     "checkpoint": "checkpoint",
     "step_in_backward": "step-in-backward",   # not a pass: planning/strategy.py and runtime/optim.py
     "quantize": "quantize-activations",
@@ -21,8 +22,8 @@ TECHNIQUES = {
 # used unless `techniques` says otherwise: every exact one, then the approximate ones (8-bit saved
 # activations, 8- and 4-bit optimizer states with an optimizer instance and torchao installed)
 # where exact ones cannot fit
-DEFAULT_TECHNIQUES = ("fuse_conv_bn", "sdpa", "chunked_ce", "checkpoint", "quantize", "optimizer_8bit",
-                      "optimizer_4bit")
+DEFAULT_TECHNIQUES = ("fuse_conv_bn", "sdpa", "chunked_ce", "sparse_embedding_grad", "checkpoint", "quantize",
+                      "optimizer_8bit", "optimizer_4bit")
 # exact graph rewrites applied before planning (memfit.optimize and the backend's default passes)
 EXACT_STRUCTURAL = ("fuse_conv_bn", "sdpa")
 # applied before planning when named: they change the function

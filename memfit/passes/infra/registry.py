@@ -26,6 +26,7 @@ _BUILTIN.update({
     "checkpoint": "memfit.passes.checkpoint:Checkpoint",
     "fuse-conv-bn": "memfit.passes.fuse_conv_bn:FuseConvBN",
     "chunked-ce": "memfit.passes.chunked_ce:ChunkedCE",
+    "sparse-embedding-grad": "memfit.passes.sparse_embedding_grad:SparseEmbeddingGrad",
     "sdpa-attention": "memfit.passes.sdpa_attention:SDPAAttention",
     "quantize-activations": "memfit.passes.quantize:QuantizeActivations",
     "offload-activations": "memfit.passes.offload:OffloadActivations",
