@@ -193,10 +193,12 @@ def _fsdp(rank, res):
     def loss_fn(out):
         return torch.nn.functional.mse_loss(out, y)
 
-    # the toy's eager attention would become sdpa by default: exact to rounding only, which Adam
-    # turns into lr-sized steps where a gradient is ~0; GPT-2 uses sdpa already
+    # the toy's eager attention would become sdpa by default, and GPT-2's tied embedding would get
+    # sparse-embedding-grad: exact to rounding only, which Adam's m / sqrt(v) turns into lr-sized
+    # steps where a gradient is ~0 (each is tested for exactness on its own); GPT-2's sdpa rewrite
+    # is bitwise here
     cases = {"blocks": (_fsdp_model, (x,), {}, loss_fn, lambda m: loss_fn(m(x)), "checkpoint"),
-             "gpt2": (_gpt2, (ids,), {"labels": ids}, None, lambda m: m(ids, labels=ids).loss, None)}
+             "gpt2": (_gpt2, (ids,), {"labels": ids}, None, lambda m: m(ids, labels=ids).loss, "sdpa,checkpoint")}
     for name, (make, args, kwargs, lf, call, techniques) in cases.items():
         om = memfit.optimize(make(), "85%", example_inputs=args, example_kwargs=kwargs, optimizer="adamw",
                              loss_fn=lf, data_parallel="fsdp", techniques=techniques)
