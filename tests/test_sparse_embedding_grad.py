@@ -75,12 +75,15 @@ def test_end_of_backward_one_weight_fewer_predicted_as_measured():
     ids = torch.randint(0, 8000, (2, 16))
     kw = {"labels": ids}
     peaks = {}
-    for k, how in enumerate(({"techniques": []}, {"passes": "sparse-embedding-grad"})):
+    for k, how in enumerate(({"techniques": []}, {"passes": "sparse-embedding-grad"},
+                             {"passes": "chunked-ce,sparse-embedding-grad"})):
         # no optimizer: the step's peak is the end of backward, where the tied gradient is summed
         om = memfit.optimize(model, None, example_inputs=(ids,), example_kwargs=kw, **how)
         m = memfit.measure(om, example_inputs=(ids,), example_kwargs=kw)
         peaks[k] = (om.memfit_plan.peak_bytes, m.peak_bytes)
         assert abs(om.memfit_plan.peak_bytes - m.peak_bytes) <= 64, peaks
+    # with chunked-ce's projection gradient autograd was measured to add the rows out of place:
+    # the lookup is left alone there (k=2), and the plan still predicts what runs
     # a (V, D) tensor fewer, less the rows the sparse gradient holds (N x D, and N indices)
     weight, rows = 8000 * 64 * 4, 2 * 16 * (64 * 4 + 8)
     assert peaks[0][1] - peaks[1][1] >= weight - rows, peaks

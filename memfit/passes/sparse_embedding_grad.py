@@ -12,7 +12,9 @@ Rewritten: `aten.embedding` (export graphs) and nn.Embedding calls (symbolic_tra
 whose weight is a parameter that requires grad and that the graph also uses otherwise than by
 an embedding lookup (so the summed gradient is dense: torch's Adam refuses sparse ones).
 Skipped with a diagnostic: an untied weight, scale_grad_by_freq, max_norm, a weight that is
-already sparse, a weight tied only to other lookups.
+already sparse, a weight tied only to other lookups, and a weight that is the projection of a
+chunked-ce loss: with chunked-ce's gradient, autograd was measured to add the rows out of place,
+which the cost model would not see (the sum as predicted in place is 1 (V, D) tensor low).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.fx
 from memfit.ir.fx_utils import fetch_attr
 from memfit.passes.infra.base import Diagnostic, Pass, PassContext, PassResult
 from memfit.passes.infra.registry import register_pass
+from memfit.runtime.chunked_ce import chunked_linear_cross_entropy
 from memfit.runtime.embedding import embedding_sparse_grad
 
 aten = torch.ops.aten
@@ -56,6 +59,11 @@ class SparseEmbeddingGrad(Pass):
                     why = "its weight is not tied to another use: alone, its gradient would stay sparse"
                 elif all(_lookup(gm, u) is not None for u in others):
                     why = "its weight is tied only to other lookups: the summed gradient would stay sparse"
+                elif any(u.op == "call_function" and u.target is chunked_linear_cross_entropy for u in others):
+                    # measured: with chunked-ce's gradient for the projection, autograd adds the
+                    # sparse rows out of place (a new (V, D) tensor), so nothing would be saved
+                    why = ("its weight is the projection of a chunked-ce loss, whose gradient autograd does not "
+                           "add the rows into in place (measured)")
             if why is not None:
                 stats["skipped"] += 1
                 diags.append(Diagnostic(self.name, f"embedding lookup left alone: {why}", node=n.name))
