@@ -96,7 +96,7 @@ def test_the_ladder_tries_the_step_in_backward_again_with_the_other_techniques(m
     decline, and the second pass finds the plans the first cannot."""
     from memfit.planning import strategy
 
-    monkeypatch.setattr(strategy, "_fused_step", lambda cap, gm, peak, ctx: (peak, []))
+    monkeypatch.setattr(strategy, "fused_step", lambda cap, gm, peak, ctx: (peak, []))
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(256, 1024), nn.GELU(), nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 10))
     x = torch.randn(32, 256)
