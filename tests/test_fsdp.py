@@ -140,3 +140,5 @@ def test_techniques_fsdp2_cannot_run_are_refused():
         memfit.fully_shard(om, mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
     with pytest.raises(memfit.MemfitError, match="CPUOffloadPolicy keeps the shards on the host"):
         memfit.fully_shard(om, offload_policy=CPUOffloadPolicy())
+    with pytest.raises(memfit.MemfitError, match="reshard_after_forward other than True"):
+        memfit.fully_shard(om, reshard_after_forward=False)

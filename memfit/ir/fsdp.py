@@ -249,6 +249,9 @@ def _unplanned_option(om, kwargs) -> str | None:
                 return (f"mp_policy's {field}={d} computes or reduces in another dtype than the plan's "
                         f"({', '.join(sorted(str(t) for t in dtypes))}): convert the model to that dtype before "
                         "memfit.optimize instead")
+    if kwargs.get("reshard_after_forward", True) is not True:
+        return ("reshard_after_forward other than True keeps the units gathered after their forward, where the "
+                "plan (FSDP2's default) frees them")
     off = kwargs.get("offload_policy")
     if off is not None and type(off).__name__ != "OffloadPolicy":
         return f"offload_policy={type(off).__name__} keeps the shards on the host"
