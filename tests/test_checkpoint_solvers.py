@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from memfit.planning import (chain_frontier, chain_peak, knapsack_frontier, knapsack_peak, pick,
+from memfit.planning import (Selective, chain_frontier, chain_peak, knapsack_frontier, knapsack_peak, pick,
                              solve_chain, solve_knapsack)
 
 
@@ -76,15 +76,76 @@ def test_chain_matches_brute_force(seed):
     fixed = rng.randint(0, 50)
     choices = _all_span_choices(K)
     front = chain_frontier(saved, boundary, time, fixed=fixed, output=output, buckets=4096, max_caps=10**4)
-    for budget in range(fixed, fixed + sum(saved) + 2, 7):
-        best = min((sum(time[u] for i, j in c for u in range(i, j)) for c in choices
-                    if chain_peak(saved, boundary, c, fixed, output=output) <= budget), default=None)
+    _agrees_with_brute_force(front, [(sum(time[u] for i, j in c for u in range(i, j)),
+                                      chain_peak(saved, boundary, c, fixed, output=output)) for c in choices],
+                             range(fixed, fixed + sum(saved) + 2, 7))
+
+
+def _agrees_with_brute_force(front, options, budgets):
+    """`pick(front, b)` is as fast as the fastest of `options` ((seconds, peak)) fitting b."""
+    for budget in budgets:
+        best = min((t for t, peak in options if peak <= budget), default=None)
         p = pick(front, budget)
         if best is None:
             assert p is None
         else:
             assert p is not None and p.peak_bytes <= budget
             assert p.extra_time_s == pytest.approx(best)
+
+
+def test_selective_span_hand_computed():
+    # Three units of 100 saved bytes, 40 of which are matmul outputs (saved by autograd
+    # anyway: no extra); recomputing a unit selectively costs 1 s instead of 4.
+    saved, boundary, time = [100, 100, 100], [10, 10, 10], [4.0, 4.0, 4.0]
+    sel = Selective(kept=[40] * 3, kept_out=[0] * 3, extra=[0] * 3, time_saved=[3.0] * 3, ok=[True] * 3)
+    two = ((0, 1), (1, 2))
+    # end of forward: 2 x (10 + 40) + 100; unit 1's backward: 50 + 10 + 100
+    assert chain_peak(saved, boundary, two, selective=sel, selective_spans=two) == 200
+    assert chain_peak(saved, boundary, two) == 120
+    # one span over units 0 and 1: keeps 10 + 80, its backward holds 10 + 200
+    assert chain_peak(saved, boundary, ((0, 2),), selective=sel, selective_spans=((0, 2),)) == 210
+    front = chain_frontier(saved, boundary, time, selective=sel, buckets=4096)
+    p = pick(front, 200)
+    assert p.spans == two and p.selective == two and p.extra_time_s == 2.0
+    p = pick(front, 199)    # one unit whole, one selectively: 160 or 170 at 5 s
+    assert p.peak_bytes <= 199 and p.extra_time_s == 5.0 and len(p.selective) == 1
+    assert pick(chain_frontier(saved, boundary, time, buckets=4096), 200).extra_time_s == 8.0
+    # a unit that may not be recomputed selectively never is
+    no = Selective(kept=[40] * 3, kept_out=[0] * 3, extra=[0] * 3, time_saved=[3.0] * 3, ok=[True, False, True])
+    front = chain_frontier(saved, boundary, time, selective=no, buckets=4096)
+    assert all(1 not in range(i, j) for p in front for i, j in p.selective)
+    with pytest.raises(ValueError):
+        chain_peak(saved, boundary, two, selective_spans=two)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_chain_with_selective_spans_matches_brute_force(seed):
+    rng = random.Random(500 + seed)
+    K = rng.randint(1, 5)
+    saved = [rng.randint(0, 100) for _ in range(K)]
+    boundary = [rng.randint(0, 30) for _ in range(K)]
+    time = [rng.choice([1.0, 2.0, 3.0, 4.0]) for _ in range(K)]
+    output = [rng.randint(0, s) for s in saved]
+    kept = [rng.randint(0, s) for s in saved]
+    sel = Selective(kept=kept, kept_out=[rng.randint(0, k) for k in kept], extra=[rng.randint(0, 10) for _ in kept],
+                    time_saved=[rng.choice([0.0, 0.5, 1.0]) for _ in kept], ok=[rng.random() < 0.8 for _ in kept])
+    fixed = rng.randint(0, 50)
+    choices = []
+    for c in _all_span_choices(K):
+        allowed = [sp for sp in c if sel.allowed(*sp)]
+        for bits in itertools.product((0, 1), repeat=len(allowed)):
+            choices.append((c, tuple(sp for sp, b in zip(allowed, bits) if b)))
+
+    def secs(c, s):
+        return sum(time[u] - (sel.time_saved[u] if (i, j) in s else 0.0) for i, j in c for u in range(i, j))
+
+    front = chain_frontier(saved, boundary, time, fixed=fixed, output=output, selective=sel, buckets=4096,
+                           max_caps=10**4)
+    for p in front:   # each plan's figures are its own
+        assert p.peak_bytes == chain_peak(saved, boundary, p.spans, fixed, 0, output, sel, p.selective)
+        assert p.extra_time_s == pytest.approx(secs(p.spans, p.selective))
+    _agrees_with_brute_force(front, [(secs(c, s), chain_peak(saved, boundary, c, fixed, 0, output, sel, s))
+                                     for c, s in choices], range(fixed, fixed + sum(saved) + sum(kept) + 2, 7))
 
 
 @pytest.mark.parametrize("seed", range(20))

@@ -62,6 +62,8 @@ class NodeCost:
     flops: int = 0                 # forward FLOPs (multiply-add = 2)
     est_time_s: float = 0.0        # forward time estimate (roofline on DeviceSpec)
     saved_expr: Any = 0            # saved_bytes as a sympy expression in B (and T)
+    kept_bytes: int = 0            # of its new storages, what a selective region keeps (outputs of
+                                   # memfit.runtime.checkpoint.SAVED_OPERATORS: matmuls, attention)
 
     def to_dict(self) -> dict:
         return {"name": self.name, "module": self.module, "output_bytes": self.output_bytes,
@@ -448,28 +450,19 @@ def _build_analysis(gm, tracker: _Tracker, start_events: int, node_out_bytes, sy
     saved_expr = sympy.Add(*saved_expr_by_node.values()) if saved_expr_by_node else sympy.Integer(0)
     totals["saved_activations"] = saved_total
 
+    from memfit.cost_models.roofline import node_seconds
+
     total_flops = 0
-    roof: dict[str, float] = {}
-    for n in gm.graph.nodes:
-        if n.op not in ("placeholder", "output", "get_attr"):
-            ob = node_out_bytes.get(n.name, 0)
-            in_bytes = sum(_val_bytes(a.meta.get("val")) for a in n.all_input_nodes)
-            roof[n.name] = max(tracker.node_flops.get(n.name, 0) / spec.flops_per_s, (ob + in_bytes) / spec.bytes_per_s)
-    scale = 1.0
-    if node_times:
-        both = [k for k in roof if k in node_times]
-        r, m = sum(roof[k] for k in both), sum(node_times[k] for k in both)
-        scale = m / r if r > 0 and m > 0 else 1.0
+    seconds = node_seconds(gm, tracker.node_flops, node_out_bytes, spec, node_times, _val_bytes)
     for n in gm.graph.nodes:
         if n.op in ("placeholder", "output", "get_attr"):
             continue
         fl = tracker.node_flops.get(n.name, 0)
         total_flops += fl
-        ob = node_out_bytes.get(n.name, 0)
-        t = node_times[n.name] if node_times and n.name in node_times else roof[n.name] * scale
-        rec = NodeCost(name=n.name, module=module_path(n), output_bytes=ob,
-                       saved_bytes=saved_by_node.get(n.name, 0), flops=fl, est_time_s=t,
-                       saved_expr=sympy.simplify(saved_expr_by_node.get(n.name, 0)))
+        rec = NodeCost(name=n.name, module=module_path(n), output_bytes=node_out_bytes.get(n.name, 0),
+                       saved_bytes=saved_by_node.get(n.name, 0), flops=fl, est_time_s=seconds[n.name],
+                       saved_expr=sympy.simplify(saved_expr_by_node.get(n.name, 0)),
+                       kept_bytes=tracker.node_kept.get(n.name, 0))
         n.meta["memfit"] = rec
         nodes[n.name] = rec
 

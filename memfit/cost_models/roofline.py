@@ -77,3 +77,21 @@ def recompute_time_s(fw: fx.GraphModule, bw: fx.GraphModule, flops_per_s: float,
     fw_ops = {n.name for n in fw.graph.nodes if n.op == "call_function"}
     return sum(node_time_s(n, flops_per_s, bytes_per_s) for n in bw.graph.nodes
                if n.op == "call_function" and n.name in fw_ops)
+
+
+def node_seconds(gm: fx.GraphModule, node_flops: dict, node_out_bytes: dict, spec: "DeviceSpec",
+                 node_times: dict | None, val_bytes) -> dict[str, float]:
+    """Forward seconds per compute node of a simulated step: the measured time where
+    `node_times` (a profile) has the node, else the roofline (FLOPs or bytes moved, whichever
+    takes longer) scaled by the profile's ratio of measured to roofline seconds."""
+    roof: dict[str, float] = {}
+    for n in gm.graph.nodes:
+        if n.op not in ("placeholder", "output", "get_attr"):
+            moved = node_out_bytes.get(n.name, 0) + sum(val_bytes(a.meta.get("val")) for a in n.all_input_nodes)
+            roof[n.name] = max(node_flops.get(n.name, 0) / spec.flops_per_s, moved / spec.bytes_per_s)
+    scale = 1.0
+    if node_times:
+        both = [k for k in roof if k in node_times]
+        r, m = sum(roof[k] for k in both), sum(node_times[k] for k in both)
+        scale = m / r if r > 0 and m > 0 else 1.0
+    return {k: node_times[k] if node_times and k in node_times else v * scale for k, v in roof.items()}

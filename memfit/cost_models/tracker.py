@@ -18,6 +18,8 @@ import torch._refs
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from memfit.runtime.checkpoint import saved_operators
+
 
 @dataclass
 class _Store:
@@ -54,6 +56,7 @@ class _Tracker(TorchDispatchMode):
         self.specialized: dict = {}     # shape symbol -> (operator, node) whose guard fixed it
         self.flops_expr: Any = 0
         self.node_flops: dict[str, int] = {}
+        self.node_kept: dict[str, int] = {}   # bytes of SAVED_OPERATORS' outputs per node (forward)
         from torch.utils.flop_counter import flop_registry
         self._flop_registry = flop_registry
 
@@ -136,9 +139,13 @@ class _Tracker(TorchDispatchMode):
                 self.node_flops[self.node] = self.node_flops.get(self.node, 0) + fh
             except Exception:  # noqa: BLE001 - FLOPs are an estimate; never fail the step
                 pass
+        kept = self.phase == "forward" and self.node is not None and func in saved_operators()
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor):
-                self.register(t)
+                new = kept and t.untyped_storage() not in self.by_storage
+                s = self.register(t)
+                if new and s is not None:
+                    self.node_kept[self.node] = self.node_kept.get(self.node, 0) + s.nbytes
         scratch = _kernel_scratch_bytes(func, args, out, kwargs)
         if scratch:
             # Scratch lives while the kernel runs, beside its outputs, then goes.

@@ -223,14 +223,16 @@ def outline_region(gm: torch.fx.GraphModule, nodes, name: str, *,
     return node
 
 
-def checkpoint_region(gm: torch.fx.GraphModule, nodes, name: str, label: str = "") -> torch.fx.Node:
+def checkpoint_region(gm: torch.fx.GraphModule, nodes, name: str, label: str = "", *,
+                      selective: bool = False) -> torch.fx.Node:
     """Outline `nodes` into a child run by memfit.runtime.checkpoint.CheckpointedRegion (recomputed
-    in backward: non-reentrant torch.utils.checkpoint, RNG replayed, buffer updates once). The
-    call node gets `meta["memfit_checkpoint"] = label`; returns it."""
+    in backward: non-reentrant torch.utils.checkpoint, RNG replayed, buffer updates once;
+    `selective`: the outputs of matmuls, convolutions and attention are kept, the rest is
+    recomputed). The call node gets `meta["memfit_checkpoint"] = label`; returns it."""
     from memfit.runtime.checkpoint import CheckpointedRegion
 
     def run(child, inputs, region_nodes):
-        return CheckpointedRegion(child, name, *_mutated_state(gm, region_nodes, inputs))
+        return CheckpointedRegion(child, name, *_mutated_state(gm, region_nodes, inputs), selective=selective)
 
     return outline_region(gm, nodes, name, call=run, tuple_output=True, meta={"memfit_checkpoint": label or name})
 

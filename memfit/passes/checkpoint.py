@@ -33,13 +33,16 @@ class Checkpoint(Pass):
     budget: bytes ("123456"), a size ("6GiB", "800MB") or a percentage ("50%") of the
     unoptimized step's predicted peak; "" takes the budget from the PassContext.
     solver: "auto" (chain DP), "chain" or "knapsack". regions: comma-separated module path
-    patterns (fnmatch, e.g. "h.*") to recompute regardless of the budget.
+    patterns (fnmatch, e.g. "h.*") to recompute regardless of the budget. selective: the chain
+    solver may recompute a region selectively (its matmul and attention outputs kept, the rest
+    recomputed: memfit.planning.selective); False recomputes regions whole.
     """
 
     name: ClassVar[str] = "checkpoint"
     budget: str = ""
     solver: str = "auto"
     regions: str = ""
+    selective: bool = True
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -55,13 +58,14 @@ class Checkpoint(Pass):
             raise PassError("checkpoint needs the captured model in the PassContext (example inputs)")
         cap = dataclasses.replace(ctx.captured, gm=gm)
         plan = plan_checkpoint(cap, budget, optimizer=ctx.optimizer, loss_fn=ctx.loss_fn,
-                               solver=self.solver, regions=self.regions)
+                               solver=self.solver, regions=self.regions, selective=self.selective)
         if plan.spans:
             apply_spans(gm, plan.units, plan.spans, in_place=True,   # the plan was simulated on a copy
-                        fsdp_units=cap.fsdp_units)
+                        fsdp_units=cap.fsdp_units, selective=plan.selective)
         nodes = sum(units_nodes(plan.units, i, j) for i, j in plan.spans)
         return PassResult(gm, modified=bool(plan.spans),
-                          stats={"regions": len(plan.spans), "nodes_recomputed": nodes},
+                          stats={"regions": len(plan.spans), "selective": len(plan.selective),
+                                 "nodes_recomputed": nodes},
                           diagnostics=plan.diagnostics, decisions=list(plan.decisions))
 
 

@@ -11,8 +11,8 @@
 Importing this package imports only the pure solvers.
 """
 
-from memfit.planning.solvers import (ChainPlan, KnapsackPlan, chain_frontier, chain_peak, knapsack_frontier,
+from memfit.planning.solvers import (ChainPlan, KnapsackPlan, Selective, chain_frontier, chain_peak, knapsack_frontier,
                                      knapsack_peak, pareto, pick, solve_chain, solve_knapsack)
 
-__all__ = ["ChainPlan", "chain_frontier", "chain_peak", "solve_chain", "KnapsackPlan",
+__all__ = ["ChainPlan", "Selective", "chain_frontier", "chain_peak", "solve_chain", "KnapsackPlan",
            "knapsack_frontier", "knapsack_peak", "solve_knapsack", "pareto", "pick"]

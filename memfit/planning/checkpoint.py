@@ -37,111 +37,15 @@ import torch.fx
 
 from memfit.errors import BudgetError, PassError
 from memfit.ir.capture import Captured
-from memfit.ir.fx_utils import COMPUTE_OPS as _CALL_OPS
 from memfit.ir.fx_utils import call_nodes, copy_graph_module, module_path
 from memfit.ir.outline import checkpoint_region
 from memfit.passes.infra.base import Diagnostic
 from memfit.planning.solvers.search import first_fit
+from memfit.planning.units import Unit, discover_runs, dominator_runs, module_runs, price_units  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 SOLVERS = ("auto", "chain", "knapsack")
-
-
-# ----------------------------------------------------------------------------- units
-
-@dataclass(frozen=True)
-class Unit:
-    """A run of consecutive forward nodes (indices into the list of call nodes)."""
-
-    start: int
-    end: int                 # exclusive
-    label: str               # module path (or node span) for reports
-    saved_bytes: int         # saved for backward by its nodes (dropped when recomputed)
-    boundary_bytes: int      # inputs kept alive when recomputed that would otherwise be freed
-    time_s: float            # forward (= recompute) time estimate
-    output_bytes: int = 0    # of saved_bytes, what belongs to values used after the unit
-
-
-def _module_key(n: torch.fx.Node, depth: int) -> str:
-    path = module_path(n)
-    return ".".join(path.split(".")[:depth]) if path else ""
-
-
-def module_runs(nodes: list[torch.fx.Node], depth: int) -> list[tuple[int, int, str]]:
-    """Maximal runs of nodes sharing the module path prefix of `depth` components."""
-    runs = []
-    start = 0
-    for i in range(1, len(nodes) + 1):
-        if i == len(nodes) or _module_key(nodes[i], depth) != _module_key(nodes[start], depth):
-            runs.append((start, i, _module_key(nodes[start], depth) or "(top)"))
-            start = i
-    return runs
-
-
-def dominator_runs(gm: torch.fx.GraphModule, nodes: list[torch.fx.Node]) -> list[tuple[int, int, str]]:
-    """Spans between the output's dominators in the forward data-flow graph (networkx)."""
-    import networkx as nx
-
-    g = nx.DiGraph()
-    g.add_node("__src__")
-    for n in gm.graph.nodes:
-        g.add_node(n.name)
-        if n.op in ("placeholder", "get_attr"):
-            g.add_edge("__src__", n.name)
-        for a in n.all_input_nodes:
-            g.add_edge(a.name, n.name)
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    idom = nx.immediate_dominators(g, "__src__")
-    chain = set()
-    v = out.name
-    while v in idom and idom[v] != v:
-        v = idom[v]
-        chain.add(v)
-    index = {n.name: i for i, n in enumerate(nodes)}
-    cuts = sorted(index[c] + 1 for c in chain if c in index)
-    runs, start = [], 0
-    for c in cuts + [len(nodes)]:
-        if c > start:
-            runs.append((start, c, f"{nodes[start].name}..{nodes[c - 1].name}"))
-            start = c
-    return runs
-
-
-def discover_runs(gm: torch.fx.GraphModule, nodes, *, share: float = 0.25, max_units: int = 64):
-    """Units for the chain: module runs, refined where a run holds too much.
-
-    Start from the runs of depth-1 modules; a run holding more than `share` of all saved
-    bytes is split into the runs of the next module depth (GPT: `h` -> `h.0`, `h.1`, ...
-    -> `h.0.ln_1`, `h.0.attn`, ...), recursively, while the count stays under `max_units`.
-    Graphs without module structure are cut at the output's dominators instead.
-    """
-    if not any(module_path(n) for n in nodes):
-        return dominator_runs(gm, nodes)
-
-    def saved(s, e):
-        return sum(getattr(n.meta.get("memfit"), "saved_bytes", 0) for n in nodes[s:e])
-
-    total = max(1, saved(0, len(nodes)))
-    runs = [(s, e, lab, 1) for s, e, lab in module_runs(nodes, 1)]
-    changed = True
-    while changed and len(runs) < max_units:
-        changed = False
-        out = []
-        for s, e, lab, d in runs:
-            if saved(s, e) > share * total and d < 8 and e - s > 1:
-                sub = [(s + a, s + b, l2) for a, b, l2 in module_runs(nodes[s:e], d + 1)]
-                deeper = d + 1
-                while len(sub) == 1 and deeper < 8:
-                    deeper += 1
-                    sub = [(s + a, s + b, l2) for a, b, l2 in module_runs(nodes[s:e], deeper)]
-                if len(sub) > 1 and len(runs) + len(out) + len(sub) <= max_units + 1:
-                    out.extend((a, b, l2, deeper) for a, b, l2 in sub)
-                    changed = True
-                    continue
-            out.append((s, e, lab, d))
-        runs = out
-    return [(s, e, lab) for s, e, lab, _ in runs]
 
 
 TIME_MODELS = ("measured", "roofline")
@@ -167,48 +71,13 @@ def forward_profile(cap: Captured, time_model: str):
     return cached_profile(cap)
 
 
-def price_units(gm: torch.fx.GraphModule, runs) -> list[Unit]:
-    """Saved, boundary and time figures per unit from node.meta['memfit'] (NodeCost)."""
-    nodes = call_nodes(gm)
-    pos = {n: i for i, n in enumerate(nodes)}
-    units = []
-    for start, end, label in runs:
-        inside = set(nodes[start:end])
-        saved = out_saved = 0
-        time = 0.0
-        for n in nodes[start:end]:
-            c = n.meta.get("memfit")
-            if c is None:
-                continue
-            time += c.est_time_s
-            saved += c.saved_bytes
-            if any(u not in inside for u in n.users):
-                out_saved += c.saved_bytes
-        boundary = 0
-        seen = set()
-        for n in nodes[start:end]:
-            for a in n.all_input_nodes:
-                if a in inside or a in seen or a.op not in _CALL_OPS:
-                    continue
-                seen.add(a)
-                c = a.meta.get("memfit")
-                if c is None:
-                    continue
-                # Kept anyway when some operator saves it, or when it is used after the unit.
-                last_use = max((pos.get(u, len(nodes)) for u in a.users), default=0)
-                if last_use >= end:
-                    continue
-                boundary += max(0, c.output_bytes - c.saved_bytes)
-        units.append(Unit(start, end, label, saved, boundary, time, out_saved))
-    return units
-
-
 # ----------------------------------------------------------------------------- rewriting
 
 def apply_spans(gm: torch.fx.GraphModule, units: list[Unit], spans, *, in_place: bool = False,
-                fsdp_units=()):
+                fsdp_units=(), selective=()):
     """`gm` (a copy of it unless `in_place`) with each span of units [i, j) recomputed:
-    its nodes outlined (memfit.ir.outline) into a child run by CheckpointedRegion.
+    its nodes outlined (memfit.ir.outline) into a child run by CheckpointedRegion (selectively
+    for the spans in `selective`: memfit.planning.selective).
     `fsdp_units` (module paths, Captured.fsdp_units): a span is cut where it would cross from
     one FSDP unit into another, so each region is recomputed inside one unit (memfit.ir.fsdp).
     Returns (graph module, call nodes)."""
@@ -223,7 +92,7 @@ def apply_spans(gm: torch.fx.GraphModule, units: list[Unit], spans, *, in_place:
         pieces = split_at_units(region, fsdp_units, module_path)
         for q, piece in enumerate(pieces):
             name = f"memfit_ckpt_{k}" if len(pieces) == 1 else f"memfit_ckpt_{k}_{q}"
-            made.append(checkpoint_region(new, piece, name, label))
+            made.append(checkpoint_region(new, piece, name, label, selective=(i, j) in selective))
     return new, made
 
 
@@ -243,6 +112,7 @@ class CheckpointPlan:
     budget_bytes: int
     diagnostics: list
     verified: int = 0                   # plans simulated to find this one
+    selective: tuple = ()               # spans recomputed selectively (matmul outputs kept)
 
 
 def _phase_figures(analysis) -> tuple[int, int]:
@@ -289,9 +159,10 @@ class CheckpointPlanner:
 
     def __init__(self, cap: Captured, *, optimizer=None, loss_fn=None, solver: str = "auto",
                  max_verify: int = 24, margin: float | None = None, slack: float = 0.15,
-                 time_model: str = "measured"):
+                 time_model: str = "measured", selective: bool = True):
         from memfit.cost_models.memory import analyze_step
         from memfit.planning import ChainPlan, chain_frontier, knapsack_frontier
+        from memfit.planning.selective import selective_figures
 
         if solver not in SOLVERS:
             raise PassError(f"unknown checkpoint solver {solver!r}; choose one of {', '.join(SOLVERS)}")
@@ -308,14 +179,16 @@ class CheckpointPlanner:
         boundary = [x.boundary_bytes for x in u]
         outs = [x.output_bytes for x in u]
         times = [x.time_s for x in u]
+        self.selective = None
         if solver == "knapsack":
             kf = knapsack_frontier(saved, [b + o for b, o in zip(boundary, outs)], times,
                                    fixed=self.fixed, floor=self.floor)
             self.frontier = [ChainPlan(tuple((r, r + 1) for r in p.recompute), p.peak_bytes, p.extra_time_s)
                              for p in kf]
         else:
+            self.selective = selective_figures(cap.gm, u) if selective else None
             self.frontier = chain_frontier(saved, boundary, times, fixed=self.fixed, floor=self.floor,
-                                           output=outs)
+                                           output=outs, selective=self.selective)
         self.diagnostics = [Diagnostic("checkpoint", f"unit {x.label} not worth recomputing alone: saves "
                                        f"{x.saved_bytes} B, would keep {x.boundary_bytes + x.output_bytes} B",
                                        node=x.label)
@@ -328,24 +201,28 @@ class CheckpointPlanner:
     # the floor, so refusals and the plans chosen are consistent across budgets.
     def lower_bound(self, p) -> int:
         rec = set(p.recomputed_units())
-        lb = max(self.floor, self.fixed + sum(x.saved_bytes for k, x in enumerate(self.units) if k not in rec)
-                 + sum(self.units[j - 1].output_bytes for _, j in p.spans))
+        u, sel = self.units, set(p.selective)
+        outs = [u[j - 1].output_bytes if (i, j) not in sel else
+                self.selective.keep(i, j, [x.boundary_bytes for x in u], [x.output_bytes for x in u])
+                - u[i].boundary_bytes for i, j in p.spans]
+        lb = max(self.floor, self.fixed + sum(x.saved_bytes for k, x in enumerate(u) if k not in rec) + sum(outs))
         return max(lb, int(p.peak_bytes * (1.0 - self.slack)))
 
-    def simulate(self, spans) -> tuple[int, torch.fx.GraphModule]:
-        """(predicted peak, rewritten graph) of recomputing `spans`; cached. The graph is the
-        planner's: rewrite a `fresh_graph(spans)` instead of it."""
+    def simulate(self, spans, selective=()) -> tuple[int, torch.fx.GraphModule]:
+        """(predicted peak, rewritten graph) of recomputing `spans` (those in `selective`
+        selectively); cached. The graph is the planner's: rewrite a `fresh_graph` instead."""
         if not spans:
             return self.a0.peak_bytes, self.cap.gm
-        if spans not in self._sim:
-            new = self.fresh_graph(spans)
-            self._sim[spans] = (self._peak(new), new)
-        return self._sim[spans]
+        key = (spans, tuple(selective))
+        if key not in self._sim:
+            new = self.fresh_graph(spans, selective)
+            self._sim[key] = (self._peak(new), new)
+        return self._sim[key]
 
-    def fresh_graph(self, spans) -> torch.fx.GraphModule:
+    def fresh_graph(self, spans, selective=()) -> torch.fx.GraphModule:
         """A new copy of the captured graph with `spans` recomputed (for callers that rewrite
         it further, e.g. quantized saves on what stays saved)."""
-        return apply_spans(self.cap.gm, self.units, spans, fsdp_units=self.cap.fsdp_units)[0]
+        return apply_spans(self.cap.gm, self.units, spans, fsdp_units=self.cap.fsdp_units, selective=selective)[0]
 
     def _peak(self, gm) -> int:
         from memfit.cost_models.memory import analyze_step
@@ -357,7 +234,7 @@ class CheckpointPlanner:
         """Frontier plan i's figure: max(simulated peak, its lower bound); cached."""
         if i not in self._figures:
             p = self.frontier[i]
-            peak, _ = self.simulate(p.spans)
+            peak, _ = self.simulate(p.spans, p.selective)
             self._figures[i] = max(peak, self.lower_bound(p)) if p.spans else peak
         return self._figures[i]
 
@@ -389,7 +266,7 @@ class CheckpointPlanner:
         """The smallest budget `plan` meets: the floor plus the margin kept free."""
         return least_budget(self.floor_bytes(), self.margin)
 
-    def decisions_for(self, spans) -> list:
+    def decisions_for(self, spans, selective=()) -> list:
         from memfit.memory_plan import Decision
 
         units = self.units
@@ -397,9 +274,15 @@ class CheckpointPlanner:
         for i, j in spans:
             label = units[i].label if j - i == 1 else f"{units[i].label}..{units[j - 1].label}"
             saved = sum(u.saved_bytes for u in units[i:j]) - units[i].boundary_bytes - units[j - 1].output_bytes
+            secs = sum(u.time_s for u in units[i:j])
+            detail = f"{units[j - 1].end - units[i].start} nodes"
+            if (i, j) in selective:
+                keep = self.selective.keep(i, j, [u.boundary_bytes for u in units], [u.output_bytes for u in units])
+                saved = sum(u.saved_bytes for u in units[i:j]) - keep
+                secs = max(0.0, secs - sum(self.selective.time_saved[i:j]))
+                detail += "; selective: matmul and attention outputs kept, the rest recomputed"
             out.append(Decision(target=label, action="recompute", saved_bytes=max(0, saved),
-                                extra_time_s=sum(u.time_s for u in units[i:j]),
-                                detail=f"{units[j - 1].end - units[i].start} nodes"))
+                                extra_time_s=secs, detail=detail))
         if out:
             how = "measured forward times" if self.profile is not None else "roofline on nominal rates"
             out[-1] = dataclasses.replace(out[-1], detail=f"{out[-1].detail}; recompute priced by {how}")
@@ -428,10 +311,10 @@ class CheckpointPlanner:
             fit = first_fit(len(self.frontier), probe, target, known=self._figures, floor_index=floor_i,
                             position=[-p.peak_bytes for p in self.frontier], max_evals=self.max_verify)
             p = self.frontier[fit.index]
-            peak, new = self.simulate(p.spans)
-            return CheckpointPlan(new, p.spans, self.units, self.decisions_for(p.spans), p.extra_time_s,
-                                  self.a0.peak_bytes, fit.figure, budget_bytes, list(self.diagnostics),
-                                  fit.evaluations)
+            peak, new = self.simulate(p.spans, p.selective)
+            return CheckpointPlan(new, p.spans, self.units, self.decisions_for(p.spans, p.selective),
+                                  p.extra_time_s, self.a0.peak_bytes, fit.figure, budget_bytes,
+                                  list(self.diagnostics), fit.evaluations, p.selective)
         floor_bytes = self.floor_bytes()
         acts = sum(u.saved_bytes for u in self.units)
         mb = self.a0.max_batch(target) if self.a0.symbols.get("B") else None

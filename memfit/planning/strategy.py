@@ -323,19 +323,19 @@ def _rewritten_saves(cap, gm, budget_bytes: int, peak: int, ctx, q, planner, ver
         # prefix of tensors only on the first plan where that fits.
         picks = sorted({round(i * (len(frontier) - 1) / 5) for i in range(6)}) if frontier else []
         for i in picks:
-            spans = frontier[i].spans
-            ck_peak, _ = planner.simulate(spans)
+            spans, sel = frontier[i].spans, frontier[i].selective
+            ck_peak, _ = planner.simulate(spans, sel)
             if ck_peak <= budget_bytes:
                 # recompute alone fits by its simulated peak (the planner's figure, which also
                 # takes a lower bound into account, was above the budget): nothing to rewrite
-                return ((planner.fresh_graph(spans), planner.decisions_for(spans)),
+                return ((planner.fresh_graph(spans, sel), planner.decisions_for(spans, sel)),
                         (ck_peak, least_budget(ck_peak)))
-            ch = select_quantized(q, lambda spans=spans: planner.fresh_graph(spans), budget_bytes, ck_peak, cap,
-                                  pass_ctx, ctx.optimizer, ctx.loss_fn, verify=verify)
+            ch = select_quantized(q, lambda spans=spans, sel=sel: planner.fresh_graph(spans, sel), budget_bytes,
+                                  ck_peak, cap, pass_ctx, ctx.optimizer, ctx.loss_fn, verify=verify)
             best = min(best, ch.peak)
             if ch.fits:
-                return (ch.gm, planner.decisions_for(spans) + [decision("(outside recomputed regions)", ch,
-                                                                          ck_peak)]), (ch.peak, least_budget(ch.peak))
+                return (ch.gm, planner.decisions_for(spans, sel) + [decision("(outside recomputed regions)", ch,
+                                                                               ck_peak)]), (ch.peak, least_budget(ch.peak))
         # recompute alone can go lower than with 8-bit; the planner keeps a margin free
         if planner.floor_bytes() < best:
             return None, (planner.floor_bytes(), planner.min_budget_bytes())

@@ -3,7 +3,10 @@
 `CheckpointedRegion(gm, name)` is the callable a checkpointed region's call node targets:
 the forward runs `gm` under `torch.utils.checkpoint.checkpoint(use_reentrant=False,
 preserve_rng_state=True)`, so the region saves only its inputs and runs again during
-backward. Exactness:
+backward. With `selective=True` it is torch's selective activation checkpointing
+(`create_selective_checkpoint_contexts`): the outputs of `SAVED_OPERATORS` (matmuls,
+convolutions, attention) are kept from the forward and handed back to the recomputation,
+which runs every other operator again. Exactness:
 
 - random ops (dropout) replay the same values: checkpoint saves the CPU and device RNG
   states before the forward and restores them around the recomputation. A region whose
@@ -24,6 +27,9 @@ backward. Exactness:
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 import torch.fx
 import torch.utils.checkpoint as tuc
@@ -38,17 +44,19 @@ class CheckpointedRegion:
     state_dict keys and parameter ownership stay with the parent.
     """
 
-    def __init__(self, gm: torch.fx.GraphModule, name: str, module_buffers=(), mutable_args=()):
+    def __init__(self, gm: torch.fx.GraphModule, name: str, module_buffers=(), mutable_args=(),
+                 selective: bool = False):
         self.gm = gm
         self.name = name
+        self.selective = selective                     # keep matmul/attention outputs (SAVED_OPERATORS)
         self._module_buffers = tuple(module_buffers)   # (module, buffer name) the region may update
         self._mutable_args = tuple(mutable_args)       # indices of arguments the region may update
-        self.__name__ = f"memfit_checkpoint_{name}"
+        self.__name__ = f"memfit_{'selective_' if selective else ''}checkpoint_{name}"
         self.__qualname__ = self.__name__
         self.draws_random = may_draw_random(gm)
 
     def __repr__(self) -> str:
-        return f"CheckpointedRegion({self.name})"
+        return f"CheckpointedRegion({self.name}{', selective' if self.selective else ''})"
 
     def _known_mutable(self, args) -> list[torch.Tensor]:
         out = [args[i] for i in self._mutable_args if isinstance(args[i], torch.Tensor)]
@@ -90,19 +98,56 @@ class CheckpointedRegion:
                 out = self.gm(*a)
                 state["mutated"] = known + [t for t, v in zip(others, before) if t._version != v]
                 return out
-            # Recomputation in backward: undo the buffer updates it makes. (torch.random.fork_rng
-            # holds the generator's current state meanwhile.)
-            forked = torch.empty(rng_state_bytes(a), dtype=torch.uint8) if simulated else None  # noqa: F841
-            keep = [b.detach().clone() for b in state["mutated"]]
-            try:
-                return self.gm(*a)
-            finally:
-                with torch.no_grad():
-                    for b, k in zip(state["mutated"], keep):
-                        b.copy_(k)
+            return self.gm(*a)   # recomputation in backward, inside _Recompute
+
+        def contexts():
+            fwd, rec = (tuc.create_selective_checkpoint_contexts(_saving_policy) if self.selective
+                        else (contextlib.nullcontext(), contextlib.nullcontext()))
+            return fwd, _Recompute(state, rng_state_bytes(args) if simulated else 0, rec)
 
         return tuc.checkpoint(run, *[args[i] for i in passed], use_reentrant=False,
-                              preserve_rng_state=self.draws_random)
+                              preserve_rng_state=self.draws_random, context_fn=contexts)
+
+
+class _Recompute:
+    """Around each recomputation in backward: undoes the buffer updates it makes, and on
+    FakeTensors holds a stand-in for the generator state torch.random.fork_rng keeps
+    meanwhile. Both happen outside `inner` (selective checkpointing's replay mode, which
+    would refuse operators the forward did not run)."""
+
+    def __init__(self, state, rng_bytes: int, inner):
+        self.state, self.rng_bytes, self.inner = state, rng_bytes, inner
+
+    def __enter__(self):
+        self.held = torch.empty(self.rng_bytes, dtype=torch.uint8) if self.rng_bytes else None
+        self.keep = [b.detach().clone() for b in self.state["mutated"]]
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return self.inner.__exit__(*exc)
+        finally:
+            with torch.no_grad():
+                for b, k in zip(self.state["mutated"], self.keep):
+                    b.copy_(k)
+            self.held = self.keep = None
+
+
+# What a selective region keeps (dispatch-level operators: what linear, matmul, convolution
+# and scaled_dot_product_attention run); every other operator in it is recomputed.
+SAVED_OPERATORS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "_scaled_mm",
+                   "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                   "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")
+
+
+@functools.cache
+def saved_operators() -> frozenset:
+    return frozenset(getattr(torch.ops.aten, n).default for n in SAVED_OPERATORS if hasattr(torch.ops.aten, n))
+
+
+def _saving_policy(ctx, op, *args, **kwargs):
+    return (tuc.CheckpointPolicy.MUST_SAVE if op in saved_operators()
+            else tuc.CheckpointPolicy.PREFER_RECOMPUTE)
 
 
 def may_draw_random(gm: torch.fx.GraphModule) -> bool:

@@ -33,28 +33,23 @@ from memfit.ir.module import OptimizedModule
 from memfit.passes.checkpoint import CheckpointPlanner
 
 
-def build(name):
-    """(model, inputs, loss_fn, blocks): blocks are the modules per-block checkpointing wraps."""
-    if name == "gpt2_like":
-        from examples import gpt2_like
-        m, x = gpt2_like.make(batch_size=4, seq_len=128, layers=4, d=128, heads=4, vocab=512)
-        return m, x, gpt2_like.loss_fn, list(m.h)
-    if name == "vit_like":
-        from examples import vit_like
-        m, x = vit_like.make(batch_size=8, image_size=64, layers=4, d=128, heads=4)
-        return m, x, vit_like.loss_fn, list(m.blocks)
-    if name == "resnet_like":
-        from examples import resnet_like
-        m, x = resnet_like.make(batch_size=8, image_size=64, width=16)
-        return m, x, resnet_like.loss_fn, [b for stage in m.stages for b in stage]
-    from examples import hf_models
-    if name == "hf_gpt2":
-        m, x = hf_models.gpt2(batch_size=4, seq_len=128, layers=4, d=128, heads=4)
-        return m, x, hf_models.loss_fn, list(m.transformer.h)
-    if name == "hf_bert":
-        m, x = hf_models.bert(batch_size=4, seq_len=128, layers=4, d=128, heads=4)
-        return m, x, hf_models.loss_fn, list(m.bert.encoder.layer)
-    raise KeyError(name)
+def build(name, **size):
+    """(model, inputs, loss_fn, blocks): blocks are the modules per-block checkpointing wraps.
+    `size`: the example factory's arguments to change (d=256, seq_len=256, ...)."""
+    from examples import gpt2_like, hf_models, resnet_like, vit_like
+    t = dict(batch_size=4, seq_len=128, layers=4, d=128, heads=4)
+    img = dict(batch_size=8, image_size=64, layers=4, d=128, heads=4)
+    make, kw, loss, blocks = {
+        "gpt2_like": (gpt2_like.make, dict(t, vocab=512), gpt2_like.loss_fn, lambda m: m.h),
+        "vit_like": (vit_like.make, img, vit_like.loss_fn, lambda m: m.blocks),
+        "resnet_like": (resnet_like.make, dict(batch_size=8, image_size=64, width=16), resnet_like.loss_fn,
+                        lambda m: [b for stage in m.stages for b in stage]),
+        "hf_gpt2": (hf_models.gpt2, t, hf_models.loss_fn, lambda m: m.transformer.h),
+        "hf_bert": (hf_models.bert, t, hf_models.loss_fn, lambda m: m.bert.encoder.layer),
+        "hf_vit": (hf_models.vit, dict(img, batch_size=4), hf_models.loss_fn, lambda m: m.vit.layers),
+    }[name]
+    m, x = make(**{**kw, **{k: v for k, v in size.items() if k in kw}})
+    return m, x, loss, list(blocks(m))
 
 
 def retained_bytes(fn, inputs, loss_fn) -> int:

@@ -114,10 +114,12 @@ def table(header: Sequence[str], rows: Iterable[Iterable] = ()) -> str:
 
 class PerBlock:
     """torch.utils.checkpoint (non-reentrant) on the forward of each block, while active():
-    the usual hand-written alternative that memfit's plans are compared against."""
+    the usual hand-written alternative that memfit's plans are compared against.
+    `context_fn`: passed to checkpoint (torch's selective checkpointing per block)."""
 
-    def __init__(self, blocks):
+    def __init__(self, blocks, context_fn=None):
         self.blocks = blocks
+        self.kw = {"context_fn": context_fn} if context_fn is not None else {}
 
     @contextlib.contextmanager
     def active(self):
@@ -128,7 +130,7 @@ class PerBlock:
             olds.append(old)
 
             def fwd(*a, _old=old, **k):
-                return tuc.checkpoint(_old, *a, use_reentrant=False, **k)
+                return tuc.checkpoint(_old, *a, use_reentrant=False, **self.kw, **k)
             b.forward = fwd
         try:
             yield

@@ -9,9 +9,9 @@ descending) and pick from it with `pick`, so a lower budget never gives a higher
 predicted peak (the frontier does not depend on the budget).
 """
 
-from memfit.planning.solvers.chain import ChainPlan, chain_frontier, chain_peak, solve_chain
+from memfit.planning.solvers.chain import ChainPlan, Selective, chain_frontier, chain_peak, solve_chain
 from memfit.planning.solvers.knapsack import KnapsackPlan, knapsack_frontier, knapsack_peak, solve_knapsack
 from memfit.planning.solvers.frontier import pareto, pick
 
-__all__ = ["ChainPlan", "chain_frontier", "chain_peak", "solve_chain", "KnapsackPlan",
+__all__ = ["ChainPlan", "Selective", "chain_frontier", "chain_peak", "solve_chain", "KnapsackPlan",
            "knapsack_frontier", "knapsack_peak", "solve_knapsack", "pareto", "pick"]

@@ -25,6 +25,17 @@ span the outputs of its inner units are dropped too. Gradients that grow during 
 are not in the model; the pass simulates each chosen plan with the cost model to check.
 Extra time is the sum of the recomputed units' forward times (`time[u]`, seconds).
 
+A span may also be recomputed *selectively* (operator-level, `Selective`): the outputs of its
+matmuls, convolutions and attention (`kept[u]`) stay saved and only the other operators run
+again, so it saves less and costs `time[u] - time_saved[u]`:
+
+    keep_sel([i, j))  = boundary[i] + max(output[j - 1], kept_out[j - 1])
+                        + sum(kept[i:j]) - kept_out[j - 1]
+    its backward      = fixed + prefix(i) + boundary[i] + sum(saved[i:j]) + sum(extra[i:j])
+
+`kept_out[u]`: the part of `kept[u]` used after the unit (counted once with its output);
+`extra[u]`: kept bytes autograd would not have saved.
+
 The dynamic program runs over units and quantized memory (`buckets` steps of the total,
 rounded up, so a plan's exact peak is never above its quantized estimate), once per cap on
 the recompute-time peak; every (cap, memory) cell gives one candidate plan and the Pareto
@@ -45,17 +56,38 @@ from memfit.planning.solvers.frontier import pareto, pick
 
 @dataclass(frozen=True)
 class ChainPlan:
-    """Recompute the units of each span [i, j); keep the rest."""
+    """Recompute the units of each span [i, j); keep the rest. The spans in `selective` are
+    recomputed selectively (module doc)."""
 
     spans: tuple[tuple[int, int], ...]
     peak_bytes: int
     extra_time_s: float
+    selective: tuple[tuple[int, int], ...] = ()
 
     def key(self):
-        return (sum(j - i for i, j in self.spans), self.spans)
+        return (sum(j - i for i, j in self.spans), self.spans, self.selective)
 
     def recomputed_units(self) -> list[int]:
         return [u for i, j in self.spans for u in range(i, j)]
+
+
+@dataclass(frozen=True)
+class Selective:
+    """Per unit, what recomputing it selectively keeps (module doc); `ok[u]` False where a
+    unit may not be (an in-place update of a kept output, a nested region)."""
+
+    kept: Sequence[int]
+    kept_out: Sequence[int]
+    extra: Sequence[int]
+    time_saved: Sequence[float]
+    ok: Sequence[bool]
+
+    def allowed(self, i: int, j: int) -> bool:
+        return all(self.ok[i:j])
+
+    def keep(self, i, j, boundary, output) -> int:
+        return (boundary[i] + max(output[j - 1], self.kept_out[j - 1]) + sum(self.kept[i:j])
+                - self.kept_out[j - 1])
 
 
 def _check(saved, boundary, time, output):
@@ -68,9 +100,14 @@ def _check(saved, boundary, time, output):
 
 
 def chain_peak(saved: Sequence[int], boundary: Sequence[int], spans, fixed: int = 0, floor: int = 0,
-               output: Sequence[int] | None = None) -> int:
-    """Predicted peak (bytes) of recomputing `spans` under the model in the module doc."""
+               output: Sequence[int] | None = None, selective: Selective | None = None,
+               selective_spans=()) -> int:
+    """Predicted peak (bytes) of recomputing `spans` (those in `selective_spans` selectively,
+    priced by `selective`) under the model in the module doc."""
     output = output if output is not None else [0] * len(saved)
+    sel = set(selective_spans)
+    if sel and (selective is None or not sel <= set(spans)):
+        raise ValueError("selective_spans must be among spans, and need the units' Selective figures")
     starts = {}
     prev_end = 0
     for i, j in sorted(spans):
@@ -84,8 +121,12 @@ def chain_peak(saved: Sequence[int], boundary: Sequence[int], spans, fixed: int 
     while u < len(saved):
         if u in starts:
             j = starts[u]
-            span_peak = max(span_peak, prefix + boundary[u] + sum(saved[u:j]))
-            prefix += boundary[u] + output[j - 1]
+            if (u, j) in sel:
+                span_peak = max(span_peak, prefix + boundary[u] + sum(saved[u:j]) + sum(selective.extra[u:j]))
+                prefix += selective.keep(u, j, boundary, output)
+            else:
+                span_peak = max(span_peak, prefix + boundary[u] + sum(saved[u:j]))
+                prefix += boundary[u] + output[j - 1]
             u = j
         else:
             prefix += saved[u]
@@ -95,26 +136,31 @@ def chain_peak(saved: Sequence[int], boundary: Sequence[int], spans, fixed: int 
 
 def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence[float], *,
                    fixed: int = 0, floor: int = 0, output: Sequence[int] | None = None,
-                   buckets: int = 256, max_caps: int = 24, max_span: int | None = None) -> list[ChainPlan]:
+                   buckets: int = 256, max_caps: int = 24, max_span: int | None = None,
+                   selective: Selective | None = None) -> list[ChainPlan]:
     """Pareto frontier (extra time ascending, peak descending) of span choices.
 
     `output`: per unit, bytes still kept when a span ends there (default 0).
     `max_span`: most units one span may hold (None: any).
+    `selective`: the units' figures when recomputed selectively; each span is then recomputed
+    whole or selectively, whichever the plan needs (None: whole only).
     """
     output = list(output) if output is not None else [0] * len(saved)
     _check(saved, boundary, time, output)
     K = len(saved)
+    if selective is not None and any(len(x) != K for x in (selective.kept, selective.kept_out, selective.extra,
+                                                            selective.time_saved, selective.ok)):
+        raise ValueError("selective figures must have one entry per unit")
     none = ChainPlan((), chain_peak(saved, boundary, (), fixed, floor, output), 0.0)
     if K == 0:
         return [none]
     total = sum(saved) + sum(boundary) + sum(output)
+    extra_total = sum(selective.kept) + sum(selective.extra) if selective is not None else 0
     if total == 0:
         return [none]
     delta = max(1.0, total / buckets)
-    Q = int(math.ceil(total / delta)) + K + 1
+    Q = int(math.ceil((total + extra_total) / delta)) + K + 1
     qs = [int(math.ceil(s / delta)) for s in saved]
-    qb = [int(math.ceil(b / delta)) for b in boundary]
-    qo = [int(math.ceil(o / delta)) for o in output]
     csum = [0]
     for s in saved:
         csum.append(csum[-1] + s)
@@ -122,10 +168,24 @@ def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence
     for t in time:
         tsum.append(tsum[-1] + t)
     span_limit = K if max_span is None else max(1, max_span)
-    # Caps on the recompute-time peak (quantized, relative to `fixed`): evenly spaced.
-    top = Q + int(math.ceil(sum(saved) / delta)) + 1
+
+    def options(i, k):
+        """(mode, quantized backward peak over the prefix, quantized keep, seconds) per way to
+        recompute [i, k): 0 whole, 1 selective."""
+        out = [(0, int(math.ceil((boundary[i] + csum[k] - csum[i]) / delta)),
+                int(math.ceil(boundary[i] / delta)) + int(math.ceil(output[k - 1] / delta)), tsum[k] - tsum[i])]
+        if selective is not None and selective.allowed(i, k):
+            out.append((1, int(math.ceil((boundary[i] + csum[k] - csum[i] + sum(selective.extra[i:k])) / delta)),
+                        int(math.ceil(selective.keep(i, k, boundary, output) / delta)),
+                        max(0.0, tsum[k] - tsum[i] - sum(selective.time_saved[i:k]))))
+        return out
+
+    # Caps on the recompute-time peak (quantized, relative to `fixed`): evenly spaced, the same
+    # with or without selective spans (which only add options under each cap).
+    top = int(math.ceil(total / delta)) + K + 1 + int(math.ceil(sum(saved) / delta)) + 1
     n_caps = min(max_caps, top + 1)
     caps = sorted({int(round(k * top / max(1, n_caps - 1))) for k in range(n_caps)})
+    spans_of = {(i, k): options(i, k) for k in range(1, K + 1) for i in range(max(0, k - span_limit), k)}
     plans = [none]
     INF = np.inf
     for capq in caps:
@@ -135,8 +195,8 @@ def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence
         g[0][0] = 0.0
         for k in range(1, K + 1):
             best = np.full(Q, INF)
-            choice = np.full(Q, -1, dtype=np.int64)   # -1: keep unit k-1; i >= 0: span [i, k)
-            # keep unit k-1
+            # -1: keep unit k-1; i in [0, K): span [i, k) whole; K + 1 + i: span [i, k) selective
+            choice = np.full(Q, -1, dtype=np.int64)
             sh = qs[k - 1]
             if sh < Q:
                 cand = np.full(Q, INF)
@@ -145,39 +205,46 @@ def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence
                 best[better] = cand[better]
                 choice[better] = -1
             for i in range(max(0, k - span_limit), k):
-                # recomputing [i, k) from prefix m peaks at m + boundary + its saved bytes
-                room = capq - qb[i] - int(math.ceil((csum[k] - csum[i]) / delta))
-                if room < 0:
-                    continue
-                src = g[i]
-                if room + 1 < Q:
-                    src = src.copy()
-                    src[room + 1:] = INF
-                sh = qb[i] + qo[k - 1]
-                if sh >= Q:
-                    continue
-                cand = np.full(Q, INF)
-                cand[sh:] = src[:Q - sh] + (tsum[k] - tsum[i])
-                better = cand < best
-                best[better] = cand[better]
-                choice[better] = i
+                for mode, qpeak, sh, secs in spans_of[(i, k)]:
+                    # recomputing [i, k) from prefix m peaks at m + qpeak
+                    room = capq - qpeak
+                    if room < 0 or sh >= Q:
+                        continue
+                    src = g[i]
+                    if room + 1 < Q:
+                        src = src.copy()
+                        src[room + 1:] = INF
+                    cand = np.full(Q, INF)
+                    cand[sh:] = src[:Q - sh] + secs
+                    better = cand < best
+                    best[better] = cand[better]
+                    choice[better] = i if mode == 0 else K + 1 + i
             g[k] = best
             back[k] = choice
         for m in _useful_cells(g[K]):
-            spans = []
+            spans, sel = [], []
             k, mm = K, int(m)
             while k > 0:
                 c = int(back[k][mm])
                 if c == -1:
                     mm -= qs[k - 1]
                     k -= 1
-                else:
-                    spans.append((c, k))
-                    mm -= qb[c] + qo[k - 1]
-                    k = c
-            spans = tuple(sorted(spans))
-            plans.append(ChainPlan(spans, chain_peak(saved, boundary, spans, fixed, floor, output),
-                                   sum(tsum[j] - tsum[i] for i, j in spans)))
+                    continue
+                mode, i = (0, c) if c <= K else (1, c - K - 1)
+                spans.append((i, k))
+                if mode:
+                    sel.append((i, k))
+                mm -= spans_of[(i, k)][mode][2]
+                k = i
+            spans, sel = tuple(sorted(spans)), tuple(sorted(sel))
+            seconds = sum(spans_of[sp][1 if sp in sel else 0][3] for sp in spans)
+            plans.append(ChainPlan(spans, chain_peak(saved, boundary, spans, fixed, floor, output, selective, sel),
+                                   seconds, sel))
+    if selective is not None:
+        # the plans recomputing whole spans only, as without selective figures: a selective
+        # option taking a cell never hides them
+        plans += chain_frontier(saved, boundary, time, fixed=fixed, floor=floor, output=output, buckets=buckets,
+                                max_caps=max_caps, max_span=max_span)
     return pareto(plans)
 
 
