@@ -148,6 +148,49 @@ def test_chain_with_selective_spans_matches_brute_force(seed):
                                      for c, s in choices], range(fixed, fixed + sum(saved) + sum(kept) + 2, 7))
 
 
+def test_nested_span_hand_computed():
+    # Four units of 100 saved bytes whose outputs (20 B) cross into the next: one nested span
+    # keeps 10 + 20 at the end of forward; its backward holds 10 + 3 x 20 inputs + 100
+    # (the first unit's backward), instead of 10 + 400 for the whole span, at twice the time.
+    saved, boundary, out, time = [100] * 4, [10, 0, 0, 0], [20] * 4, [1.0] * 4
+    assert chain_peak(saved, boundary, ((0, 4),), output=out, nested_spans=((0, 4),)) == 10 + 60 + 100
+    assert chain_peak(saved, boundary, ((0, 4),), output=out) == 410
+    front = chain_frontier(saved, boundary, time, output=out, nested=True, buckets=4096)
+    low = front[-1]
+    assert low.nested and low.peak_bytes <= 170
+    assert chain_frontier(saved, boundary, time, output=out, buckets=4096)[-1].peak_bytes > low.peak_bytes
+    with pytest.raises(ValueError):
+        chain_peak(saved, boundary, ((0, 1),), output=out, nested_spans=((0, 1),))
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_chain_with_nested_and_selective_spans_matches_brute_force(seed):
+    rng = random.Random(900 + seed)
+    K = rng.randint(2, 5)
+    saved = [rng.randint(0, 100) for _ in range(K)]
+    boundary = [rng.randint(0, 30) for _ in range(K)]
+    time = [rng.choice([1.0, 2.0, 3.0]) for _ in range(K)]
+    output = [rng.randint(0, s) for s in saved]
+    kept = [rng.randint(0, s) for s in saved]
+    sel = Selective(kept=kept, kept_out=[rng.randint(0, k) for k in kept], extra=[0] * K,
+                    time_saved=[rng.choice([0.0, 0.5]) for _ in kept], ok=[rng.random() < 0.7 for _ in kept])
+    fixed = rng.randint(0, 50)
+    options = []
+    for c in _all_span_choices(K):
+        per_span = [[0] + ([1] if sel.allowed(*sp) else []) + ([2] if sp[1] - sp[0] >= 2 else []) for sp in c]
+        for modes in itertools.product(*per_span):
+            s_sp = tuple(sp for sp, m in zip(c, modes) if m == 1)
+            n_sp = tuple(sp for sp, m in zip(c, modes) if m == 2)
+            secs = sum((2.0 if m == 2 else 1.0) * sum(time[i:j]) - (sum(sel.time_saved[i:j]) if m == 1 else 0.0)
+                       for (i, j), m in zip(c, modes))
+            options.append((secs, chain_peak(saved, boundary, c, fixed, 0, output, sel, s_sp, n_sp)))
+    front = chain_frontier(saved, boundary, time, fixed=fixed, output=output, selective=sel, nested=True,
+                           buckets=4096, max_caps=10**4)
+    for p in front:
+        assert p.peak_bytes == chain_peak(saved, boundary, p.spans, fixed, 0, output, sel, p.selective, p.nested)
+    _agrees_with_brute_force(front, options, range(fixed, fixed + sum(saved) + sum(kept) + 2, 7))
+
+
 @pytest.mark.parametrize("seed", range(20))
 def test_chain_monotone_in_budget(seed):
     rng = random.Random(100 + seed)

@@ -60,6 +60,35 @@ def test_vit_eager():
     check_exact(model, res.gm, (x,))
 
 
+def test_encoder_mask_that_masks_nothing_is_dropped():
+    """Without padding, transformers' encoders pass no mask in eager, but under torch.export
+    they materialize an all-zeros (B, 1, T, T) additive mask that lives for the whole step; the
+    pass drops it (exactly), and a padding mask (which masks something) stays."""
+    import memfit
+
+    cfg = tf.ViTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=4, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = tf.ViTForImageClassification(cfg).train()
+    x = torch.randn(2, 3, 32, 32)
+    cap = capture(model, (x,), dynamic=False)
+    assert "where" in cap.gm.code                 # the mask, built from arange >= 0
+    res = run_pass(cap)
+    assert res.stats["sdpa-attention.rewritten"] == 2 and res.stats["sdpa-attention.empty_mask_dropped"] == 2
+    assert "where" not in res.gm.code
+    check_exact(model, res.gm, (x,))
+    om = memfit.optimize(model, None, example_inputs=(x,))
+    assert memfit.measure(om, example_inputs=(x,)).peak_bytes <= memfit.measure(model, example_inputs=(x,)).peak_bytes
+    cfgb = tf.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                         vocab_size=97, max_position_embeddings=64, attn_implementation="eager",
+                         attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
+    keep = torch.ones(2, 12, dtype=torch.long)
+    keep[1, 7:] = 0
+    bert = tf.BertModel(cfgb).train()
+    res = run_pass(capture(bert, (torch.randint(0, 97, (2, 12)), keep), dynamic=False))
+    assert res.stats["sdpa-attention.empty_mask_dropped"] == 0 and res.stats["sdpa-attention.masked"] == 1
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_materialized_causal_masks_become_is_causal(family):
     """Hugging Face's sdpa attention passes is_causal=True in eager, but the exported graph hands

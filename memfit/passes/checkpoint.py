@@ -61,11 +61,11 @@ class Checkpoint(Pass):
                                solver=self.solver, regions=self.regions, selective=self.selective)
         if plan.spans:
             apply_spans(gm, plan.units, plan.spans, in_place=True,   # the plan was simulated on a copy
-                        fsdp_units=cap.fsdp_units, selective=plan.selective)
+                        fsdp_units=cap.fsdp_units, selective=plan.selective, nested=plan.nested)
         nodes = sum(units_nodes(plan.units, i, j) for i, j in plan.spans)
         return PassResult(gm, modified=bool(plan.spans),
                           stats={"regions": len(plan.spans), "selective": len(plan.selective),
-                                 "nodes_recomputed": nodes},
+                                 "nested": len(plan.nested), "nodes_recomputed": nodes},
                           diagnostics=plan.diagnostics, decisions=list(plan.decisions))
 
 

@@ -87,7 +87,9 @@ class SDPAAttention(Pass):
     Options: allow_dropout (rewrite attention with dropout p > 0 in training graphs; equal in
     distribution only), causal (detect causal masks from lower-triangular buffers).
     Stats: `rewritten`, `causal` (of those, with is_causal=True), `masked` (with attn_mask),
-    `dropout` (with dropout_p > 0), `skipped` (softmax nodes not rewritten; see diagnostics).
+    `dropout` (with dropout_p > 0), `skipped` (softmax nodes not rewritten; see diagnostics),
+    `causal_mask_dropped` / `empty_mask_dropped` (constant masks folded into is_causal, or
+    dropped because they mask nothing).
     """
 
     name: ClassVar[str] = "sdpa-attention"
@@ -117,9 +119,11 @@ class SDPAAttention(Pass):
             stats["rewritten"] += 1
             stats["causal"] += int(m.is_causal)
             stats["masked"] += int(m.attn_mask is not None)
-        stats["causal_mask_dropped"] = sum(_drop_constant_causal_mask(gm, n) for n in list(gm.graph.nodes)
-                                           if n.op == "call_function" and n.target in _SDPA_FUNCS)
-        changed = stats["rewritten"] + stats["causal_mask_dropped"] > 0
+        dropped = [_drop_constant_causal_mask(gm, n) for n in list(gm.graph.nodes)
+                   if n.op == "call_function" and n.target in _SDPA_FUNCS]
+        stats["causal_mask_dropped"] = dropped.count("causal")
+        stats["empty_mask_dropped"] = dropped.count("empty")
+        changed = stats["rewritten"] + stats["causal_mask_dropped"] + stats["empty_mask_dropped"] > 0
         if changed:
             gm.graph.eliminate_dead_code()
             gm.graph.lint()
@@ -371,45 +375,52 @@ _SDPA_FUNCS = (aten.scaled_dot_product_attention.default, F.scaled_dot_product_a
 _MASK_EVAL_LIMIT = 1 << 24        # elements: larger constant masks are left as they are
 
 
-def _drop_constant_causal_mask(gm, n: torch.fx.Node) -> bool:
+def _drop_constant_causal_mask(gm, n: torch.fx.Node) -> str | None:
     """An SDPA call given a materialized top-left causal mask that depends on no graph input
     (Hugging Face models build one where eager attention passes is_causal=True) becomes
     is_causal=True without the mask: the same attention, no (B, 1, T, T) mask per call. The mask
     is computed once here from its constant subgraph and must equal tril(ones) on every leading
-    index (bool: True keeps; float: 0 keeps, -inf masks). Returns whether it rewrote `n`."""
+    index (bool: True keeps; float: 0 keeps, -inf masks). A constant mask that keeps every
+    position (what transformers' encoders materialize under torch.export when there is no
+    padding, where eager passes none) is dropped: no mask at all. A graph replanned at another
+    size is checked again there. Returns whether it rewrote `n`."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
     bound = dict(zip(names, n.args))
     bound.update(n.kwargs)
     mask = bound.get("attn_mask")
     if not isinstance(mask, torch.fx.Node) or bound.get("is_causal"):
-        return False
+        return None
     qv, kv = _val(bound["query"]), _val(bound["key"])
     if qv is None or kv is None or qv.shape[-2] != kv.shape[-2]:
-        return False                    # is_causal is top-left aligned: only square scores
+        return None                    # is_causal is top-left aligned: only square scores
     keep = _constant_value(gm, mask)
     if keep is not None and keep.device.type == "meta":
-        return False                    # a model built on the meta device: no values to compare
+        return None                    # a model built on the meta device: no values to compare
     if keep is None or keep.dim() < 2 or keep.shape[-1] != keep.shape[-2] or keep.shape[-1] != qv.shape[-2]:
-        return False
+        return None
     if keep.dtype != torch.bool:
         if not keep.is_floating_point() or not bool(((keep == 0) | (keep == float("-inf"))).all()):
-            return False
+            return None
         keep = keep == 0
     size = keep.shape[-1]
-    if not bool((keep.reshape(-1, size, size) == torch.ones(size, size, dtype=torch.bool).tril()).all()):
-        return False
+    everything = bool(keep.all())      # a mask that masks nothing (an encoder without padding)
+    if not everything and not bool((keep.reshape(-1, size, size) ==
+                                    torch.ones(size, size, dtype=torch.bool).tril()).all()):
+        return None
     args = list(n.args)
     if len(args) > 3:
         args[3] = None
     kwargs = dict(n.kwargs)
     if "attn_mask" in kwargs:
         kwargs["attn_mask"] = None
-    if len(args) > 5:
+    if everything:
+        pass
+    elif len(args) > 5:
         args[5] = True
     else:
         kwargs["is_causal"] = True
     n.args, n.kwargs = tuple(args), kwargs
-    return True
+    return "empty" if everything else "causal"
 
 
 def _constant_value(gm, node: torch.fx.Node):

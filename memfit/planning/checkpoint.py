@@ -74,10 +74,11 @@ def forward_profile(cap: Captured, time_model: str):
 # ----------------------------------------------------------------------------- rewriting
 
 def apply_spans(gm: torch.fx.GraphModule, units: list[Unit], spans, *, in_place: bool = False,
-                fsdp_units=(), selective=()):
+                fsdp_units=(), selective=(), nested=()):
     """`gm` (a copy of it unless `in_place`) with each span of units [i, j) recomputed:
     its nodes outlined (memfit.ir.outline) into a child run by CheckpointedRegion (selectively
-    for the spans in `selective`: memfit.planning.selective).
+    for the spans in `selective`: memfit.planning.selective; for the spans in `nested`, each
+    unit is a region of its own inside the span's region: two-level recompute).
     `fsdp_units` (module paths, Captured.fsdp_units): a span is cut where it would cross from
     one FSDP unit into another, so each region is recomputed inside one unit (memfit.ir.fsdp).
     Returns (graph module, call nodes)."""
@@ -89,6 +90,10 @@ def apply_spans(gm: torch.fx.GraphModule, units: list[Unit], spans, *, in_place:
     for k, (i, j) in enumerate(spans):
         region = nodes[units[i].start:units[j - 1].end]
         label = units[i].label if j - i == 1 else f"{units[i].label}..{units[j - 1].label}"
+        if (i, j) in nested:
+            inner = [checkpoint_region(new, nodes[units[u].start:units[u].end], f"memfit_ckpt_{k}_{u - i}",
+                                       units[u].label) for u in range(i, j)]
+            region = [m for c in inner for m in [c, *c.users]]
         pieces = split_at_units(region, fsdp_units, module_path)
         for q, piece in enumerate(pieces):
             name = f"memfit_ckpt_{k}" if len(pieces) == 1 else f"memfit_ckpt_{k}_{q}"
@@ -113,6 +118,7 @@ class CheckpointPlan:
     diagnostics: list
     verified: int = 0                   # plans simulated to find this one
     selective: tuple = ()               # spans recomputed selectively (matmul outputs kept)
+    nested: tuple = ()                  # spans recomputed nested (two levels)
 
 
 def _phase_figures(analysis) -> tuple[int, int]:
@@ -159,7 +165,7 @@ class CheckpointPlanner:
 
     def __init__(self, cap: Captured, *, optimizer=None, loss_fn=None, solver: str = "auto",
                  max_verify: int = 24, margin: float | None = None, slack: float = 0.15,
-                 time_model: str = "measured", selective: bool = True):
+                 time_model: str = "measured", selective: bool = True, nested: bool = True):
         from memfit.cost_models.memory import analyze_step
         from memfit.planning import ChainPlan, chain_frontier, knapsack_frontier
         from memfit.planning.selective import selective_figures
@@ -188,7 +194,8 @@ class CheckpointPlanner:
         else:
             self.selective = selective_figures(cap.gm, u) if selective else None
             self.frontier = chain_frontier(saved, boundary, times, fixed=self.fixed, floor=self.floor,
-                                           output=outs, selective=self.selective)
+                                           output=outs, selective=self.selective,
+                                           nested=nested and not cap.fsdp_units)   # FSDP: one level
         self.diagnostics = [Diagnostic("checkpoint", f"unit {x.label} not worth recomputing alone: saves "
                                        f"{x.saved_bytes} B, would keep {x.boundary_bytes + x.output_bytes} B",
                                        node=x.label)
@@ -208,21 +215,23 @@ class CheckpointPlanner:
         lb = max(self.floor, self.fixed + sum(x.saved_bytes for k, x in enumerate(u) if k not in rec) + sum(outs))
         return max(lb, int(p.peak_bytes * (1.0 - self.slack)))
 
-    def simulate(self, spans, selective=()) -> tuple[int, torch.fx.GraphModule]:
+    def simulate(self, spans, selective=(), nested=()) -> tuple[int, torch.fx.GraphModule]:
         """(predicted peak, rewritten graph) of recomputing `spans` (those in `selective`
-        selectively); cached. The graph is the planner's: rewrite a `fresh_graph` instead."""
+        selectively, those in `nested` nested); cached. The graph is the planner's: rewrite a
+        `fresh_graph` instead."""
         if not spans:
             return self.a0.peak_bytes, self.cap.gm
-        key = (spans, tuple(selective))
+        key = (spans, tuple(selective), tuple(nested))
         if key not in self._sim:
-            new = self.fresh_graph(spans, selective)
+            new = self.fresh_graph(spans, selective, nested)
             self._sim[key] = (self._peak(new), new)
         return self._sim[key]
 
-    def fresh_graph(self, spans, selective=()) -> torch.fx.GraphModule:
+    def fresh_graph(self, spans, selective=(), nested=()) -> torch.fx.GraphModule:
         """A new copy of the captured graph with `spans` recomputed (for callers that rewrite
         it further, e.g. quantized saves on what stays saved)."""
-        return apply_spans(self.cap.gm, self.units, spans, fsdp_units=self.cap.fsdp_units, selective=selective)[0]
+        return apply_spans(self.cap.gm, self.units, spans, fsdp_units=self.cap.fsdp_units, selective=selective,
+                           nested=nested)[0]
 
     def _peak(self, gm) -> int:
         from memfit.cost_models.memory import analyze_step
@@ -234,7 +243,7 @@ class CheckpointPlanner:
         """Frontier plan i's figure: max(simulated peak, its lower bound); cached."""
         if i not in self._figures:
             p = self.frontier[i]
-            peak, _ = self.simulate(p.spans, p.selective)
+            peak, _ = self.simulate(p.spans, p.selective, p.nested)
             self._figures[i] = max(peak, self.lower_bound(p)) if p.spans else peak
         return self._figures[i]
 
@@ -266,7 +275,7 @@ class CheckpointPlanner:
         """The smallest budget `plan` meets: the floor plus the margin kept free."""
         return least_budget(self.floor_bytes(), self.margin)
 
-    def decisions_for(self, spans, selective=()) -> list:
+    def decisions_for(self, spans, selective=(), nested=()) -> list:
         from memfit.memory_plan import Decision
 
         units = self.units
@@ -281,6 +290,9 @@ class CheckpointPlanner:
                 saved = sum(u.saved_bytes for u in units[i:j]) - keep
                 secs = max(0.0, secs - sum(self.selective.time_saved[i:j]))
                 detail += "; selective: matmul and attention outputs kept, the rest recomputed"
+            elif (i, j) in nested:
+                secs *= 2.0
+                detail += f"; nested: each of its {j - i} units a region of its own, recomputed twice"
             out.append(Decision(target=label, action="recompute", saved_bytes=max(0, saved),
                                 extra_time_s=secs, detail=detail))
         if out:
@@ -311,10 +323,10 @@ class CheckpointPlanner:
             fit = first_fit(len(self.frontier), probe, target, known=self._figures, floor_index=floor_i,
                             position=[-p.peak_bytes for p in self.frontier], max_evals=self.max_verify)
             p = self.frontier[fit.index]
-            peak, new = self.simulate(p.spans, p.selective)
-            return CheckpointPlan(new, p.spans, self.units, self.decisions_for(p.spans, p.selective),
+            peak, new = self.simulate(p.spans, p.selective, p.nested)
+            return CheckpointPlan(new, p.spans, self.units, self.decisions_for(p.spans, p.selective, p.nested),
                                   p.extra_time_s, self.a0.peak_bytes, fit.figure, budget_bytes,
-                                  list(self.diagnostics), fit.evaluations, p.selective)
+                                  list(self.diagnostics), fit.evaluations, p.selective, p.nested)
         floor_bytes = self.floor_bytes()
         acts = sum(u.saved_bytes for u in self.units)
         mb = self.a0.max_batch(target) if self.a0.symbols.get("B") else None

@@ -323,18 +323,19 @@ def _rewritten_saves(cap, gm, budget_bytes: int, peak: int, ctx, q, planner, ver
         # prefix of tensors only on the first plan where that fits.
         picks = sorted({round(i * (len(frontier) - 1) / 5) for i in range(6)}) if frontier else []
         for i in picks:
-            spans, sel = frontier[i].spans, frontier[i].selective
-            ck_peak, _ = planner.simulate(spans, sel)
+            spans, sel, nest = frontier[i].spans, frontier[i].selective, frontier[i].nested
+            ck_peak, _ = planner.simulate(spans, sel, nest)
             if ck_peak <= budget_bytes:
                 # recompute alone fits by its simulated peak (the planner's figure, which also
                 # takes a lower bound into account, was above the budget): nothing to rewrite
-                return ((planner.fresh_graph(spans, sel), planner.decisions_for(spans, sel)),
+                return ((planner.fresh_graph(spans, sel, nest), planner.decisions_for(spans, sel, nest)),
                         (ck_peak, least_budget(ck_peak)))
-            ch = select_quantized(q, lambda spans=spans, sel=sel: planner.fresh_graph(spans, sel), budget_bytes,
+            ch = select_quantized(q, lambda spans=spans, sel=sel, nest=nest: planner.fresh_graph(spans, sel, nest),
+                                  budget_bytes,
                                   ck_peak, cap, pass_ctx, ctx.optimizer, ctx.loss_fn, verify=verify)
             best = min(best, ch.peak)
             if ch.fits:
-                return (ch.gm, planner.decisions_for(spans, sel) + [decision("(outside recomputed regions)", ch,
+                return (ch.gm, planner.decisions_for(spans, sel, nest) + [decision("(outside recomputed regions)", ch,
                                                                                ck_peak)]), (ch.peak, least_budget(ch.peak))
         # recompute alone can go lower than with 8-bit; the planner keeps a margin free
         if planner.floor_bytes() < best:

@@ -83,7 +83,7 @@ def test_sdpa_pass_runs_after_the_rewrite_and_takes_the_bias_as_mask():
 # CHECK: attention_bias = memfit_runtime_token_merge_attention_bias([[S:getitem_[0-9]+]])
 # CHECK-NEXT: scaled_dot_product_attention_1 = {{.*}}scaled_dot_product_attention({{.*}}attn_mask = attention_bias,
 # CHECK: token_merge_step_1 = memfit_runtime_token_merge_token_merge_step({{.*}}, [[S]], 4, 1)
-# CHECK: stats [('sdpa-attention.causal', 0), ('sdpa-attention.causal_mask_dropped', 0), ('sdpa-attention.dropout', 0), ('sdpa-attention.masked', 1), ('sdpa-attention.rewritten', 2), ('sdpa-attention.skipped', 0), ('token-merge.blocks_patched', 2), ('token-merge.tokens_merged', 8)]
+# CHECK: stats [('sdpa-attention.causal', 0), ('sdpa-attention.causal_mask_dropped', 0), ('sdpa-attention.dropout', 0), ('sdpa-attention.empty_mask_dropped', 0), ('sdpa-attention.masked', 1), ('sdpa-attention.rewritten', 2), ('sdpa-attention.skipped', 0), ('token-merge.blocks_patched', 2), ('token-merge.tokens_merged', 8)]
 # CHECK-NEXT: info: [token-merge]: tokens per layer: [65, 61, 57]
 # CHECK-NEXT: info: [token-merge]: a source rewrite: ran on the module before capture, ahead of the graph passes
 

@@ -1,18 +1,21 @@
-"""Selective recompute benchmark: memfit's plans at per-block checkpointing's measured peak,
-with and without operator-level selective regions, side by side with per-block
-checkpointing and torch's selective checkpointing per block.
+"""Selective and nested recompute benchmark: memfit's plans at per-block checkpointing's
+measured peak, halfway to the unmodified peak, and at memfit's floor, with selective and
+nested regions allowed and with one level of whole regions only, side by side with
+per-block checkpointing and torch's selective checkpointing per block.
 
     python tools/bench/selective.py                          # the models below
-    python tools/bench/selective.py --models hf_gpt2 --repeats 7
+    python tools/bench/selective.py --models hf_gpt2_12 --repeats 7
 
 For each model: the unmodified step, torch.utils.checkpoint on every block, the same with
 torch's selective checkpointing (the matmul and attention outputs memfit's selective regions
-keep, memfit.runtime.checkpoint.SAVED_OPERATORS), and memfit's checkpoint planner at two
-budgets: per-block checkpointing's measured peak ("equal peak") and halfway between that
-peak and the unmodified one ("halfway"), each planned with selective regions allowed and
-with whole regions only. Measured peak: memfit.measure (CPU allocator events, no
-optimizer). Step time: the median forward + backward over the unmodified step's, the
-variants alternated in one process (tools/bench/common.alternated).
+keep, memfit.runtime.checkpoint.SAVED_OPERATORS), and memfit's checkpoint planner at three
+budgets: per-block checkpointing's measured peak ("equal peak"), halfway between that peak
+and the unmodified one ("halfway"), and the planner's own least budget ("floor"), each
+planned with every kind of region ("all kinds") and with one level of whole regions only.
+Measured peak: memfit.measure (CPU allocator events, no optimizer). Step time: the median
+forward + backward over the unmodified step's, the variants alternated in one process
+(tools/bench/common.alternated). The models are captured as they are (no structural passes),
+so memfit's graph runs the same eager attention as the baselines.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from memfit.planning.checkpoint import CheckpointPlanner, least_budget
 
 
 def build(name):
-    """(model, inputs, loss_fn, blocks): tools/bench/checkpoint.py's models at d=256, T=256."""
+    """(model, inputs, loss_fn, blocks): tools/bench/checkpoint.py's models at d=256, T=256
+    (`_12`: 12 layers instead of 4)."""
     from checkpoint import build as build_model
-    return build_model(name, d=256, seq_len=256, vocab=2048, image_size=128)
+    base, deep, _ = name.partition("_12")
+    return build_model(base, d=256, seq_len=256, vocab=2048, image_size=128, layers=12 if deep else 4)
 
 
 def sac_context():
@@ -57,14 +62,15 @@ def run_model(name, repeats):
             peaks[k] = measure(model, example_inputs=inputs, loss_fn=loss_fn).peak_bytes
     cap = capture(model, inputs, dynamic=False)
     t0 = time.perf_counter()
-    planners = {"selective": CheckpointPlanner(cap, loss_fn=loss_fn),
-                "whole only": CheckpointPlanner(cap, loss_fn=loss_fn, selective=False)}
+    planners = {"all kinds": CheckpointPlanner(cap, loss_fn=loss_fn),
+                "one level, whole": CheckpointPlanner(cap, loss_fn=loss_fn, selective=False, nested=False)}
     t_plan = time.perf_counter() - t0
     budgets = {"equal peak": least_budget(peaks["per block"]),
                "halfway": (peaks["per block"] + base.peak_bytes) // 2}
     variants, rows = {}, []
-    for bname, budget in budgets.items():
+    for bname, budget in list(budgets.items()) + [("floor", None)]:
         for pname, planner in planners.items():
+            budget = planner.min_budget_bytes() if bname == "floor" else budget
             key = f"memfit {bname}, {pname}"
             try:
                 plan = planner.plan(budget)
@@ -76,7 +82,7 @@ def run_model(name, repeats):
             m = measure(om, example_inputs=inputs, loss_fn=loss_fn)
             variants[key] = om
             rows.append([key, format_bytes(budget), format_bytes(plan.peak_bytes), format_bytes(m.peak_bytes),
-                         key, f"{len(plan.spans)} ({len(plan.selective)} selective)",
+                         key, f"{len(plan.spans)} ({len(plan.selective)} selective, {len(plan.nested)} nested)",
                          f"{plan.extra_time_s * 1e3:.1f}"])
     runs = {"unmodified": functools.partial(common.step_time, model, inputs, loss_fn, params)}
     for k, pb in perblock.items():
@@ -104,7 +110,7 @@ def run_model(name, repeats):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", default="gpt2_like,hf_gpt2,hf_bert,hf_vit")
+    ap.add_argument("--models", default="gpt2_like,hf_gpt2,hf_bert,hf_vit,hf_gpt2_12")
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args()
     torch.set_num_threads(2)

@@ -36,6 +36,15 @@ again, so it saves less and costs `time[u] - time_saved[u]`:
 `kept_out[u]`: the part of `kept[u]` used after the unit (counted once with its output);
 `extra[u]`: kept bytes autograd would not have saved.
 
+A span of two units or more may also be recomputed *nested* (two levels, `nested=True`): the
+span is one region whose units are each a region of their own. Its forward keeps what a whole
+span keeps; in its backward the span's forward runs again keeping only each unit's input
+(`in[u] = output[u - 1] + boundary[u]`), and then each unit runs a second time for its own
+backward, so only one unit's saved bytes are live at once, for twice the span's time:
+
+    its backward = fixed + prefix(i) + boundary[i]
+                   + max over u in [i, j): sum(in[i + 1 .. u]) + saved[u]
+
 The dynamic program runs over units and quantized memory (`buckets` steps of the total,
 rounded up, so a plan's exact peak is never above its quantized estimate), once per cap on
 the recompute-time peak; every (cap, memory) cell gives one candidate plan and the Pareto
@@ -63,9 +72,10 @@ class ChainPlan:
     peak_bytes: int
     extra_time_s: float
     selective: tuple[tuple[int, int], ...] = ()
+    nested: tuple[tuple[int, int], ...] = ()
 
     def key(self):
-        return (sum(j - i for i, j in self.spans), self.spans, self.selective)
+        return (sum(j - i for i, j in self.spans), self.spans, self.selective, self.nested)
 
     def recomputed_units(self) -> list[int]:
         return [u for i, j in self.spans for u in range(i, j)]
@@ -99,15 +109,27 @@ def _check(saved, boundary, time, output):
             raise ValueError(f"{name} entries must be non-negative")
 
 
+def nested_backward(saved, boundary, output, i: int, j: int) -> int:
+    """Bytes over the prefix while the nested span [i, j) runs its backward (module doc)."""
+    best = run = 0
+    for u in range(i, j):
+        if u > i:
+            run += output[u - 1] + boundary[u]
+        best = max(best, run + saved[u])
+    return boundary[i] + best
+
+
 def chain_peak(saved: Sequence[int], boundary: Sequence[int], spans, fixed: int = 0, floor: int = 0,
                output: Sequence[int] | None = None, selective: Selective | None = None,
-               selective_spans=()) -> int:
+               selective_spans=(), nested_spans=()) -> int:
     """Predicted peak (bytes) of recomputing `spans` (those in `selective_spans` selectively,
-    priced by `selective`) under the model in the module doc."""
+    priced by `selective`; those in `nested_spans` nested) under the model in the module doc."""
     output = output if output is not None else [0] * len(saved)
-    sel = set(selective_spans)
+    sel, nest = set(selective_spans), set(nested_spans)
     if sel and (selective is None or not sel <= set(spans)):
         raise ValueError("selective_spans must be among spans, and need the units' Selective figures")
+    if not nest <= set(spans) or nest & sel or any(j - i < 2 for i, j in nest):
+        raise ValueError("nested_spans must be among spans, not selective, and hold two units or more")
     starts = {}
     prev_end = 0
     for i, j in sorted(spans):
@@ -124,6 +146,9 @@ def chain_peak(saved: Sequence[int], boundary: Sequence[int], spans, fixed: int 
             if (u, j) in sel:
                 span_peak = max(span_peak, prefix + boundary[u] + sum(saved[u:j]) + sum(selective.extra[u:j]))
                 prefix += selective.keep(u, j, boundary, output)
+            elif (u, j) in nest:
+                span_peak = max(span_peak, prefix + nested_backward(saved, boundary, output, u, j))
+                prefix += boundary[u] + output[j - 1]
             else:
                 span_peak = max(span_peak, prefix + boundary[u] + sum(saved[u:j]))
                 prefix += boundary[u] + output[j - 1]
@@ -137,13 +162,14 @@ def chain_peak(saved: Sequence[int], boundary: Sequence[int], spans, fixed: int 
 def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence[float], *,
                    fixed: int = 0, floor: int = 0, output: Sequence[int] | None = None,
                    buckets: int = 256, max_caps: int = 24, max_span: int | None = None,
-                   selective: Selective | None = None) -> list[ChainPlan]:
+                   selective: Selective | None = None, nested: bool = False) -> list[ChainPlan]:
     """Pareto frontier (extra time ascending, peak descending) of span choices.
 
     `output`: per unit, bytes still kept when a span ends there (default 0).
     `max_span`: most units one span may hold (None: any).
     `selective`: the units' figures when recomputed selectively; each span is then recomputed
-    whole or selectively, whichever the plan needs (None: whole only).
+    whole or selectively, whichever the plan needs (None: whole only). `nested`: spans of two
+    units or more may also be recomputed nested (module doc).
     """
     output = list(output) if output is not None else [0] * len(saved)
     _check(saved, boundary, time, output)
@@ -170,14 +196,17 @@ def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence
     span_limit = K if max_span is None else max(1, max_span)
 
     def options(i, k):
-        """(mode, quantized backward peak over the prefix, quantized keep, seconds) per way to
-        recompute [i, k): 0 whole, 1 selective."""
-        out = [(0, int(math.ceil((boundary[i] + csum[k] - csum[i]) / delta)),
-                int(math.ceil(boundary[i] / delta)) + int(math.ceil(output[k - 1] / delta)), tsum[k] - tsum[i])]
+        """{mode: (quantized backward peak over the prefix, quantized keep, seconds)} per way to
+        recompute [i, k): 0 whole, 1 selective, 2 nested."""
+        whole_keep = int(math.ceil(boundary[i] / delta)) + int(math.ceil(output[k - 1] / delta))
+        out = {0: (int(math.ceil((boundary[i] + csum[k] - csum[i]) / delta)), whole_keep, tsum[k] - tsum[i])}
         if selective is not None and selective.allowed(i, k):
-            out.append((1, int(math.ceil((boundary[i] + csum[k] - csum[i] + sum(selective.extra[i:k])) / delta)),
-                        int(math.ceil(selective.keep(i, k, boundary, output) / delta)),
-                        max(0.0, tsum[k] - tsum[i] - sum(selective.time_saved[i:k]))))
+            out[1] = (int(math.ceil((boundary[i] + csum[k] - csum[i] + sum(selective.extra[i:k])) / delta)),
+                      int(math.ceil(selective.keep(i, k, boundary, output) / delta)),
+                      max(0.0, tsum[k] - tsum[i] - sum(selective.time_saved[i:k])))
+        if nested and k - i >= 2:
+            out[2] = (int(math.ceil(nested_backward(saved, boundary, output, i, k) / delta)), whole_keep,
+                      2.0 * (tsum[k] - tsum[i]))
         return out
 
     # Caps on the recompute-time peak (quantized, relative to `fixed`): evenly spaced, the same
@@ -195,7 +224,7 @@ def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence
         g[0][0] = 0.0
         for k in range(1, K + 1):
             best = np.full(Q, INF)
-            # -1: keep unit k-1; i in [0, K): span [i, k) whole; K + 1 + i: span [i, k) selective
+            # -1: keep unit k-1; mode * (K + 1) + i: span [i, k) recomputed in that mode
             choice = np.full(Q, -1, dtype=np.int64)
             sh = qs[k - 1]
             if sh < Q:
@@ -205,7 +234,7 @@ def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence
                 best[better] = cand[better]
                 choice[better] = -1
             for i in range(max(0, k - span_limit), k):
-                for mode, qpeak, sh, secs in spans_of[(i, k)]:
+                for mode, (qpeak, sh, secs) in spans_of[(i, k)].items():
                     # recomputing [i, k) from prefix m peaks at m + qpeak
                     room = capq - qpeak
                     if room < 0 or sh >= Q:
@@ -218,11 +247,11 @@ def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence
                     cand[sh:] = src[:Q - sh] + secs
                     better = cand < best
                     best[better] = cand[better]
-                    choice[better] = i if mode == 0 else K + 1 + i
+                    choice[better] = mode * (K + 1) + i
             g[k] = best
             back[k] = choice
         for m in _useful_cells(g[K]):
-            spans, sel = [], []
+            modes = {}
             k, mm = K, int(m)
             while k > 0:
                 c = int(back[k][mm])
@@ -230,17 +259,17 @@ def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence
                     mm -= qs[k - 1]
                     k -= 1
                     continue
-                mode, i = (0, c) if c <= K else (1, c - K - 1)
-                spans.append((i, k))
-                if mode:
-                    sel.append((i, k))
-                mm -= spans_of[(i, k)][mode][2]
+                mode, i = divmod(c, K + 1)
+                modes[(i, k)] = mode
+                mm -= spans_of[(i, k)][mode][1]
                 k = i
-            spans, sel = tuple(sorted(spans)), tuple(sorted(sel))
-            seconds = sum(spans_of[sp][1 if sp in sel else 0][3] for sp in spans)
-            plans.append(ChainPlan(spans, chain_peak(saved, boundary, spans, fixed, floor, output, selective, sel),
-                                   seconds, sel))
-    if selective is not None:
+            spans = tuple(sorted(modes))
+            sel = tuple(sp for sp in spans if modes[sp] == 1)
+            nest = tuple(sp for sp in spans if modes[sp] == 2)
+            seconds = sum(spans_of[sp][modes[sp]][2] for sp in spans)
+            plans.append(ChainPlan(spans, chain_peak(saved, boundary, spans, fixed, floor, output, selective, sel,
+                                                     nest), seconds, sel, nest))
+    if selective is not None or nested:
         # the plans recomputing whole spans only, as without selective figures: a selective
         # option taking a cell never hides them
         plans += chain_frontier(saved, boundary, time, fixed=fixed, floor=floor, output=output, buckets=buckets,
