@@ -35,7 +35,8 @@ class Checkpoint(Pass):
     solver: "auto" (chain DP), "chain" or "knapsack". regions: comma-separated module path
     patterns (fnmatch, e.g. "h.*") to recompute regardless of the budget. selective: the chain
     solver may recompute a region selectively (its matmul and attention outputs kept, the rest
-    recomputed: memfit.planning.selective); False recomputes regions whole.
+    recomputed: memfit.planning.selective); False recomputes regions whole. nested: spans may
+    also be two levels of regions (opt-in: docs/checkpointing.md).
     """
 
     name: ClassVar[str] = "checkpoint"
@@ -43,6 +44,7 @@ class Checkpoint(Pass):
     solver: str = "auto"
     regions: str = ""
     selective: bool = True
+    nested: bool = False
 
     def __post_init__(self):
         if self.solver not in SOLVERS:
@@ -58,7 +60,8 @@ class Checkpoint(Pass):
             raise PassError("checkpoint needs the captured model in the PassContext (example inputs)")
         cap = dataclasses.replace(ctx.captured, gm=gm)
         plan = plan_checkpoint(cap, budget, optimizer=ctx.optimizer, loss_fn=ctx.loss_fn,
-                               solver=self.solver, regions=self.regions, selective=self.selective)
+                               solver=self.solver, regions=self.regions, selective=self.selective,
+                               nested=self.nested)
         if plan.spans:
             apply_spans(gm, plan.units, plan.spans, in_place=True,   # the plan was simulated on a copy
                         fsdp_units=cap.fsdp_units, selective=plan.selective, nested=plan.nested)

@@ -17,7 +17,7 @@ import torch.fx
 from memfit.ir.fx_utils import COMPUTE_OPS as _CALL_OPS
 from memfit.ir.fx_utils import call_nodes, module_path
 
-__all__ = ["Unit", "discover_runs", "dominator_runs", "module_runs", "price_units"]
+__all__ = ["Unit", "block_spans", "discover_runs", "dominator_runs", "module_runs", "price_units"]
 
 
 @dataclass(frozen=True)
@@ -148,3 +148,30 @@ def price_units(gm: torch.fx.GraphModule, runs) -> list[Unit]:
                 boundary += max(0, c.output_bytes - c.saved_bytes)
         units.append(Unit(start, end, label, saved, boundary, time, out_saved))
     return units
+
+
+def block_spans(units) -> tuple[tuple[int, int], ...]:
+    """Spans of units, one per repeated block (`h.0`, `h.1`, ...: the children of one module
+    list, found from the units' labels, the parent with the most numbered children), each the
+    contiguous units of that block: the plan per-block checkpointing makes. () when the
+    units show no repeated blocks or a block's units are not contiguous."""
+    import re
+
+    groups: dict[str, dict[str, list[int]]] = {}
+    for k, u in enumerate(units):
+        m = re.match(r"^(.*?)(?:^|\.)(\d+)(?:\.|$)", u.label)
+        if m:
+            groups.setdefault(m.group(1), {}).setdefault(m.group(2), []).append(k)
+    if not groups:
+        return ()
+    parent = max(groups, key=lambda p: (len(groups[p]), -len(p)))
+    blocks = groups[parent]
+    if len(blocks) < 2:
+        return ()
+    spans = []
+    for ks in blocks.values():
+        if ks != list(range(ks[0], ks[-1] + 1)):
+            return ()
+        spans.append((ks[0], ks[-1] + 1))
+    spans.sort()
+    return tuple(spans) if all(a[1] <= b[0] for a, b in zip(spans, spans[1:])) else ()

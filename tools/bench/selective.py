@@ -62,7 +62,7 @@ def run_model(name, repeats):
             peaks[k] = measure(model, example_inputs=inputs, loss_fn=loss_fn).peak_bytes
     cap = capture(model, inputs, dynamic=False)
     t0 = time.perf_counter()
-    planners = {"all kinds": CheckpointPlanner(cap, loss_fn=loss_fn),
+    planners = {"all kinds": CheckpointPlanner(cap, loss_fn=loss_fn, nested=True),
                 "one level, whole": CheckpointPlanner(cap, loss_fn=loss_fn, selective=False, nested=False)}
     t_plan = time.perf_counter() - t0
     budgets = {"equal peak": least_budget(peaks["per block"]),
