@@ -57,7 +57,7 @@ def test_nested_regions_exact_and_predicted():
 
 
 def test_planner_with_nested_spans_is_no_slower_and_its_floor_no_higher():
-    model, x = _model(p=0.0)
+    model, x = _model(n=8, p=0.0)
     cap = capture(model, (x,))
     nested = CheckpointPlanner(cap, loss_fn=_loss, time_model="roofline", nested=True)
     one = CheckpointPlanner(cap, loss_fn=_loss, time_model="roofline")
@@ -81,7 +81,7 @@ def test_checkpoint_pass_nested_option(monkeypatch):
     from memfit.planning import checkpoint as planning
 
     monkeypatch.setattr(planning, "forward_profile", lambda cap, time_model: None)
-    model, x = _model(p=0.0)
+    model, x = _model(n=6, p=0.0)
     cap = capture(model, (x,))
     planner = CheckpointPlanner(cap, loss_fn=_loss, nested=True)
     k = next(k for k, p in enumerate(planner.frontier) if p.nested)

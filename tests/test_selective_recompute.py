@@ -83,7 +83,7 @@ def test_planner_frontier_with_selective_regions_is_no_slower_and_used():
     from memfit.planning.solvers.frontier import pick
 
     torch.manual_seed(0)
-    model, inputs = gpt2_like.make(batch_size=2, seq_len=64, layers=3, d=64, heads=2, vocab=128)
+    model, inputs = gpt2_like.make(batch_size=2, seq_len=64, layers=2, d=64, heads=2, vocab=128)
     cap = capture(model, inputs, dynamic=False)
     both = CheckpointPlanner(cap, loss_fn=gpt2_like.loss_fn, time_model="roofline")
     whole = CheckpointPlanner(cap, loss_fn=gpt2_like.loss_fn, time_model="roofline", selective=False)
@@ -95,7 +95,9 @@ def test_planner_frontier_with_selective_regions_is_no_slower_and_used():
     for b in range(whole.frontier[-1].peak_bytes, top + 1, max(1, (top - whole.frontier[-1].peak_bytes) // 40)):
         assert pick(both.frontier, b).extra_time_s <= pick(whole.frontier, b).extra_time_s * (1 + 1e-9)
     used, last = 0, None
-    for pct in (95, 90, 85, 80, 75, 70, 65, 60):
+    for pct in (95, 90, 85, 80, 75, 70, 65):
+        if both.budget_bytes(f"{pct}%") < both.min_budget_bytes():
+            continue
         pb = both.plan(f"{pct}%")
         assert pb.peak_bytes <= pb.budget_bytes
         used += bool(pb.selective)
@@ -114,7 +116,7 @@ def test_checkpoint_pass_counts_selective_regions(monkeypatch):
     # recompute priced by the roofline for the pass and the planner alike (no timing noise)
     monkeypatch.setattr(planning, "forward_profile", lambda cap, time_model: None)
     torch.manual_seed(0)
-    model, inputs = gpt2_like.make(batch_size=2, seq_len=64, layers=3, d=64, heads=2, vocab=128)
+    model, inputs = gpt2_like.make(batch_size=2, seq_len=32, layers=2, d=32, heads=2, vocab=64)
     cap = capture(model, inputs, dynamic=False)
     planner = CheckpointPlanner(cap, loss_fn=gpt2_like.loss_fn)
     i = next(k for k, p in enumerate(planner.frontier) if p.selective)

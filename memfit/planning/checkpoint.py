@@ -186,7 +186,7 @@ class CheckpointPlanner:
         boundary = [x.boundary_bytes for x in u]
         outs = [x.output_bytes for x in u]
         times = [x.time_s for x in u]
-        self.selective = None
+        self.selective, self._whole = None, []
         if solver == "knapsack":
             kf = knapsack_frontier(saved, [b + o for b, o in zip(boundary, outs)], times,
                                    fixed=self.fixed, floor=self.floor)
@@ -197,6 +197,10 @@ class CheckpointPlanner:
             self.frontier = chain_frontier(saved, boundary, times, fixed=self.fixed, floor=self.floor,
                                            output=outs, selective=self.selective,
                                            nested=nested and not cap.fsdp_units)   # FSDP: one level
+            if selective or nested:
+                # whole-span plans the joint frontier drops (in the chain model) stay floor candidates
+                self._whole = chain_frontier(saved, boundary, times, fixed=self.fixed, floor=self.floor,
+                                             output=outs)
         self.diagnostics = [Diagnostic("checkpoint", f"unit {x.label} not worth recomputing alone: saves "
                                        f"{x.saved_bytes} B, would keep {x.boundary_bytes + x.output_bytes} B",
                                        node=x.label)
@@ -266,25 +270,34 @@ class CheckpointPlanner:
         return self._floor
 
     def _per_block(self, best):
-        """`best`, or the plan per-block checkpointing makes (each repeated block one region:
-        planning/units.block_spans) when its simulated figure is lower; that plan is then
-        appended to the frontier, its floor. The chain model can rank it above plans whose
-        simulated steps are higher (12 GPT-2 blocks: 160.9 against 124.5 MiB measured)."""
+        """`best`, or a lower floor among plans the frontier lacks, appended to the frontier as
+        its floor: the plan per-block checkpointing makes (each repeated block one region:
+        planning/units.block_spans), which the chain model can rank behind plans whose
+        simulated steps are higher (12 GPT-2 blocks: 160.9 against 124.5 MiB measured), and the
+        whole-span plans that selective or nested spans displaced from the frontier, so those
+        options never raise the floor. Branch and bound on their lower bounds, as above."""
         from memfit.planning import ChainPlan, chain_peak
 
         u = self.units
+        have = {p.spans for p in self.frontier if not p.selective and not p.nested}
+        cands = [p for p in self._whole if p.spans and p.spans not in have]
         spans = block_spans(u)
-        if not spans or any(p.spans == spans and not p.selective and not p.nested for p in self.frontier):
+        if spans and spans not in have:
+            cands.append(ChainPlan(spans, chain_peak([x.saved_bytes for x in u], [x.boundary_bytes for x in u], spans,
+                                                     self.fixed, self.floor, [x.output_bytes for x in u]),
+                                   sum(x.time_s for i, j in spans for x in u[i:j])))
+        found = None
+        for p in sorted(cands, key=lambda p: (max(self.floor, int(p.peak_bytes * (1.0 - self.slack))), p.key())):
+            if max(self.floor, int(p.peak_bytes * (1.0 - self.slack))) >= (found or best)[1] and p.spans != spans:
+                continue
+            fig = max(self.simulate(p.spans)[0], self.floor)
+            if fig < (found or best)[1]:
+                found = (p, fig)
+        if found is None:
             return best
-        cand = ChainPlan(spans, chain_peak([x.saved_bytes for x in u], [x.boundary_bytes for x in u], spans,
-                                           self.fixed, self.floor, [x.output_bytes for x in u]),
-                         sum(x.time_s for i, j in spans for x in u[i:j]))
-        fig = max(self.simulate(spans)[0], self.floor)
-        if fig >= best[1]:
-            return best
-        self.frontier.append(cand)
-        self._figures[len(self.frontier) - 1] = fig
-        return len(self.frontier) - 1, fig
+        self.frontier.append(found[0])
+        self._figures[len(self.frontier) - 1] = found[1]
+        return len(self.frontier) - 1, found[1]
 
     def _bound(self, i: int) -> int:
         p = self.frontier[i]
