@@ -413,11 +413,9 @@ def _drop_constant_causal_mask(gm, n: torch.fx.Node) -> str | None:
     kwargs = dict(n.kwargs)
     if "attn_mask" in kwargs:
         kwargs["attn_mask"] = None
-    if everything:
-        pass
-    elif len(args) > 5:
+    if not everything and len(args) > 5:
         args[5] = True
-    else:
+    elif not everything:
         kwargs["is_causal"] = True
     n.args, n.kwargs = tuple(args), kwargs
     return "empty" if everything else "causal"
