@@ -175,6 +175,11 @@ def test_chain_with_nested_and_selective_spans_matches_brute_force(seed):
     sel = Selective(kept=kept, kept_out=[rng.randint(0, k) for k in kept], extra=[0] * K,
                     time_saved=[rng.choice([0.0, 0.5]) for _ in kept], ok=[rng.random() < 0.7 for _ in kept])
     fixed = rng.randint(0, 50)
+
+    def region_s(i, j, mode):   # odd seeds: a cost per region, per unit and per mode, as the planner's
+        return (0.5 + 0.25 * (j - i) + (0.25 if mode == 1 else 0.0) + (0.5 * (j - i) if mode == 2 else 0.0)
+                if seed % 2 else 0.0)
+
     options = []
     for c in _all_span_choices(K):
         per_span = [[0] + ([1] if sel.allowed(*sp) else []) + ([2] if sp[1] - sp[0] >= 2 else []) for sp in c]
@@ -182,10 +187,10 @@ def test_chain_with_nested_and_selective_spans_matches_brute_force(seed):
             s_sp = tuple(sp for sp, m in zip(c, modes) if m == 1)
             n_sp = tuple(sp for sp, m in zip(c, modes) if m == 2)
             secs = sum((2.0 if m == 2 else 1.0) * sum(time[i:j]) - (sum(sel.time_saved[i:j]) if m == 1 else 0.0)
-                       for (i, j), m in zip(c, modes))
+                       + region_s(i, j, m) for (i, j), m in zip(c, modes))
             options.append((secs, chain_peak(saved, boundary, c, fixed, 0, output, sel, s_sp, n_sp)))
     front = chain_frontier(saved, boundary, time, fixed=fixed, output=output, selective=sel, nested=True,
-                           buckets=4096, max_caps=10**4)
+                           buckets=4096, max_caps=10**4, region_s=region_s if seed % 2 else None)
     for p in front:
         assert p.peak_bytes == chain_peak(saved, boundary, p.spans, fixed, 0, output, sel, p.selective, p.nested)
     _agrees_with_brute_force(front, options, range(fixed, fixed + sum(saved) + sum(kept) + 2, 7))

@@ -41,6 +41,7 @@ from memfit.ir.fx_utils import call_nodes, copy_graph_module, module_path
 from memfit.ir.outline import checkpoint_region
 from memfit.passes.infra.base import Diagnostic
 from memfit.planning.solvers.search import first_fit
+from memfit.runtime.checkpoint import node_may_draw_random
 from memfit.planning.units import (Unit, block_spans, discover_runs, dominator_runs, module_runs,  # noqa: F401
                                    price_units)
 
@@ -70,6 +71,18 @@ def forward_profile(cap: Captured, time_model: str):
     if any(is_fake(t) or t.device.type == "meta" for t in tensors):
         return None
     return cached_profile(cap)
+
+
+def region_overhead_of(cap: Captured, profile):
+    """What a recomputed region costs beyond its operators on the graph's device
+    (memfit.cost_models.overheads.region_overhead: probed once per machine), with a measured
+    forward `profile`; None with the roofline (nominal rates) or without a profile."""
+    if profile is None:
+        return None
+    from memfit.cost_models.overheads import region_overhead
+
+    flat = [t for t in list(cap.flat_inputs()) + list(cap.gm.parameters()) if isinstance(t, torch.Tensor)]
+    return region_overhead(flat[0].device if flat else torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- rewriting
@@ -186,9 +199,13 @@ class CheckpointPlanner:
         boundary = [x.boundary_bytes for x in u]
         outs = [x.output_bytes for x in u]
         times = [x.time_s for x in u]
+        self.overhead = region_overhead_of(cap, self.profile)
+        self._random = [any(node_may_draw_random(n) for n in self.nodes[x.start:x.end]) for x in u]
+        region_s = self.region_s if self.overhead is not None else None
         self.selective, self._whole = None, []
         if solver == "knapsack":
-            kf = knapsack_frontier(saved, [b + o for b, o in zip(boundary, outs)], times,
+            kf = knapsack_frontier(saved, [b + o for b, o in zip(boundary, outs)],
+                                   [t + (region_s(k, k + 1, 0) if region_s else 0.0) for k, t in enumerate(times)],
                                    fixed=self.fixed, floor=self.floor)
             self.frontier = [ChainPlan(tuple((r, r + 1) for r in p.recompute), p.peak_bytes, p.extra_time_s)
                              for p in kf]
@@ -196,9 +213,12 @@ class CheckpointPlanner:
             self.selective = selective_figures(cap.gm, u) if selective else None
             self.frontier = chain_frontier(saved, boundary, times, fixed=self.fixed, floor=self.floor,
                                            output=outs, selective=self.selective,
-                                           nested=nested and not cap.fsdp_units)   # FSDP: one level
-            if selective or nested:
-                # whole-span plans the joint frontier drops (in the chain model) stay floor candidates
+                                           nested=nested and not cap.fsdp_units,   # FSDP: one level
+                                           region_s=region_s)
+            if selective or nested or region_s:
+                # whole-span plans the joint frontier drops (in the chain model) stay floor
+                # candidates; priced without the regions' overhead, which the floor must not
+                # depend on (fewer, longer spans are cheaper with it)
                 self._whole = chain_frontier(saved, boundary, times, fixed=self.fixed, floor=self.floor,
                                              output=outs)
         self.diagnostics = [Diagnostic("checkpoint", f"unit {x.label} not worth recomputing alone: saves "
@@ -208,6 +228,23 @@ class CheckpointPlanner:
         self._sim: dict = {}      # spans -> (peak bytes, gm)
         self._figures: dict[int, int] = {}   # frontier index -> figure (simulated)
         self._floor: tuple[int, int] | None = None
+
+    def region_s(self, i: int, j: int, mode: int = 0) -> float:
+        """Seconds the span of units [i, j) costs as a region (or, nested, as its regions)
+        beyond its operators' forward: memfit.cost_models.overheads.RegionOverhead; 0 without
+        a measured time model."""
+        ov = self.overhead
+        if ov is None:
+            return 0.0
+        units = self.units[i:j]
+        ops = sum(x.end - x.start for x in units)
+        rand = any(self._random[i:j])
+        if mode == 1:
+            return ov.seconds(ops, selective=True, random=rand)
+        t = ov.seconds(ops, random=rand)
+        if mode == 2:
+            t += sum(ov.seconds(x.end - x.start, random=r) for x, r in zip(units, self._random[i:j]))
+        return t
 
     # A plan's figure is max(simulated peak, model bounds); all are budget-free, and so is
     # the floor, so refusals and the plans chosen are consistent across budgets.
@@ -284,8 +321,7 @@ class CheckpointPlanner:
         spans = block_spans(u)
         if spans and spans not in have:
             cands.append(ChainPlan(spans, chain_peak([x.saved_bytes for x in u], [x.boundary_bytes for x in u], spans,
-                                                     self.fixed, self.floor, [x.output_bytes for x in u]),
-                                   sum(x.time_s for i, j in spans for x in u[i:j])))
+                                                     self.fixed, self.floor, [x.output_bytes for x in u]), 0.0))
         found = None
         for p in sorted(cands, key=lambda p: (max(self.floor, int(p.peak_bytes * (1.0 - self.slack))), p.key())):
             if max(self.floor, int(p.peak_bytes * (1.0 - self.slack))) >= (found or best)[1] and p.spans != spans:
@@ -295,7 +331,9 @@ class CheckpointPlanner:
                 found = (p, fig)
         if found is None:
             return best
-        self.frontier.append(found[0])
+        p = found[0]
+        self.frontier.append(dataclasses.replace(p, extra_time_s=sum(
+            x.time_s for i, j in p.spans for x in u[i:j]) + sum(self.region_s(i, j) for i, j in p.spans)))
         self._figures[len(self.frontier) - 1] = found[1]
         return len(self.frontier) - 1, found[1]
 
@@ -320,18 +358,28 @@ class CheckpointPlanner:
             saved = sum(u.saved_bytes for u in units[i:j]) - units[i].boundary_bytes - units[j - 1].output_bytes
             secs = sum(u.time_s for u in units[i:j])
             detail = f"{units[j - 1].end - units[i].start} nodes"
+            mode = 0
             if (i, j) in selective:
+                mode = 1
                 keep = self.selective.keep(i, j, [u.boundary_bytes for u in units], [u.output_bytes for u in units])
                 saved = sum(u.saved_bytes for u in units[i:j]) - keep
                 secs = max(0.0, secs - sum(self.selective.time_saved[i:j]))
                 detail += "; selective: matmul and attention outputs kept, the rest recomputed"
             elif (i, j) in nested:
+                mode = 2
                 secs *= 2.0
                 detail += f"; nested: each of its {j - i} units a region of its own, recomputed twice"
+            secs += self.region_s(i, j, mode)
             out.append(Decision(target=label, action="recompute", saved_bytes=max(0, saved),
                                 extra_time_s=secs, detail=detail))
         if out:
-            how = "measured forward times" if self.profile is not None else "roofline on nominal rates"
+            how = ("measured forward times" if self.profile is not None else "roofline on nominal rates") + (
+                f"; {self.overhead.note()}" if self.overhead is not None else "")
+            if self.profile is not None and self.profile.backward_node_s is not None:
+                step = self.profile.step_s()
+                extra = sum(d.extra_time_s for d in out)
+                how += (f"; the step without recompute predicted {step * 1e3:.2f} ms (forward and backward, "
+                        f"measured per node), so {1.0 + extra / step:.2f}x with it" if step > 0 else "")
             out[-1] = dataclasses.replace(out[-1], detail=f"{out[-1].detail}; recompute priced by {how}")
         return out
 

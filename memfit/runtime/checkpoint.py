@@ -151,26 +151,26 @@ def _saving_policy(ctx, op, *args, **kwargs):
 
 
 def may_draw_random(gm: torch.fx.GraphModule) -> bool:
-    """False when every call in `gm` is known not to draw random numbers: aten operators not
-    tagged nondeterministic_seeded, operator-module functions, and nested regions that draw
-    none. Anything else (a module call, a Python function) may."""
+    """False when every call in `gm` is known not to draw random numbers (node_may_draw_random)."""
+    return any(node_may_draw_random(n) for n in gm.graph.nodes)
+
+
+def node_may_draw_random(n: torch.fx.Node) -> bool:
+    """False when the node is known not to draw random numbers: placeholders, outputs and
+    attributes, aten operators not tagged nondeterministic_seeded, operator-module functions,
+    and nested regions that draw none. Anything else (a module call, a Python function) may."""
     import operator
 
-    for n in gm.graph.nodes:
-        if n.op in ("placeholder", "output", "get_attr"):
-            continue
-        t = n.target
-        if n.op != "call_function":
-            return True
-        if isinstance(t, torch._ops.OpOverload):
-            if torch.Tag.nondeterministic_seeded in t.tags:
-                return True
-        elif isinstance(t, CheckpointedRegion):
-            if t.draws_random:
-                return True
-        elif getattr(t, "__module__", None) != operator.__name__ and t not in (getattr,):
-            return True
-    return False
+    if n.op in ("placeholder", "output", "get_attr"):
+        return False
+    t = n.target
+    if n.op != "call_function":
+        return True
+    if isinstance(t, torch._ops.OpOverload):
+        return torch.Tag.nondeterministic_seeded in t.tags
+    if isinstance(t, CheckpointedRegion):
+        return t.draws_random
+    return getattr(t, "__module__", None) != operator.__name__ and t not in (getattr,)
 
 
 def rng_state_bytes(args) -> int:

@@ -1,14 +1,15 @@
 """Predicted against measured step time of recompute plans, measured and roofline time models.
 
     python tools/bench/time_model.py [--models gpt2_like,vit_like] [--fractions 0.7,0.5,0.3]
+    python tools/bench/time_model.py --models families      # the 15 of examples/hf_families.py
 
 Per model and budget, memfit.optimize(techniques="checkpoint") plans twice: with
 time_model="measured" (recompute priced by a profile of the forward,
 memfit.cost_models.timing) and with "roofline" (nominal rates). For each plan:
 - predicted ratio: 1 + the plan's predicted extra time / the predicted unmodified step
-  (timing.step_time_s: forward + backward, the backward twice the forward; the forward from
-  the same model: profiled, or the roofline's sum), the step being forward, loss and backward
-  as the benchmarks time it (no optimizer step);
+  (forward + backward as the benchmarks time it, no optimizer step: with "measured", the
+  profile's forward and backward per node, timing.ForwardProfile.step_s; with "roofline",
+  its forward and a backward twice as long, timing.step_time_s);
 - measured ratio: the plan's step time over the unmodified step's, medians of alternated
   repeats in one process (tools/bench/common.py);
 - the measured peak, so plans of the two models at one budget compare at their own peaks.
@@ -35,39 +36,59 @@ from optimize import build
 OUT = os.path.join(common.ROOT, "tools", "bench", "results")
 
 
-def base_forward_s(model, inputs, loss_fn, time_model: str) -> float:
-    cap = capture(model, inputs, dynamic=False)
+def base_step_s(model, inputs, kwargs, loss_fn, time_model: str) -> float:
+    """Predicted unmodified step (forward and backward): measured per node (the profile's
+    forward and backward), or the roofline's forward and a backward twice as long."""
+    cap = capture(model, inputs, kwargs, dynamic=False)
     if time_model == "measured":
-        return profile_forward(cap).forward_s
+        return profile_forward(cap).step_s()
     analyze_step(cap, loss_fn=loss_fn, symbolic=False)
-    return sum(n.meta["memfit"].est_time_s for n in cap.gm.graph.nodes if "memfit" in n.meta)
+    return step_time_s(sum(n.meta["memfit"].est_time_s for n in cap.gm.graph.nodes if "memfit" in n.meta), 0, 1.0)
+
+
+def built(name, device):
+    """(model, inputs, kwargs, loss_fn): a benchmark model of tools/bench/optimize.py, or a
+    family of examples/hf_families.py (its own loss from labels=: loss_fn None)."""
+    from examples import hf_families
+    if name in hf_families.FAMILIES:
+        model, inputs, kwargs = getattr(hf_families, name)()
+        model = model.to(device)
+        kwargs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+        return model, tuple(t.to(device) for t in inputs), kwargs, None
+    model, inputs, loss_fn, _ = build(name, device)
+    return model, inputs, {}, loss_fn
 
 
 def run_model(name, fractions, repeats, device):
     torch.manual_seed(0)
-    model, inputs, loss_fn, _ = build(name, device)
+    model, inputs, kwargs, loss_fn = built(name, device)
     params = [p for p in model.parameters() if p.requires_grad]
-    base = {tm: step_time_s(base_forward_s(model, inputs, loss_fn, tm), 0, 1.0) for tm in ("measured", "roofline")}
+    base = {tm: base_step_s(model, inputs, kwargs, loss_fn, tm) for tm in ("measured", "roofline")}
     variants = {"eager": model}
     rows = []
     for frac in fractions:
         for tm in ("measured", "roofline"):
             label = f"{frac:.0%} {tm}"
             try:
-                om = memfit.optimize(model, f"{frac:.0%}", example_inputs=inputs, loss_fn=loss_fn,
-                                     techniques="checkpoint", time_model=tm)
+                om = memfit.optimize(model, f"{frac:.0%}", example_inputs=inputs, example_kwargs=kwargs,
+                                     loss_fn=loss_fn, techniques="checkpoint", time_model=tm)
             except BudgetError:
                 rows.append([label, "refused"] + ["-"] * 4)
                 continue
             p = om.memfit_plan
             variants[label] = om
-            m = memfit.measure(om, example_inputs=inputs, loss_fn=loss_fn)
+            m = memfit.measure(om, example_inputs=inputs, example_kwargs=kwargs, loss_fn=loss_fn)
             rows.append([label, format_bytes(m.peak_bytes), p.predicted_extra_time_s,
                          1.0 + p.predicted_extra_time_s / base[tm], None,
                          len([d for d in p.decisions if d.action == "recompute"])])
+    step_loss = loss_fn if loss_fn is not None else (lambda out: out.loss)
+
+    def call(v):
+        return functools.partial(v, **kwargs) if kwargs else v
+
     for v in variants.values():
-        common.step_time(v, inputs, loss_fn, params)   # warm-up
-    timing = common.alternated({k: functools.partial(common.step_time, v, inputs, loss_fn, params)
+        common.step_time(call(v), inputs, step_loss, params)   # warm-up
+    timing = common.alternated({k: functools.partial(common.step_time, call(v), inputs, step_loss, params)
                                 for k, v in variants.items()}, repeats)
     cells = []
     worst = 0.0
@@ -82,7 +103,7 @@ def run_model(name, fractions, repeats, device):
             worst = max(worst, abs(err))
         cells.append([label, peak, f"{extra * 1e3:.1f} ms", f"{pred:.2f}x", f"{meas:.2f}x", f"{err:+.0%}", regions])
     head = (f"### {name} (unmodified step {timing.median['eager'] * 1e3:.1f} ms measured; predicted "
-            f"{base['measured'] * 1e3:.1f} ms from the profiled forward, {base['roofline'] * 1e3:.1f} ms roofline)")
+            f"{base['measured'] * 1e3:.1f} ms from the profile, {base['roofline'] * 1e3:.1f} ms roofline)")
     return "\n".join([head, "", common.table(["plan (budget, time model)", "measured peak", "predicted extra",
                                               "predicted ratio", "measured ratio", "error", "regions"], cells)]), worst
 
@@ -100,7 +121,11 @@ def main():
     fractions = [float(f) for f in args.fractions.split(",") if f]
     parts = [f"Machine: {common.machine(args.device)}", ""]
     worst = 0.0
-    for name in args.models.split(","):
+    names = args.models.split(",")
+    if names == ["families"]:
+        from examples import hf_families
+        names = list(hf_families.FAMILIES)
+    for name in names:
         text, w = run_model(name, fractions, args.repeats, args.device)
         worst = max(worst, w)
         parts += [text, ""]

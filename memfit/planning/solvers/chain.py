@@ -23,7 +23,9 @@ input, where no other operator saves it). `output[u]`: the part of `saved[u]` th
 saved when a span ends at unit u (its output, saved by the operators after it); inside a
 span the outputs of its inner units are dropped too. Gradients that grow during backward
 are not in the model; the pass simulates each chosen plan with the cost model to check.
-Extra time is the sum of the recomputed units' forward times (`time[u]`, seconds).
+Extra time is the sum of the recomputed units' forward times (`time[u]`, seconds), plus,
+where `region_s(i, j, mode)` is given, what each span costs as a region beyond its operators
+(torch.utils.checkpoint's own work: memfit.cost_models.overheads.RegionOverhead).
 
 A span may also be recomputed *selectively* (operator-level, `Selective`): the outputs of its
 matmuls, convolutions and attention (`kept[u]`) stay saved and only the other operators run
@@ -162,14 +164,17 @@ def chain_peak(saved: Sequence[int], boundary: Sequence[int], spans, fixed: int 
 def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence[float], *,
                    fixed: int = 0, floor: int = 0, output: Sequence[int] | None = None,
                    buckets: int = 256, max_caps: int = 24, max_span: int | None = None,
-                   selective: Selective | None = None, nested: bool = False) -> list[ChainPlan]:
+                   selective: Selective | None = None, nested: bool = False,
+                   region_s=None) -> list[ChainPlan]:
     """Pareto frontier (extra time ascending, peak descending) of span choices.
 
     `output`: per unit, bytes still kept when a span ends there (default 0).
     `max_span`: most units one span may hold (None: any).
     `selective`: the units' figures when recomputed selectively; each span is then recomputed
     whole or selectively, whichever the plan needs (None: whole only). `nested`: spans of two
-    units or more may also be recomputed nested (module doc).
+    units or more may also be recomputed nested (module doc). `region_s(i, j, mode)`: seconds
+    a span [i, j) recomputed in `mode` (0 whole, 1 selective, 2 nested) adds beyond its
+    units' times (None: nothing).
     """
     output = list(output) if output is not None else [0] * len(saved)
     _check(saved, boundary, time, output)
@@ -207,6 +212,8 @@ def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence
         if nested and k - i >= 2:
             out[2] = (int(math.ceil(nested_backward(saved, boundary, output, i, k) / delta)), whole_keep,
                       2.0 * (tsum[k] - tsum[i]))
+        if region_s is not None:
+            out = {mode: (q, keep, secs + region_s(i, k, mode)) for mode, (q, keep, secs) in out.items()}
         return out
 
     # Caps on the recompute-time peak (quantized, relative to `fixed`): evenly spaced, the same
@@ -273,7 +280,7 @@ def chain_frontier(saved: Sequence[int], boundary: Sequence[int], time: Sequence
         # the plans recomputing whole spans only, as without selective figures: a selective
         # option taking a cell never hides them
         plans += chain_frontier(saved, boundary, time, fixed=fixed, floor=floor, output=output, buckets=buckets,
-                                max_caps=max_caps, max_span=max_span)
+                                max_caps=max_caps, max_span=max_span, region_s=region_s)
     return pareto(plans)
 
 
