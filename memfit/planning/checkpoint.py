@@ -41,9 +41,9 @@ from memfit.ir.fx_utils import call_nodes, copy_graph_module, module_path
 from memfit.ir.outline import checkpoint_region
 from memfit.passes.infra.base import Diagnostic
 from memfit.planning.solvers.search import first_fit
-from memfit.runtime.checkpoint import node_may_draw_random
 from memfit.planning.units import (Unit, block_spans, discover_runs, dominator_runs, module_runs,  # noqa: F401
                                    price_units)
+from memfit.runtime.checkpoint import node_may_draw_random
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class CheckpointPlanner:
         self.selective, self._whole = None, []
         if solver == "knapsack":
             kf = knapsack_frontier(saved, [b + o for b, o in zip(boundary, outs)],
-                                   [t + (region_s(k, k + 1, 0) if region_s else 0.0) for k, t in enumerate(times)],
+                                   [t + self.region_s(k, k + 1) for k, t in enumerate(times)],
                                    fixed=self.fixed, floor=self.floor)
             self.frontier = [ChainPlan(tuple((r, r + 1) for r in p.recompute), p.peak_bytes, p.extra_time_s)
                              for p in kf]
@@ -331,9 +331,9 @@ class CheckpointPlanner:
                 found = (p, fig)
         if found is None:
             return best
-        p = found[0]
-        self.frontier.append(dataclasses.replace(p, extra_time_s=sum(
-            x.time_s for i, j in p.spans for x in u[i:j]) + sum(self.region_s(i, j) for i, j in p.spans)))
+        p = found[0]   # priced as its decisions are
+        secs = sum(d.extra_time_s for d in self.decisions_for(p.spans))
+        self.frontier.append(dataclasses.replace(p, extra_time_s=secs))
         self._figures[len(self.frontier) - 1] = found[1]
         return len(self.frontier) - 1, found[1]
 
