@@ -13,7 +13,9 @@ a real `torch.optim.AdamW` instance and a loss over real labels:
 
 Variants: eager (the unmodified step), per-block checkpointing (the model's own
 gradient_checkpointing_enable, non-reentrant), chunked cross-entropy alone (passes="chunked-ce"),
-torchao's AdamW8bit alone (when torchao is installed),
+torchao's AdamW8bit alone (when torchao is installed), torch.compile (inductor) with functorch's
+activation_memory_budget at each of `--compile-budgets` (a fraction of the activations its
+partitioner may save; compile time is excluded: each is compiled and run once before timing),
 memfit.optimize at fractions of the eager step's predicted peak, with the default techniques and
 with the optimizer step in backward allowed too. Per variant: the measured peak
 of one whole step (memfit.measure: parameters, gradients, AdamW state, activations, the
@@ -115,6 +117,28 @@ def train(fn, model, args, kwargs, steps: int, state, given=None) -> float:
     return final
 
 
+class Compiled(torch.nn.Module):
+    """`step` under torch.compile (inductor), its forward and backward partitioned with functorch's
+    activation_memory_budget `budget` (torch's own recompute knob: 1 saves what the default
+    partitioner saves, 0 the least it can). Each instance compiles its own frame, so the budgets
+    do not share dynamo's cache."""
+
+    def __init__(self, step: torch.nn.Module, budget: float):
+        super().__init__()
+        self.budget = budget
+        ns: dict = {}
+        # a fresh code object per instance: dynamo caches compiled graphs per code object, and its
+        # guards do not include functorch's config, so one shared frame would serve every budget
+        exec("def call(*a, **k):\n    return step(*a, **k)\n", {"step": step}, ns)  # noqa: S102
+        self.call = torch.compile(ns["call"])
+
+    def forward(self, *a, **k):
+        import torch._functorch.config as functorch_config
+
+        with functorch_config.patch(activation_memory_budget=self.budget):
+            return self.call(*a, **k)
+
+
 def timed(fn, args, kwargs, opt) -> float:
     """Seconds of one training step, optimizer step included (a fused step runs inside backward)."""
     opt.zero_grad(set_to_none=True)
@@ -126,7 +150,7 @@ def timed(fn, args, kwargs, opt) -> float:
     return time.perf_counter() - t0
 
 
-def bench(name: str, layers: int, budgets, steps: int, repeats: int, device: str = "cpu"):
+def bench(name: str, layers: int, budgets, steps: int, repeats: int, device: str = "cpu", compile_budgets=()):
     torch.manual_seed(0)
     model, step, args, kwargs = MODELS[name](layers)
     model.to(device).train()
@@ -146,6 +170,7 @@ def bench(name: str, layers: int, budgets, steps: int, repeats: int, device: str
             self.inner = step
 
         def forward(self, *a, **k):
+            before = list(getattr(model, "_require_grads_hooks", []))
             # transformers 5 renamed it (the old name warns on every call); 4.x has only the old
             if hasattr(model, "activation_checkpointing_enable"):
                 model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -157,14 +182,32 @@ def bench(name: str, layers: int, budgets, steps: int, repeats: int, device: str
                 return self.inner(*a, **k)
             finally:
                 off()
+                # enabling adds an input-requires-grad hook to models fed input_ids, which
+                # disabling leaves in place (transformers 5): removed, so that each call leaves
+                # the model as it found it (compiled variants guard on its hooks)
+                for h in getattr(model, "_require_grads_hooks", []):
+                    if h not in before:
+                        h.remove()
+                if hasattr(model, "_require_grads_hooks"):
+                    model._require_grads_hooks = before
 
     variants["per-block checkpoint"] = (_Ckpt(), None, "", opt)
+    with torch.no_grad():       # sets the attributes its toggling leaves, before anything is compiled
+        variants["per-block checkpoint"][0](*args, **kwargs)
     ce_only = memfit.optimize(step, None, example_inputs=args, example_kwargs=kwargs, loss_fn=loss_of,
                               passes="chunked-ce")
     variants["chunked-ce alone"] = (ce_only, None, "", opt)
     if memfit_lowbit.available() is None:
         ao = memfit_lowbit.torchao_optim()
         variants["torchao AdamW8bit alone"] = (step, None, "", ao.AdamW8bit(params, lr=1e-4, weight_decay=0.1))
+    for b in compile_budgets:
+        c = Compiled(step, b)
+        t0 = time.perf_counter()
+        loss_of(c(*args, **kwargs)).backward()          # compiled here, outside every measurement
+        model.zero_grad(set_to_none=True)
+        print(f"{name}: torch.compile with activation_memory_budget={b:g} compiled in "
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        variants[f"torch.compile, activation_memory_budget={b:g}"] = (c, None, "", opt)
     fused = DEFAULT_TECHNIQUES + ("step_in_backward",)
     for b in budgets:
         for label, techniques in ((f"memfit {b}%", None), (f"memfit {b}% + step in backward", fused)):
@@ -191,19 +234,19 @@ def bench(name: str, layers: int, budgets, steps: int, repeats: int, device: str
     eager_loss = train(step, model, args, kwargs, steps, state)
     for k, (fn, p, what, o) in variants.items():
         if fn is None:
-            rows.append([k, "-", "-", "-", "-", what])
+            rows.append([k, "-", "-", "-", "-", "-", what])
             continue
         m = memfit.measure(fn, example_inputs=args, example_kwargs=kwargs, optimizer=o, loss_fn=loss_of)
         base = base or m.peak_bytes
         loss = eager_loss if k == "eager" else train(fn, model, args, kwargs, steps, state, o)
         pred = f"{p.peak_bytes / MiB:.0f} (budget {p.budget_bytes / MiB:.0f})" if p is not None else "-"
         rows.append([k, f"{m.peak_bytes / MiB:.0f} ({m.peak_bytes / base:.0%})", pred, f"{t.ratio[k]:.2f}x",
-                     f"{(loss - eager_loss) / abs(eager_loss):+.2e}", what])
+                     f"{loss:.4f}", f"{(loss - eager_loss) / abs(eager_loss):+.2e}", what])
     bd = {c: v / MiB for c, v in eager_plan.peak_breakdown.items() if v}
     print(f"\n### {name}, {layers} layers: eager step predicted {format_bytes(eager_plan.peak_bytes)} "
           f"({', '.join(f'{c} {v:.0f} MiB' for c, v in bd.items())})\n")
-    print(common.table(["variant", "measured peak MiB (of eager)", "predicted MiB", "step time", "loss after "
-                        f"{steps} steps vs eager", "decisions"], rows), flush=True)
+    print(common.table(["variant", "measured peak MiB (of eager)", "predicted MiB", "step time",
+                        f"loss after {steps} steps", "vs eager", "decisions"], rows), flush=True)
 
 
 def main():
@@ -213,12 +256,15 @@ def main():
     ap.add_argument("--budgets", default="50,30,20", help="percentages of the eager step's predicted peak")
     ap.add_argument("--steps", type=int, default=3, help="AdamW steps for the loss comparison")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile-budgets", default="1,0.5,0",
+                    help="torch.compile variants: functorch activation_memory_budget values ('' for none)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     print(common.machine(a.device))
     for name in a.models.split(","):
-        bench(name, a.layers, [int(b) for b in a.budgets.split(",") if b], a.steps, a.repeats, a.device)
+        bench(name, a.layers, [int(b) for b in a.budgets.split(",") if b], a.steps, a.repeats, a.device,
+              [float(b) for b in a.compile_budgets.split(",") if b])
 
 
 if __name__ == "__main__":
