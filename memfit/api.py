@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 
 def plan(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwargs: dict | None = None,
          example_targets=(), optimizer=None, loss_fn: Callable | None = None, capture_method: str = "auto",
-         symbolic: bool = True, data_parallel: str | None = None, world_size: int | None = None) -> MemoryPlan:
+         symbolic: bool = True, data_parallel: str | None = None, world_size: int | None = None,
+         budget_of: str = "allocated") -> MemoryPlan:
     """Predict the memory of one training step of `model` (forward, backward, optimizer step).
 
     Nothing is computed for real: the step runs on FakeTensors. `budget` (bytes, "6GiB",
@@ -42,6 +43,12 @@ def plan(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwar
     plan then holds DDP's gradient buckets (a copy of every gradient). Per rank: give the
     per-rank batch. `data_parallel="fsdp"`: the model will be sharded by memfit.fully_shard over
     `world_size` ranks (default: the initialized process group's size); the plan is one rank's.
+
+    On CUDA the plan also simulates PyTorch's caching allocator over a few steps
+    (memfit.cost_models.cuda_allocator): `budget_of="allocated"` (default) bounds
+    torch.cuda.max_memory_allocated, blocks rounded as the allocator rounds them;
+    `budget_of="reserved"` bounds torch.cuda.max_memory_reserved, the segments it holds (what
+    must fit on the device).
     """
     loss_fn = bind_targets(loss_fn, example_targets)
     budget_obj = Budget.parse(budget) if budget is not None else None
@@ -49,7 +56,8 @@ def plan(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwar
     cap.data_parallel = _data_parallel(data_parallel)
     if data_parallel == "fsdp":
         set_fsdp(cap, model, world_size)
-    return plan_captured(cap, budget_obj, optimizer=optimizer, loss_fn=loss_fn, symbolic=symbolic)
+    return plan_captured(cap, budget_obj, optimizer=optimizer, loss_fn=loss_fn, symbolic=symbolic,
+                         budget_of=budget_of)
 
 
 DATA_PARALLEL = (None, "ddp", "fsdp")
@@ -80,12 +88,14 @@ def set_fsdp(cap, model, world_size) -> None:
 
 
 def plan_captured(cap, budget: Budget | None, *, optimizer=None, loss_fn=None, symbolic=True,
-                  decisions=(), extra_time_s: float = 0.0, baseline_peak: int | None = None) -> MemoryPlan:
+                  decisions=(), extra_time_s: float = 0.0, baseline_peak: int | None = None,
+                  budget_of: str = "allocated") -> MemoryPlan:
     """Plan for an already captured model (passes reuse the capture)."""
     a = analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=symbolic)
+    check_budget_of(budget_of, a)
     budget_bytes = None
     if budget is not None:
-        budget_bytes = budget.resolve(baseline_peak if baseline_peak is not None else a.peak_bytes)
+        budget_bytes = budget.resolve(baseline_peak if baseline_peak is not None else device_peak(a, budget_of))
     device = "cpu"
     for p in cap.gm.parameters():
         device = str(p.device)
@@ -102,15 +112,61 @@ def plan_captured(cap, budget: Budget | None, *, optimizer=None, loss_fn=None, s
         max_batch=a.max_batch(budget_bytes) if budget_bytes is not None else None,
         flops=a.flops, modules=module_rows(a.nodes.values()), decisions=tuple(decisions),
         predicted_extra_time_s=extra_time_s, timeline=downsample_timeline(a.timeline),
-        notes=tuple(cap.notes) + tuple(a.notes))
+        notes=tuple(cap.notes) + tuple(a.notes), allocator=a.allocator, budget_of=budget_of)
+
+
+BUDGET_OF = ("allocated", "reserved")
+REFITS = 3      # plans again for a lowered budget, at most, when the allocator's peak is over
+
+
+def refit_targets(budget_bytes, last_plan):
+    """The budgets to plan for, in turn: `budget_bytes`, then, while the plan just made
+    (`last_plan()`) is over its budget only by what the caching allocator adds (block rounding,
+    cached segments: MemoryPlan.device_peak_bytes above peak_bytes), the target lowered by that
+    excess, at most REFITS times. Elsewhere there is one target."""
+    target = budget_bytes
+    yield target
+    for _ in range(REFITS):
+        p = last_plan()
+        if target is None or p is None or not p.allocator or p.fits is not False:
+            return
+        target -= p.device_peak_bytes - budget_bytes
+        if target <= 0:
+            return
+        log.info("memfit: the caching allocator's %s peak is %d B over the budget; planning again for %d B",
+                 p.budget_of, p.device_peak_bytes - budget_bytes, target)
+        yield target
+
+
+def check_budget_of(budget_of: str, analysis) -> None:
+    """budget_of is one of BUDGET_OF, and "reserved" only where a caching allocator reserves."""
+    if budget_of not in BUDGET_OF:
+        raise ValueError(f"budget_of={budget_of!r}: choose 'allocated' (torch.cuda.max_memory_allocated, the "
+                         "default) or 'reserved' (torch.cuda.max_memory_reserved, what the CUDA caching allocator "
+                         "holds)")
+    if budget_of == "reserved" and analysis.allocator is None:
+        why = next((n for n in analysis.notes if n.startswith("CUDA caching allocator")), None)
+        raise ValueError("budget_of='reserved' bounds the CUDA caching allocator's reserved memory, "
+                         + (f"which is not predicted here: {why}" if why else
+                            "and this step does not run on a CUDA device (its memory is not cached): use "
+                            "budget_of='allocated'"))
+
+
+def device_peak(analysis, budget_of: str = "allocated") -> int:
+    """The peak a budget bounds (MemoryPlan.device_peak_bytes) for a StepAnalysis."""
+    from memfit.cost_models.cuda_allocator import bounded_peak
+
+    return bounded_peak(analysis.peak_bytes, analysis.allocator, budget_of)
 
 
 def check_budget(plan_: MemoryPlan) -> None:
     """Raise BudgetError when the plan's peak exceeds its budget."""
     if plan_.fits is False:
         from memfit.budget import format_bytes as fb
-        raise BudgetError(f"predicted peak {fb(plan_.peak_bytes)} exceeds the budget "
-                          f"{plan_.budget} ({fb(plan_.budget_bytes)})")
+        what = (f"the CUDA caching allocator's predicted {plan_.budget_of} peak "
+                f"{fb(plan_.device_peak_bytes)} (the step's own: {fb(plan_.peak_bytes)})"
+                if plan_.device_peak_bytes != plan_.peak_bytes else f"predicted peak {fb(plan_.peak_bytes)}")
+        raise BudgetError(f"{what} exceeds the budget {plan_.budget} ({fb(plan_.budget_bytes)})")
 
 
 # ----------------------------------------------------------------------------- optimize
@@ -121,7 +177,7 @@ from memfit.planning.techniques import DEFAULT_TECHNIQUES, FUNCTION_CHANGING, TE
 def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_kwargs: dict | None = None,
              example_targets=(), optimizer=None, loss_fn: Callable | None = None, techniques=None, passes=None,
              mode: str = "train", verify: bool = False, on_unmet: str = "raise", time_model: str = "measured",
-             data_parallel: str | None = None, world_size: int | None = None):
+             data_parallel: str | None = None, world_size: int | None = None, budget_of: str = "allocated"):
     """Rewrite `model` so one training step fits `budget`; returns a new module sharing its
     parameters (same state_dict keys and tensors), with the plan as `.memfit_plan`.
 
@@ -137,7 +193,10 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
     it would step on gradients not yet reduced). "fsdp" when the result will be sharded by
     memfit.fully_shard (FSDP2) over `world_size` ranks (default: the process group's): the
     budget is per rank, recomputed regions stay inside one FSDP unit, and only the techniques
-    FSDP2 composes with are used (FSDP_TECHNIQUES).
+    FSDP2 composes with are used (FSDP_TECHNIQUES). budget_of: on CUDA, "allocated" (default)
+    bounds torch.cuda.max_memory_allocated, "reserved" torch.cuda.max_memory_reserved, both as
+    the simulated caching allocator gives them (memfit.plan); a plan over it is planned again
+    for a budget lowered by the excess.
 
     Order (memfit.planning.strategy): source rewrites (token merging, when named) before
     capture; structural passes (Conv+BN tune mode, SDPA, reversible coupling when named); then
@@ -160,13 +219,13 @@ def optimize(model: torch.nn.Module, budget=None, *, example_inputs=(), example_
     om = _optimize(model, budget, example_inputs=example_inputs, example_kwargs=example_kwargs,
                    example_targets=example_targets, optimizer=optimizer, loss_fn=loss_fn, techniques=techniques,
                    passes=passes, mode=mode, verify=verify, on_unmet=on_unmet, time_model=time_model,
-                   data_parallel=data_parallel, world_size=world_size)
+                   data_parallel=data_parallel, world_size=world_size, budget_of=budget_of)
     return (om, om.memfit_optimizer) if isinstance(optimizer, torch.optim.Optimizer) else om
 
 
 def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets, optimizer, loss_fn, techniques,
               passes, mode, verify, on_unmet="raise", time_model="measured", data_parallel=None,
-              world_size=None):
+              world_size=None, budget_of="allocated"):
     from memfit.ir.module import OptimizedModule
     from memfit.passes.infra.base import PassContext
     from memfit.passes.infra.pipeline import run_pipeline
@@ -202,7 +261,9 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
     if data_parallel == "fsdp":
         set_fsdp(cap, model, world_size)
     base = analyze_step(cap, optimizer=optimizer, loss_fn=loss_fn, symbolic=False)
-    budget_bytes = budget_obj.resolve(base.peak_bytes) if budget_obj is not None else None
+    check_budget_of(budget_of, base)
+    base_peak = device_peak(base, budget_of)
+    budget_bytes = budget_obj.resolve(base_peak) if budget_obj is not None else None
     decisions: list = []
     unmet = None                 # the note of a plan made for a lower budget (on_unmet="lowest")
 
@@ -224,23 +285,47 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
         ctx = PassContext(captured=cap, budget=budget_bytes, optimizer=optimizer, loss_fn=loss_fn)
         gm, peak, more = structural(cap, cap.gm, peak, allowed, ctx, verify=verify)
         decisions += more
-        if budget_bytes is not None and peak > budget_bytes:
-            try:
-                gm, more = fit_budget(cap, gm, budget_bytes, peak, allowed, ctx, verify=verify, time_model=time_model)
-            except BudgetError as e:
-                if on_unmet != "lowest" or e.least_budget is None:
-                    raise
-                from memfit.budget import format_bytes as fb
-                gm, more = fit_budget(cap, gm, e.least_budget, peak, allowed, ctx, verify=verify,
-                                      time_model=time_model)
-                unmet = (f"on_unmet='lowest': the budget {fb(budget_bytes)} cannot be met; planned for the least "
-                         f"budget that can be, {fb(e.least_budget, up=True)}")
-            decisions += more
-            optimizer = ctx.optimizer          # a StepInBackward when the planner fused the step
+        from memfit.budget import format_bytes as fb
+
+        fitted, chosen = None, (gm, [], optimizer)
+        for target in refit_targets(budget_bytes, lambda: None if unmet else fitted):
+            fit_ctx = dataclasses.replace(ctx, budget=target, history=list(ctx.history))
+            fit_gm, more, fit_opt = gm, [], optimizer
+            if target is not None and peak > target:
+                try:
+                    fit_gm, more = fit_budget(cap, gm, target, peak, allowed, fit_ctx, verify=verify,
+                                              time_model=time_model)
+                except BudgetError as e:
+                    if target != budget_bytes:      # lowered for the caching allocator's excess
+                        excess = budget_bytes - target
+                        if on_unmet == "lowest":
+                            unmet = (f"on_unmet='lowest': the CUDA caching allocator's {budget_of} peak of the "
+                                     f"plan exceeds the budget {fb(budget_bytes)}, and no plan for the budget less "
+                                     f"that excess ({fb(target)}) exists; this is the lowest plan found")
+                            break
+                        raise BudgetError(
+                            f"{e} (the budget {fb(budget_bytes)} less {fb(excess)}: what the CUDA caching "
+                            f"allocator adds to the plan's {budget_of} peak)",
+                            least_budget=None if e.least_budget is None else e.least_budget + excess) from e
+                    if on_unmet != "lowest" or e.least_budget is None:
+                        raise
+                    fit_gm, more = fit_budget(cap, gm, e.least_budget, peak, allowed, fit_ctx, verify=verify,
+                                              time_model=time_model)
+                    unmet = (f"on_unmet='lowest': the budget {fb(budget_bytes)} cannot be met; planned for the "
+                             f"least budget that can be, {fb(e.least_budget, up=True)}")
+                fit_opt = fit_ctx.optimizer       # a StepInBackward when the planner fused the step
+            fitted = plan_captured(dataclasses.replace(cap, gm=fit_gm), budget_obj, optimizer=fit_opt,
+                                   loss_fn=loss_fn, symbolic=False, decisions=decisions + more,
+                                   extra_time_s=sum(d.extra_time_s for d in decisions + more),
+                                   baseline_peak=base_peak, budget_of=budget_of)
+            chosen = (fit_gm, more, fit_opt)
+        gm, more, optimizer = chosen
+        decisions += more
         cap = dataclasses.replace(cap, gm=gm)
     extra = sum(d.extra_time_s for d in decisions)
-    plan_ = plan_captured(cap, budget_obj, optimizer=optimizer, loss_fn=loss_fn, symbolic=False,
-                          decisions=decisions, extra_time_s=extra, baseline_peak=base.peak_bytes)
+    plan_ = fitted if passes is None else plan_captured(
+        cap, budget_obj, optimizer=optimizer, loss_fn=loss_fn, symbolic=False, decisions=decisions,
+        extra_time_s=extra, baseline_peak=base_peak, budget_of=budget_of)
     if unmet is not None:
         plan_ = dataclasses.replace(plan_, notes=(unmet,) + tuple(plan_.notes))
     else:
@@ -257,7 +342,7 @@ def _optimize(model, budget, *, example_inputs, example_kwargs, example_targets,
     def replan(args, kwargs):
         again = dict(example_kwargs=kwargs, optimizer=optimizer, techniques=kept, passes=passes, mode=mode,
                      verify=verify, example_targets=(), on_unmet=on_unmet, time_model=time_model,
-                     data_parallel=data_parallel, world_size=world_size)
+                     data_parallel=data_parallel, world_size=world_size, budget_of=budget_of)
         try:
             try:
                 return _optimize(model, budget_bytes, example_inputs=args, loss_fn=loss_fn, **again)

@@ -13,6 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from memfit.budget import format_bytes
+from memfit.cost_models.cuda_allocator import bounded_peak
 
 CATEGORY_ORDER = ("parameters", "buffers", "inputs", "gradients", "optimizer_state",
                   "saved_activations", "transient")
@@ -62,10 +63,21 @@ class MemoryPlan:
     predicted_extra_time_s: float = 0.0
     timeline: tuple = ()      # ((phase, {category: bytes}), ...), down-sampled for plots
     notes: tuple = ()
+    # CUDA: the caching allocator's simulated peaks {"allocated", "reserved", "expandable_segments"}
+    # (memfit.cost_models.cuda_allocator); None elsewhere
+    allocator: dict | None = None
+    budget_of: str = "allocated"     # what the budget bounds on CUDA: "allocated" or "reserved"
+
+    @property
+    def device_peak_bytes(self) -> int:
+        """The peak the budget bounds: on CUDA the caching allocator's simulated
+        max_memory_allocated (blocks rounded to 512 bytes, and unsplit) or, with
+        budget_of="reserved", max_memory_reserved; elsewhere the step's peak."""
+        return bounded_peak(self.peak_bytes, self.allocator, self.budget_of)
 
     @property
     def fits(self) -> bool | None:
-        return None if self.budget_bytes is None else self.peak_bytes <= self.budget_bytes
+        return None if self.budget_bytes is None else self.device_peak_bytes <= self.budget_bytes
 
     # -------------------------------------------------------------- JSON round trip
     def to_dict(self) -> dict:
@@ -104,11 +116,15 @@ class MemoryPlan:
             out.append(f"{c:<20}{format_bytes(self.categories.get(c, 0)):>16}"
                        f"{format_bytes(self.peak_breakdown.get(c, 0)):>16}")
         out.append(f"{'peak':<20}{format_bytes(self.peak_bytes):>16}  in {self.peak_phase}")
+        if self.allocator:
+            out.append(f"{'CUDA allocator':<20}{format_bytes(self.allocator['allocated']):>16}  max_memory_allocated, "
+                       f"{format_bytes(self.allocator['reserved'])} max_memory_reserved (simulated)")
         if self.budget_bytes is not None:
+            of = f" ({self.budget_of})" if self.allocator else ""
             if self.fits:
-                verdict = f"fits ({format_bytes(self.budget_bytes - self.peak_bytes)} to spare)"
+                verdict = f"fits{of} ({format_bytes(self.budget_bytes - self.device_peak_bytes)} to spare)"
             else:
-                verdict = f"does not fit ({format_bytes(self.peak_bytes - self.budget_bytes)} over)"
+                verdict = f"does not fit{of} ({format_bytes(self.device_peak_bytes - self.budget_bytes)} over)"
             out.append(f"{'budget':<20}{format_bytes(self.budget_bytes):>16}  {self.budget}: {verdict}")
         if self.symbols:
             at = ", ".join(f"{k}={v}" for k, v in self.symbols.items())

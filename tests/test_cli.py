@@ -80,6 +80,7 @@ def test_progress_lines_on_stderr(factory):
 
 @pytest.mark.parametrize("args,needle", [
     (["plan", "{f}:make", "--budget", "6 parsecs"], "malformed budget"),
+    (["plan", "{f}:make", "--budget-of", "reserved"], "does not run on a CUDA device"),
     (["plan", "/nonexistent/model.py:make"], "no such file"),
     (["plan", "{f}:nosuch"], "no callable 'nosuch'"),
     (["plan", "{f}"], "expected FILE.py:FACTORY"),

@@ -18,8 +18,11 @@
 #      activation_memory_budget (tools/bench/optimize.py --device cuda);
 #   6. predicted against measured step-time ratios, measured and roofline time models
 #      (tools/bench/time_model.py);
-#   7. the whole-step benchmark on GPT-2-small dimensions (tools/bench/whole_step.py).
-# The time limits add up to 435 s, so the whole check stays under 8 minutes with the install.
+#   7. the whole-step benchmark on GPT-2-small dimensions (tools/bench/whole_step.py);
+#   8. the caching allocator: simulated max_memory_allocated / max_memory_reserved against the
+#      device's, each model in a fresh process, default and expandable segments
+#      (tools/bench/allocator.py).
+# The time limits add up to 465 s, so the whole check stays under 8 minutes with the install.
 # A step that fails or runs out of time is recorded as such; the script goes on with the next.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,7 +76,9 @@ section "activation offload on CUDA (bitwise gradients, device peak, stream reus
 section "quantize kernels against a device copy" 60 python tools/bench/quantize.py --repeats 5
 section "predicted against measured (CUDA)" 60 python tools/bench/predict_vs_measure.py
 section "budgets against per-block checkpointing and torch.compile" 75 python tools/bench/optimize.py --device cuda --repeats 3 --fractions 0.5,0.25 --models gpt2_like,vit_like
-section "predicted against measured step time (time models)" 45 python tools/bench/time_model.py --models gpt2_like --repeats 5
-section "whole step, GPT-2-small dimensions" 60 python tools/bench/whole_step.py --models gpt2 --budgets 50,30 --steps 2 --repeats 3
+section "predicted against measured step time (time models)" 40 python tools/bench/time_model.py --models gpt2_like --repeats 5
+section "whole step, GPT-2-small dimensions" 45 python tools/bench/whole_step.py --models gpt2 --budgets 50,30 --steps 2 --repeats 3 --compile-budgets 1,0
+section "caching allocator: predicted against measured allocated and reserved" 25 python tools/bench/allocator.py --only tests/models,examples/
+section "caching allocator, expandable segments" 25 python tools/bench/allocator.py --only tests/models,examples/ --expandable
 
 echo "gpu_check: done in $(( $(date +%s) - start )) s; results in $RESULTS"

@@ -26,6 +26,9 @@ def add_subcommand(sub) -> None:
                         "(FSDP2 through memfit.fully_shard, over --world-size ranks); give the per-rank batch")
     p.add_argument("--world-size", type=int, default=None,
                    help="with --data-parallel fsdp: the ranks FSDP2 shards over (default 1)")
+    p.add_argument("--budget-of", choices=["allocated", "reserved"], default="allocated",
+                   help="on CUDA, what the budget bounds: torch.cuda.max_memory_allocated (default) or "
+                        "max_memory_reserved, as the simulated caching allocator gives them")
     p.add_argument("--no-optimize", action="store_true",
                    help="over budget: only report, do not plan passes")
     p.set_defaults(func=cmd_plan)
@@ -54,7 +57,8 @@ def cmd_plan(args) -> int:
 
             set_fsdp(cap, model, args.world_size or 1)
     with progress.stage("simulating one training step on fake tensors"):
-        p = plan_captured(cap, budget, optimizer=opt, loss_fn=loss_fn, symbolic=not args.static)
+        p = plan_captured(cap, budget, optimizer=opt, loss_fn=loss_fn, symbolic=not args.static,
+                          budget_of=args.budget_of)
     if p.fits is False and not args.no_optimize:
         # Over budget: show what optimize() would do (the same planner and decisions).
         # an instance of the named optimizer, as a training loop holds one: the planner may then
@@ -65,7 +69,8 @@ def cmd_plan(args) -> int:
         with progress.stage(f"planning passes to fit {args.budget} (techniques: {args.techniques or 'default'})"):
             out = optimize(model, args.budget, example_inputs=inputs, example_kwargs=kwargs, optimizer=given,
                            loss_fn=loss_fn, techniques=args.techniques, data_parallel=args.data_parallel,
-                           world_size=(args.world_size or 1) if args.data_parallel == "fsdp" else None)
+                           world_size=(args.world_size or 1) if args.data_parallel == "fsdp" else None,
+                           budget_of=args.budget_of)
             p = (out[0] if isinstance(out, tuple) else out).memfit_plan
     if args.json:
         print(p.to_json(indent=2))

@@ -45,6 +45,9 @@ class Measurement:
     method: str                  # how the peak was read
     step_time_s: float
     notes: list[str] = field(default_factory=list)
+    # CUDA: torch.cuda.max_memory_reserved over the step, the caching allocator's segments,
+    # which depends on what the process allocated before (cached segments are kept)
+    reserved_peak_bytes: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,11 +149,13 @@ def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, e
             torch.cuda.synchronize(device)
             dt = time.perf_counter() - t0
             peak = torch.cuda.max_memory_allocated(device) - start + baseline
+            reserved = torch.cuda.max_memory_reserved(device)
             method = "torch.cuda.max_memory_allocated"
             if start != baseline:
                 notes.append(f"{start - baseline} bytes were allocated on the device before the "
                              "step besides the model, inputs and optimizer state; not counted")
         else:
+            reserved = None
             t0 = time.perf_counter()
             with cpu_allocations() as prof:
                 step()
@@ -162,7 +167,8 @@ def measure(model: torch.nn.Module, *, example_inputs=(), example_kwargs=None, e
         return Measurement(device=str(device), parameters=p_bytes, buffers=b_bytes, inputs=in_bytes,
                            optimizer_state=o_bytes, gradients=grad_bytes,
                            saved_activations=sum(saved.values()), peak_bytes=int(peak),
-                           baseline_bytes=baseline, method=method, step_time_s=dt, notes=notes)
+                           baseline_bytes=baseline, method=method, step_time_s=dt, notes=notes,
+                           reserved_peak_bytes=reserved)
 
 
 def _ddp_with_kept_bytes(model, device) -> tuple[torch.nn.Module, int]:

@@ -88,6 +88,7 @@ class StepAnalysis:
     batch_nonlinear: bool = False
     flops: int = 0
     notes: list[str] = field(default_factory=list)
+    allocator: dict | None = None              # CUDA: the caching allocator's peaks (cuda_allocator.predict)
 
     def max_batch(self, budget_bytes: int) -> int | None:
         """Largest batch size whose predicted peak fits `budget_bytes`, None if none does.
@@ -326,6 +327,10 @@ def analyze_step(cap: Captured, *, optimizer=None, loss_fn: Callable | None = No
     analysis.notes[:0] = settled
     if probed.note():
         analysis.notes.append(probed.note())
+    if tracker.device is not None and tracker.device.type == "cuda":
+        from memfit.cost_models.cuda_allocator import predict
+        analysis.allocator, note = predict(tracker.events, start_events)
+        analysis.notes.append(note)
     # Keep the fake objects alive until here so no free events are appended late.
     del fakes, param_fakes, opt, opt_params, emu
     return analysis
