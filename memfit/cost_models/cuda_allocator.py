@@ -94,7 +94,7 @@ class _Block:
 
 class CachingAllocator:
     """The allocator's state and its statistics: `allocated` and `reserved` now, and their
-    peaks since the start or the last reset_peaks()."""
+    peaks since the start."""
 
     def __init__(self, config: AllocatorConfig | None = None):
         self.config = config or AllocatorConfig()
@@ -105,9 +105,6 @@ class CachingAllocator:
         self._next_addr = 1 << 40
         self.allocated = self.reserved = 0
         self.peak_allocated = self.peak_reserved = 0
-
-    def reset_peaks(self) -> None:
-        self.peak_allocated, self.peak_reserved = self.allocated, self.reserved
 
     # -- the free lists
     def _insert(self, b: _Block) -> None:
@@ -222,18 +219,18 @@ def replay_steps(events, start_events: int, config: AllocatorConfig, steps: int 
     steps (the reserved one grows as segments are cached)."""
     alloc = CachingAllocator(config)
     blocks: dict[int, _Block | None] = {}
-    for sign, s, _ in events[:start_events]:
-        if sign > 0:
-            blocks[id(s)] = alloc.malloc(s.nbytes)
-        else:
-            alloc.free(blocks.pop(id(s), None))
-    before = set(blocks)
-    for _ in range(steps):
-        for sign, s, _ in events[start_events:]:
+
+    def run(evs):
+        for sign, s, _ in evs:
             if sign > 0:
                 blocks[id(s)] = alloc.malloc(s.nbytes)
-            elif id(s) in blocks:
-                alloc.free(blocks.pop(id(s)))
+            else:
+                alloc.free(blocks.pop(id(s), None))
+
+    run(events[:start_events])
+    before = set(blocks)
+    for _ in range(steps):
+        run(events[start_events:])
         for k in [k for k in blocks if k not in before]:
             alloc.free(blocks.pop(k))
     return alloc.peak_allocated, alloc.peak_reserved
